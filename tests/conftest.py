@@ -1,0 +1,49 @@
+"""Shared fixtures: where the real data lives, and clean skipping of what the machine cannot run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """`$MOESPAC_DATA_DIR`, else `../shared/data` beside the checkout (where CI puts it)."""
+    env = os.environ.get("MOESPAC_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data. Missing data fails on CI (it must be there) and skips elsewhere."""
+    d = shared_data_dir()
+    if d is None:
+        if os.environ.get("CI"):
+            pytest.fail("../shared/data is missing on CI; set MOESPAC_DATA_DIR")
+        pytest.skip("real data not found: set MOESPAC_DATA_DIR or put shared/data beside the repo")
+    return d
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
