@@ -1,0 +1,247 @@
+"""Expert slot table: which expert of one MoE layer sits in which device slot, and who is evicted.
+
+One `SlotTable` per MoE layer (the engine keeps a list). S slots hold at most S of the layer's E
+experts. Every slot is in one of four states:
+
+    FREE ──admit──▶ LOADING ──mark_ready──▶ READY ──pin──▶ IN_USE ──unpin──▶ READY
+      ▲                │                      │
+      └────evict───────┴──────────evict───────┘        (an IN_USE slot is never evicted)
+
+Paired verbs, after nano-vllm's block manager: `can_admit` / `admit`, `evict`, `pin` / `unpin`,
+`slot_of`. `admit` picks a free slot or, when none is left, the victim chosen by the table's
+`EvictionOrder`:
+
+- `LRU`: least recently `touch`ed first (ties: lowest expert id).
+- `LFU`: fewest `touch`es first (counted over the whole run, surviving eviction; ties: least
+  recent, then lowest id).
+- `UTILITY`: lowest utility score first, ties lowest id (the reference code's ordered set of
+  (score, eid)); with a `threshold`, a resident whose score is >= threshold is protected, so a
+  newcomer replaces the lowest-score resident only if that resident is below the threshold.
+- `BELADY`: the resident whose next use is farthest in the future (needs `next_use`; the oracle).
+
+Invariants (property-tested in tests/test_cache.py): at most S residents; slot<->expert is a
+bijection over occupied slots; an IN_USE (pinned) or LOADING slot is never chosen as a victim.
+Pure: numpy only.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+
+class SlotState(str, Enum):
+    FREE = "free"
+    LOADING = "loading"  # a copy into the slot is in flight; its data is not yet valid
+    READY = "ready"  # holds a valid copy of its expert
+    IN_USE = "in-use"  # READY and pinned by a layer plan in flight
+
+
+class EvictionOrder(str, Enum):
+    LRU = "lru"
+    LFU = "lfu"
+    UTILITY = "utility"
+    BELADY = "belady"
+
+
+class SlotTable:
+    """The slots of one MoE layer. Experts are 0..num_experts-1, slots 0..num_slots-1."""
+
+    __slots__ = ("num_slots", "num_experts", "order", "_slot_of", "_expert_in", "_state",
+                 "_pins", "_last_use", "_uses")
+
+    def __init__(self, num_slots: int, num_experts: int,
+                 order: EvictionOrder = EvictionOrder.LRU) -> None:
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts: must be a positive integer, got {num_experts!r}")
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots: must be a positive integer, got {num_slots!r}")
+        if num_slots > num_experts:
+            raise ValueError(f"num_slots: {num_slots} exceeds num_experts {num_experts}")
+        if not isinstance(order, EvictionOrder):
+            raise ValueError(f"order: expected EvictionOrder, got {order!r}")
+        self.num_slots = num_slots
+        self.num_experts = num_experts
+        self.order = order
+        self._slot_of = np.full(num_experts, -1, dtype=np.int64)
+        self._expert_in = np.full(num_slots, -1, dtype=np.int64)
+        self._state = [SlotState.FREE] * num_slots
+        self._pins = np.zeros(num_slots, dtype=np.int64)
+        self._last_use = np.full(num_experts, -1, dtype=np.int64)
+        self._uses = np.zeros(num_experts, dtype=np.int64)
+
+    # ---- queries ---------------------------------------------------------------------------
+    def slot_of(self, expert: int) -> int:
+        """The expert's slot (LOADING, READY or IN_USE), or -1 when it is not resident."""
+        return int(self._slot_of[expert])
+
+    def expert_in(self, slot: int) -> int:
+        return int(self._expert_in[slot])
+
+    def state(self, slot: int) -> SlotState:
+        return self._state[slot]
+
+    def is_ready(self, expert: int) -> bool:
+        """Resident with valid data (READY or IN_USE)."""
+        s = self._slot_of[expert]
+        return s >= 0 and self._state[s] in (SlotState.READY, SlotState.IN_USE)
+
+    def is_loading(self, expert: int) -> bool:
+        s = self._slot_of[expert]
+        return s >= 0 and self._state[s] is SlotState.LOADING
+
+    def is_pinned(self, expert: int) -> bool:
+        s = self._slot_of[expert]
+        return s >= 0 and self._state[s] is SlotState.IN_USE
+
+    def residents(self) -> list[int]:
+        """Experts holding a slot (any non-free state), by slot."""
+        return [int(e) for e in self._expert_in if e >= 0]
+
+    @property
+    def num_free(self) -> int:
+        return sum(1 for st in self._state if st is SlotState.FREE)
+
+    def num_evictable(self, scores: np.ndarray | None = None,
+                      threshold: float | None = None) -> int:
+        """Slots a newcomer could take now: free ones plus READY residents the order may evict."""
+        n = self.num_free
+        for slot, st in enumerate(self._state):
+            if st is SlotState.READY and self._may_evict(int(self._expert_in[slot]), scores,
+                                                        threshold):
+                n += 1
+        return n
+
+    # ---- bookkeeping for LRU / LFU ---------------------------------------------------------
+    def touch(self, expert: int, tick: int) -> None:
+        """Record a use of `expert` at time `tick` (any monotone counter)."""
+        self._last_use[expert] = tick
+        self._uses[expert] += 1
+
+    # ---- victim selection ------------------------------------------------------------------
+    def _may_evict(self, expert: int, scores: np.ndarray | None,
+                   threshold: float | None) -> bool:
+        if threshold is None or self.order is not EvictionOrder.UTILITY:
+            return True
+        if scores is None:
+            raise ValueError("scores: the utility order needs per-expert scores")
+        return bool(scores[expert] < threshold)
+
+    def victim(self, scores: np.ndarray | None = None, threshold: float | None = None,
+               next_use: np.ndarray | None = None) -> int:
+        """The expert `admit` would evict now, or -1 when no READY resident may be evicted.
+
+        scores:   [E] utility (UTILITY order); threshold: protect residents scoring >= it.
+        next_use: [E] time of each expert's next use, larger = later (BELADY order)."""
+        best_key: tuple | None = None
+        best = -1
+        for slot, st in enumerate(self._state):
+            if st is not SlotState.READY:
+                continue
+            e = int(self._expert_in[slot])
+            if not self._may_evict(e, scores, threshold):
+                continue
+            key = self._key(e, scores, next_use)
+            if best_key is None or key < best_key:
+                best_key, best = key, e
+        return best
+
+    def _key(self, e: int, scores: np.ndarray | None, next_use: np.ndarray | None) -> tuple:
+        if self.order is EvictionOrder.LRU:
+            return (int(self._last_use[e]), e)
+        if self.order is EvictionOrder.LFU:
+            return (int(self._uses[e]), int(self._last_use[e]), e)
+        if self.order is EvictionOrder.UTILITY:
+            if scores is None:
+                raise ValueError("scores: the utility order needs per-expert scores")
+            return (float(scores[e]), e)
+        if next_use is None:
+            raise ValueError("next_use: the belady order needs each expert's next use")
+        return (-float(next_use[e]), e)
+
+    # ---- verbs -----------------------------------------------------------------------------
+    def can_admit(self, scores: np.ndarray | None = None, threshold: float | None = None,
+                  next_use: np.ndarray | None = None) -> bool:
+        return self.num_free > 0 or self.victim(scores, threshold, next_use) >= 0
+
+    def admit(self, expert: int, scores: np.ndarray | None = None,
+              threshold: float | None = None, next_use: np.ndarray | None = None,
+              ) -> tuple[int, int]:
+        """Give `expert` a slot in state LOADING. Returns (slot, evicted expert or -1).
+
+        Raises ValueError if the expert already holds a slot or no slot can be freed."""
+        self._check_expert(expert)
+        if self._slot_of[expert] >= 0:
+            raise ValueError(f"expert: {expert} is already resident in slot "
+                             f"{int(self._slot_of[expert])}")
+        evicted = -1
+        slot = next((s for s, st in enumerate(self._state) if st is SlotState.FREE), -1)
+        if slot < 0:
+            evicted = self.victim(scores, threshold, next_use)
+            if evicted < 0:
+                raise ValueError("expert: no slot can be freed (all pinned, loading or protected)")
+            slot = self.evict(evicted)
+        self._slot_of[expert] = slot
+        self._expert_in[slot] = expert
+        self._state[slot] = SlotState.LOADING
+        return slot, evicted
+
+    def mark_ready(self, expert: int) -> None:
+        """The copy into the expert's slot completed."""
+        s = self._resident_slot(expert)
+        if self._state[s] is SlotState.LOADING:
+            self._state[s] = SlotState.READY
+
+    def evict(self, expert: int) -> int:
+        """Free the expert's slot (READY or LOADING: the caller cancels the copy). Returns it."""
+        s = self._resident_slot(expert)
+        if self._state[s] is SlotState.IN_USE:
+            raise ValueError(f"expert: {expert} is pinned (in use) and cannot be evicted")
+        self._slot_of[expert] = -1
+        self._expert_in[s] = -1
+        self._state[s] = SlotState.FREE
+        return s
+
+    def pin(self, expert: int) -> int:
+        """READY -> IN_USE (re-entrant: counted). Returns the slot."""
+        s = self._resident_slot(expert)
+        if self._state[s] is SlotState.LOADING:
+            raise ValueError(f"expert: {expert} is still loading and cannot be pinned")
+        self._pins[s] += 1
+        self._state[s] = SlotState.IN_USE
+        return s
+
+    def unpin(self, expert: int) -> None:
+        s = self._resident_slot(expert)
+        if self._pins[s] <= 0:
+            raise ValueError(f"expert: {expert} is not pinned")
+        self._pins[s] -= 1
+        if self._pins[s] == 0:
+            self._state[s] = SlotState.READY
+
+    def _resident_slot(self, expert: int) -> int:
+        self._check_expert(expert)
+        s = int(self._slot_of[expert])
+        if s < 0:
+            raise ValueError(f"expert: {expert} is not resident")
+        return s
+
+    def _check_expert(self, expert: int) -> None:
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert: {expert} out of range 0..{self.num_experts - 1}")
+
+    def check(self) -> None:
+        """Assert the invariants (used by the property tests)."""
+        occupied = [(s, int(e)) for s, e in enumerate(self._expert_in) if e >= 0]
+        assert len(occupied) <= self.num_slots
+        for s, e in occupied:
+            assert self._slot_of[e] == s, (s, e)
+            assert self._state[s] is not SlotState.FREE
+        assert int((self._slot_of >= 0).sum()) == len(occupied)
+        for s, st in enumerate(self._state):
+            assert (st is SlotState.IN_USE) == (self._pins[s] > 0)
+            if st is SlotState.FREE:
+                assert self._expert_in[s] == -1
+
+
+__all__ = ["EvictionOrder", "SlotState", "SlotTable"]
