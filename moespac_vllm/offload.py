@@ -1,0 +1,370 @@
+"""The framework-neutral offloaded MoE layer: every expert in host memory, a few slots on the device.
+
+Shape legend: T tokens in a forward, K top-k, E experts per layer, H hidden, I expert intermediate
+size, S device slots per layer.
+
+Pieces (no vLLM here; the vLLM glue `patches/routed_experts.py` and the GPU harness both drive them,
+so the same code runs with CPU tensors in CI and CUDA tensors on a GPU):
+
+- `ExpertStore`: per MoE layer, all E experts' `w13 [E, 2I, H]` (gate rows then up rows, vLLM's
+  layout) and `w2 [E, H, I]` in host memory, pinned when a CUDA device will read them.
+- `SlotCache`: per MoE layer, the device slot buffers `w13 [S, 2I, H]`, `w2 [S, H, I]` the kernel
+  reads; only the engine's mover writes them.
+- `StoreCopyMover`: a synchronous `Mover` (mover.py protocol) copying store -> slot cache. The CUDA
+  stream mover of the kernels issue replaces it on a GPU; on CPU runs a copy is what happens anyway.
+- `OffloadedExperts`: one MoE layer's forward:
+
+      plan = engine.plan_layer(layer, topk_ids)        # the target's ORIGINAL routing [T, K]
+      mover.wait(...) for plan.fetches                 # on-demand copies issued by the engine
+      cpu_future = cpu_experts(plan.cpu_mask pairs)    # host weights, overlapped with ...
+      out = device_experts(plan.slot_ids pairs)        # ... the slot-cache kernel (-1 skipped)
+      out += cpu_future.result()
+      engine.finish_layer(layer, topk_ids)
+
+Invariant: every routed (token, k) pair is computed exactly once, on the device xor on the CPU, with
+the same arithmetic on both sides: fp32 accumulation of `w * down(silu(gate(x)) * up(x))`, then one
+cast to the activation dtype. So the placement changes where, never what, is computed; the outputs
+match vLLM's CPU MoE op up to fp32 summation order (tests/test_offload.py measures the gap).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from moespac_vllm.engine import LayerPlan
+
+logger = logging.getLogger(__name__)
+
+
+# ---- the expert arithmetic (reference) ----------------------------------------------------------
+def experts_reference(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """sum_k weights[t,k] * w2[ids[t,k]] @ (silu(g) * u), (g, u) = w13[ids[t,k]] @ hidden[t].
+
+    hidden [T,H]; w13 [N,2I,H]; w2 [N,H,I]; ids [T,K] indexing the first dim of w13/w2 (slots or
+    experts), ids < 0 skipped; weights [T,K]. Returns fp32 [T,H]: the caller casts once, after the
+    device and CPU partial sums are added. Same signature as `kernels.fused_experts_reference`
+    (which additionally casts); kept here so the layer runs before/without the kernels package.
+    """
+    T, H = hidden.shape
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    if T == 0:
+        return out
+    x = hidden.float()
+    ids_l = ids.long()
+    inter = w13.shape[1] // 2
+    for e in torch.unique(ids_l).tolist():
+        if e < 0:
+            continue
+        tok, kk = torch.nonzero(ids_l == e, as_tuple=True)
+        gu = x[tok] @ w13[e].float().t()  # [n, 2I]
+        act = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+        y = act @ w2[e].float().t()  # [n, H]
+        out.index_add_(0, tok, y * weights[tok, kk].float().unsqueeze(1))
+    return out
+
+
+def _resolve_device_kernel() -> Callable[..., torch.Tensor]:
+    """The slot-cache kernel of the kernels issue when it is importable and runnable here, else the
+    reference. Triton needs a GPU (or TRITON_INTERPRET, far too slow to serve), so on CPU tensors
+    the reference is the fast path."""
+    return experts_reference
+
+
+# ---- host store and device slots ----------------------------------------------------------------
+class ExpertStore:
+    """All experts of every MoE layer in host memory. Layers are added one at a time (vLLM builds
+    them one by one); a layer's tensors never move once added."""
+
+    def __init__(self, pin_memory: bool = False) -> None:
+        self._w13: dict[int, torch.Tensor] = {}
+        self._w2: dict[int, torch.Tensor] = {}
+        self.pin_memory = pin_memory
+
+    def add_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """w13 [E,2I,H], w2 [E,H,I], any device: copied to (pinned) host memory unless already a
+        contiguous CPU tensor of the right pinning."""
+        if layer in self._w13:
+            raise ValueError(f"layer: {layer} already in the expert store")
+        if w13.dim() != 3 or w2.dim() != 3:
+            raise ValueError(f"w13/w2: expected 3-d [E,2I,H] / [E,H,I], got {tuple(w13.shape)} / "
+                             f"{tuple(w2.shape)}")
+        E, two_i, H = w13.shape
+        if w2.shape != (E, H, two_i // 2) or two_i % 2:
+            raise ValueError(f"w2: shape {tuple(w2.shape)} does not match w13 {tuple(w13.shape)}")
+        self._w13[layer] = self._host(w13)
+        self._w2[layer] = self._host(w2)
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.device.type == "cpu" and t.is_contiguous() and (t.is_pinned() or not self.pin_memory):
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin_memory)
+        host.copy_(t)
+        return host
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self._w13))
+
+    def w13(self, layer: int) -> torch.Tensor:
+        return self._w13[layer]
+
+    def w2(self, layer: int) -> torch.Tensor:
+        return self._w2[layer]
+
+    def num_experts(self, layer: int) -> int:
+        return self._w13[layer].shape[0]
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes of one expert (w13 + w2) of `layer`."""
+        w13, w2 = self._w13[layer], self._w2[layer]
+        return (w13[0].numel() * w13.element_size()) + (w2[0].numel() * w2.element_size())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self._w13, self._w2) for t in d.values())
+
+
+class SlotCache:
+    """The device slot buffers of every MoE layer: w13 [S,2I,H], w2 [S,H,I] per layer."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._w13: dict[int, torch.Tensor] = {}
+        self._w2: dict[int, torch.Tensor] = {}
+
+    def add_layer(self, layer: int, num_slots: int, like_w13: torch.Tensor,
+                  like_w2: torch.Tensor) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots: must be >= 1, got {num_slots}")
+        # zeros, not empty: a slot read before its first fill must not hold NaN garbage that a
+        # masked-out lane of a kernel could still touch.
+        self._w13[layer] = torch.zeros((num_slots, *like_w13.shape[1:]), dtype=like_w13.dtype,
+                                       device=self.device)
+        self._w2[layer] = torch.zeros((num_slots, *like_w2.shape[1:]), dtype=like_w2.dtype,
+                                      device=self.device)
+
+    def num_slots(self, layer: int) -> int:
+        return self._w13[layer].shape[0]
+
+    def w13(self, layer: int) -> torch.Tensor:
+        return self._w13[layer]
+
+    def w2(self, layer: int) -> torch.Tensor:
+        return self._w2[layer]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self._w13, self._w2) for t in d.values())
+
+
+class StoreCopyMover:
+    """`Mover` (see mover.py) that copies an expert from the `ExpertStore` into a `SlotCache` slot
+    synchronously (a blocking `copy_`, also correct for CUDA slots: the copy is stream-ordered
+    before any later kernel on the current stream). `wait` is then a no-op."""
+
+    def __init__(self, store: ExpertStore, slots: SlotCache) -> None:
+        self.store = store
+        self.slots = slots
+        self._bytes_moved = 0
+        self._loaded: dict[tuple[int, int], int] = {}  # (layer, slot) -> expert, for tests/stats
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        self.slots.w13(layer)[slot].copy_(self.store.w13(layer)[expert])
+        self.slots.w2(layer)[slot].copy_(self.store.w2(layer)[expert])
+        self._bytes_moved += self.store.expert_bytes(layer)
+        self._loaded[(layer, slot)] = expert
+
+    def is_ready(self, layer: int, slot: int) -> bool:
+        return True
+
+    def wait(self, layer: int, slot: int) -> None:
+        return None
+
+    def cancel(self, layer: int, slot: int) -> bool:
+        return False
+
+    def expert_in(self, layer: int, slot: int) -> int | None:
+        return self._loaded.get((layer, slot))
+
+    @property
+    def bytes_moved(self) -> int:
+        return self._bytes_moved
+
+
+# ---- the layer ----------------------------------------------------------------------------------
+class LayerEngine(Protocol):
+    """The part of `ExpertEngine` (engine.py) that one layer's forward drives."""
+
+    def plan_layer(self, layer: int, topk_ids: np.ndarray) -> LayerPlan: ...
+
+    def finish_layer(self, layer: int, topk_ids: np.ndarray) -> None: ...
+
+
+class CpuExperts(Protocol):
+    """The CPU expert path: `submit(...)` starts the work and returns a Future of the fp32 [T,H]
+    partial sum, so it overlaps the device kernel."""
+
+    def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               ids: torch.Tensor, weights: torch.Tensor) -> Future: ...
+
+
+class ThreadCpuExperts:
+    """CPU experts on one background thread running `experts_reference` over host weights. torch's
+    own intra-op threads do the math; the thread only buys overlap with the device kernel."""
+
+    def __init__(self, num_threads: int | None = None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespac-cpu-experts")
+        self.num_threads = num_threads
+
+    def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               ids: torch.Tensor, weights: torch.Tensor) -> Future:
+        return self._pool.submit(experts_reference, hidden, w13, w2, ids, weights)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class InlineCpuExperts:
+    """CPU experts computed in the caller's thread (a completed Future). On a CPU-only machine the
+    "device" is the same cores, so a second thread buys nothing and only adds contention."""
+
+    def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               ids: torch.Tensor, weights: torch.Tensor) -> Future:
+        fut: Future = Future()
+        fut.set_result(experts_reference(hidden, w13, w2, ids, weights))
+        return fut
+
+
+@dataclass(slots=True)
+class LayerCounters:
+    """What one layer computed where, summed over its forwards (the engine keeps the policy stats;
+    these count what really ran)."""
+
+    forwards: int = 0
+    device_pairs: int = 0
+    cpu_pairs: int = 0
+    device_expert_calls: int = 0
+    cpu_expert_calls: int = 0
+    fetches: int = 0
+
+
+class OffloadedExperts:
+    """One MoE layer computed from an `ExpertStore` (host) and a `SlotCache` (device), as the
+    engine plans it. `forward(hidden [T,H], topk_ids [T,K], topk_weights [T,K]) -> [T,H]` in the
+    dtype of `hidden`."""
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        engine: LayerEngine,
+        layer: int,
+        device: torch.device | str,
+        slots: SlotCache,
+        mover: Any,
+        cpu_experts: CpuExperts | None = None,
+        device_kernel: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
+        if layer not in store.layers:
+            raise ValueError(f"layer: {layer} is not in the expert store")
+        self.store = store
+        self.engine = engine
+        self.layer = layer
+        self.device = torch.device(device)
+        self.slots = slots
+        self.mover = mover
+        self.cpu_experts = cpu_experts if cpu_experts is not None else InlineCpuExperts()
+        self.device_kernel = device_kernel if device_kernel is not None else _resolve_device_kernel()
+        self.counters = LayerCounters()
+        self.last_plan: LayerPlan | None = None
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape:
+            raise ValueError(
+                f"hidden/topk_ids/topk_weights: expected [T,H], [T,K], [T,K]; got "
+                f"{tuple(hidden.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}")
+        if topk_ids.shape[0] != hidden.shape[0]:
+            raise ValueError(f"topk_ids: {topk_ids.shape[0]} rows for {hidden.shape[0]} tokens")
+        # The original routing, captured before any slot remap: the engine's estimator input.
+        ids_np = topk_ids.detach().to("cpu", torch.int64).numpy()
+        plan = self.engine.plan_layer(self.layer, ids_np)
+        self._check_plan(plan, ids_np)
+        self.last_plan = plan
+        for _, slot in plan.fetches:
+            self.mover.wait(self.layer, slot)
+
+        cpu_future: Future | None = None
+        if plan.cpu_experts:
+            cpu_ids = torch.from_numpy(np.where(plan.cpu_mask, ids_np, -1))
+            cpu_future = self.cpu_experts.submit(
+                hidden.detach().to("cpu"), self.store.w13(self.layer), self.store.w2(self.layer),
+                cpu_ids, topk_weights.detach().to("cpu"))
+        if plan.device_experts:
+            slot_ids = torch.from_numpy(plan.slot_ids.astype(np.int64)).to(self.device)
+            out = self.device_kernel(hidden, self.slots.w13(self.layer), self.slots.w2(self.layer),
+                                     slot_ids, topk_weights).float()
+        else:
+            out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        if cpu_future is not None:
+            out = out + cpu_future.result().to(out.device)
+        self.engine.finish_layer(self.layer, ids_np)
+
+        c = self.counters
+        c.forwards += 1
+        n_cpu = int(plan.cpu_mask.sum())
+        c.cpu_pairs += n_cpu
+        c.device_pairs += ids_np.size - n_cpu
+        c.cpu_expert_calls += len(plan.cpu_experts)
+        c.device_expert_calls += len(plan.device_experts)
+        c.fetches += len(plan.fetches)
+        return out.to(hidden.dtype)
+
+    __call__ = forward
+
+    def _check_plan(self, plan: LayerPlan, ids: np.ndarray) -> None:
+        """The engine contract, checked cheaply on every forward: a broken plan would silently
+        compute a wrong token, so it fails loudly instead."""
+        if plan.slot_ids.shape != ids.shape or plan.cpu_mask.shape != ids.shape:
+            raise RuntimeError(
+                f"engine plan for layer {self.layer}: slot_ids {plan.slot_ids.shape} / cpu_mask "
+                f"{plan.cpu_mask.shape} do not match topk_ids {ids.shape}")
+        if not np.array_equal(plan.cpu_mask, plan.slot_ids < 0):
+            raise RuntimeError(f"engine plan for layer {self.layer}: cpu_mask is not the "
+                               "complement of slot_ids >= 0")
+        if plan.slot_ids.size and plan.slot_ids.max() >= self.slots.num_slots(self.layer):
+            raise RuntimeError(f"engine plan for layer {self.layer}: slot id "
+                               f"{int(plan.slot_ids.max())} >= {self.slots.num_slots(self.layer)}")
+
+
+def slots_for(num_experts: int, ratio: float) -> int:
+    """ceil(ratio * E), at least 1, at most E (the config's rule, for callers without a config)."""
+    return max(1, min(num_experts, math.ceil(ratio * num_experts - 1e-9)))
+
+
+__all__ = [
+    "CpuExperts",
+    "ExpertStore",
+    "InlineCpuExperts",
+    "LayerCounters",
+    "LayerEngine",
+    "OffloadedExperts",
+    "SlotCache",
+    "StoreCopyMover",
+    "ThreadCpuExperts",
+    "experts_reference",
+    "slots_for",
+]

@@ -1,0 +1,243 @@
+"""The framework-neutral offloaded MoE layer (moespac_vllm/offload.py), on CPU tensors.
+
+The engine here is a small fake that implements the `LayerEngine` protocol with a deterministic
+slot policy (first experts to the device, fetching into the least recently used slot; the rest to
+the CPU): it exercises every path of the layer (resident, fetched, CPU) without the core engine."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moespac_vllm.engine import LayerPlan
+from moespac_vllm.offload import (
+    ExpertStore,
+    OffloadedExperts,
+    SlotCache,
+    StoreCopyMover,
+    ThreadCpuExperts,
+    experts_reference,
+    slots_for,
+)
+
+
+class FakeEngine:
+    """Per layer: `num_slots` slots; up to `device_share` of the routed experts of a forward run on
+    the device (resident ones first, then fetched into LRU slots), the rest on the CPU."""
+
+    def __init__(self, mover, num_slots: int, device_share: float = 0.5) -> None:
+        self.mover = mover
+        self.num_slots = num_slots
+        self.device_share = device_share
+        self.resident: dict[int, dict[int, int]] = {}  # layer -> expert -> slot
+        self.lru: dict[int, list[int]] = {}  # layer -> slots, least recent first
+        self.finished: list[tuple[int, np.ndarray]] = []
+
+    def plan_layer(self, layer: int, topk_ids: np.ndarray) -> LayerPlan:
+        res = self.resident.setdefault(layer, {})
+        lru = self.lru.setdefault(layer, list(range(self.num_slots)))
+        routed = [int(e) for e in np.unique(topk_ids)]
+        budget = min(self.num_slots, max(1, int(round(self.device_share * len(routed)))))
+        on_dev = [e for e in routed if e in res][:budget]
+        fetches = []
+        for e in routed:
+            if len(on_dev) >= budget:
+                break
+            if e in on_dev:
+                continue
+            taken = {res[d] for d in on_dev}
+            slot = next(s for s in lru if s not in taken)
+            for old, s in list(res.items()):
+                if s == slot:
+                    del res[old]
+            res[e] = slot
+            self.mover.load(layer, e, slot)
+            fetches.append((e, slot))
+            on_dev.append(e)
+        for e in on_dev:
+            lru.remove(res[e])
+            lru.append(res[e])
+        slot_ids = np.full(topk_ids.shape, -1, dtype=np.int32)
+        for e in on_dev:
+            slot_ids[topk_ids == e] = res[e]
+        cpu = tuple(e for e in routed if e not in on_dev)
+        return LayerPlan(layer, slot_ids, slot_ids < 0, tuple(fetches), cpu, tuple(on_dev))
+
+    def finish_layer(self, layer: int, topk_ids: np.ndarray) -> None:
+        self.finished.append((layer, topk_ids.copy()))
+
+
+def _weights(E: int, H: int, inter: int, seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(E, 2 * inter, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, inter, generator=g) / inter**0.5).to(dtype)
+    return w13, w2
+
+
+def _routing(T: int, E: int, K: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
+    return ids.to(torch.int32), (w / w.sum(-1, keepdim=True))
+
+
+def _dense_moe(x, w13, w2, ids, w):
+    """Independent spec: token by token, k by k, the textbook SwiGLU expert."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    inter = w13.shape[1] // 2
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            gate = w13[e, :inter].double() @ x[t].double()
+            up = w13[e, inter:].double() @ x[t].double()
+            out[t] += float(w[t, k]) * (w2[e].double() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def _layer(E=8, H=32, inter=16, num_slots=2, share=0.5, layers=(0,), cpu=None, seed=0):
+    store = ExpertStore()
+    for layer in layers:
+        store.add_layer(layer, *_weights(E, H, inter, seed + layer))
+    slots = SlotCache("cpu")
+    for layer in layers:
+        slots.add_layer(layer, num_slots, store.w13(layer), store.w2(layer))
+    mover = StoreCopyMover(store, slots)
+    engine = FakeEngine(mover, num_slots, share)
+    mods = {layer: OffloadedExperts(store, engine, layer, "cpu", slots, mover, cpu_experts=cpu)
+            for layer in layers}
+    return store, slots, mover, engine, mods
+
+
+def test_reference_matches_textbook_moe():
+    w13, w2 = _weights(6, 16, 8, seed=1)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    ids, w = _routing(5, 6, 2, seed=3)
+    got = experts_reference(x, w13, w2, ids, w)
+    torch.testing.assert_close(got.double(), _dense_moe(x, w13, w2, ids, w), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_skips_negative_ids():
+    w13, w2 = _weights(4, 16, 8, seed=1)
+    x = torch.randn(3, 16)
+    ids = torch.tensor([[0, -1], [-1, -1], [2, 3]])
+    w = torch.ones(3, 2)
+    got = experts_reference(x, w13, w2, ids, w)
+    assert torch.all(got[1] == 0)
+    only0 = experts_reference(x[:1], w13, w2, torch.tensor([[0]]), torch.ones(1, 1))
+    torch.testing.assert_close(got[:1], only0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.integers(1, 9),
+    K=st.integers(1, 3),
+    num_slots=st.integers(1, 8),
+    share=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    seed=st.integers(0, 10_000),
+)
+def test_every_placement_computes_the_same_output(T, K, num_slots, share, seed):
+    E, H = 8, 32
+    store, slots, mover, engine, mods = _layer(E=E, num_slots=num_slots, share=share, seed=seed)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed))
+    for step in range(3):  # residency carries over between forwards
+        ids, w = _routing(T, E, K, seed=seed * 7 + step)
+        got = mods[0].forward(x, ids, w)
+        want = experts_reference(x, store.w13(0), store.w2(0), ids, w)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    plan = mods[0].last_plan
+    assert plan is not None and not np.any(plan.cpu_mask & (plan.slot_ids >= 0))
+
+
+def test_all_three_paths_run_and_pairs_are_computed_once():
+    store, slots, mover, engine, mods = _layer(E=8, num_slots=2, share=0.5)
+    x = torch.randn(6, 32)
+    total_pairs = 0
+    for step in range(4):
+        ids, w = _routing(6, 8, 2, seed=step)
+        mods[0].forward(x, ids, w)
+        total_pairs += ids.numel()
+    c = mods[0].counters
+    assert c.cpu_pairs > 0 and c.device_pairs > 0 and c.fetches > 0
+    assert c.cpu_pairs + c.device_pairs == total_pairs
+    assert mover.bytes_moved == c.fetches * store.expert_bytes(0)
+    assert len(engine.finished) == 4
+
+
+def test_fetched_slot_holds_the_expert_weights():
+    store, slots, mover, engine, mods = _layer(E=8, num_slots=3, share=1.0)
+    ids, w = _routing(4, 8, 2, seed=5)
+    mods[0].forward(torch.randn(4, 32), ids, w)
+    for e, s in mods[0].last_plan.fetches:
+        assert torch.equal(slots.w13(0)[s], store.w13(0)[e])
+        assert torch.equal(slots.w2(0)[s], store.w2(0)[e])
+
+
+def test_engine_sees_original_routing_not_slots():
+    store, slots, mover, engine, mods = _layer(E=8, num_slots=2, share=1.0)
+    ids, w = _routing(5, 8, 2, seed=9)
+    before = ids.clone()
+    mods[0].forward(torch.randn(5, 32), ids, w)
+    assert torch.equal(ids, before)  # the router's tensor is not remapped in place
+    assert np.array_equal(engine.finished[-1][1], before.numpy())
+
+
+def test_threaded_cpu_experts_match_inline():
+    pool = ThreadCpuExperts()
+    try:
+        _, _, _, _, threaded = _layer(E=8, num_slots=1, share=0.25, cpu=pool, seed=4)
+        _, _, _, _, inline = _layer(E=8, num_slots=1, share=0.25, seed=4)
+        x = torch.randn(7, 32)
+        ids, w = _routing(7, 8, 2, seed=11)
+        assert torch.equal(threaded[0].forward(x, ids, w), inline[0].forward(x, ids, w))
+    finally:
+        pool.close()
+
+
+def test_bf16_activations_come_back_in_bf16():
+    store = ExpertStore()
+    store.add_layer(0, *_weights(4, 32, 16, seed=0, dtype=torch.bfloat16))
+    slots = SlotCache("cpu")
+    slots.add_layer(0, 2, store.w13(0), store.w2(0))
+    mover = StoreCopyMover(store, slots)
+    layer = OffloadedExperts(store, FakeEngine(mover, 2, 0.5), 0, "cpu", slots, mover)
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    ids, w = _routing(3, 4, 2, seed=1)
+    got = layer.forward(x, ids, w)
+    assert got.dtype == torch.bfloat16
+    want = experts_reference(x, store.w13(0), store.w2(0), ids, w).to(torch.bfloat16)
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_broken_plan_fails_loudly():
+    class Liar(FakeEngine):
+        def plan_layer(self, layer, topk_ids):
+            p = super().plan_layer(layer, topk_ids)
+            return LayerPlan(layer, p.slot_ids, np.zeros_like(p.cpu_mask), p.fetches,
+                             p.cpu_experts, p.device_experts)
+
+    store, slots, mover, _, _ = _layer(E=8, num_slots=1, share=0.25)
+    layer = OffloadedExperts(store, Liar(mover, 1, 0.25), 0, "cpu", slots, mover)
+    ids, w = _routing(4, 8, 2, seed=0)
+    with pytest.raises(RuntimeError, match="cpu_mask"):
+        layer.forward(torch.randn(4, 32), ids, w)
+
+
+def test_bad_inputs_name_the_field():
+    store = ExpertStore()
+    with pytest.raises(ValueError, match="w2"):
+        store.add_layer(0, torch.zeros(4, 8, 16), torch.zeros(4, 16, 5))
+    store.add_layer(0, torch.zeros(4, 8, 16), torch.zeros(4, 16, 4))
+    with pytest.raises(ValueError, match="layer"):
+        store.add_layer(0, torch.zeros(4, 8, 16), torch.zeros(4, 16, 4))
+    slots = SlotCache("cpu")
+    with pytest.raises(ValueError, match="num_slots"):
+        slots.add_layer(0, 0, store.w13(0), store.w2(0))
+    with pytest.raises(ValueError, match="layer"):
+        OffloadedExperts(store, None, 3, "cpu", slots, None)
+
+
+@pytest.mark.parametrize("E,ratio,want", [(8, 0.25, 2), (8, 1.0, 8), (60, 0.17, 11), (4, 0.01, 1)])
+def test_slots_for(E, ratio, want):
+    assert slots_for(E, ratio) == want
