@@ -1,18 +1,38 @@
 """Copy engine: moves one expert's weights from host memory into a device slot.
 
-OWNER: kernels/GPU issue (#5) for the implementations (`SyncMover` over CPU tensors for tests and
-CPU runs, `CudaStreamMover`: pinned host buffers, a side CUDA stream, one event per slot fill).
-The `Mover` protocol below is the CONTRACT the engine (`engine.py`), the offloaded layer
-(`offload.py`) and the simulator's timing mover code against.
+OWNER: kernels/GPU issue (#5). The `Mover` protocol below is the CONTRACT the engine (`engine.py`),
+the offloaded layer (`offload.py`) and the simulator's timing mover code against. Two
+implementations:
+
+- `SyncMover`: plain tensor copies (CPU tensors, or any device) for tests and CPU runs. With
+  `deferred=True` a load is only queued and lands at `wait`/`flush`, which makes the asynchronous
+  ordering (not ready yet, cancelled, superseded) testable on a CPU.
+- `CudaStreamMover`: pinned host weights, one side CUDA stream for all copies, one CUDA event per
+  slot fill; `wait` makes the *compute* stream wait on that event (the host never blocks).
+
+Shapes (per MoE layer l): host w13[l] [E, 2I, H], w2[l] [E, H, I]; slot w13[l] [S, 2I, H],
+w2[l] [S, H, I]. Both are given as `ExpertWeights` (or any object with `w13`/`w2` per-layer
+sequences, e.g. the layer's `ExpertStore`).
 
 Slot states (owned by the engine's slot table): free -> loading -> ready -> in-use -> ready/free.
-A load into a slot that a running kernel reads is never issued (the engine pins slots between
-plan_layer and finish_layer); a superseded or cancelled load leaves the slot `free`, never half-
-written-and-ready.
+The mover's guarantees, which the engine's states rely on:
+1. A load never overwrites data that device work queued *before* the load still reads: the side
+   stream first waits for everything queued on the compute stream so far (so a slot the engine
+   just unpinned may be refilled at once, even while the kernel that read it is still running).
+2. Loads run in issue order on one stream, so a later load into a slot always lands after an
+   earlier one (supersede = just load again).
+3. `cancel` makes a pending load invisible: `is_ready` turns False and `wait` refuses until the
+   slot is loaded again. The bytes of a cancelled CUDA copy still cross PCIe (a DMA in flight
+   cannot be recalled), and are counted in `bytes_moved`.
 """
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
 
 
 class Mover(Protocol):
@@ -31,3 +51,280 @@ class Mover(Protocol):
     @property
     def bytes_moved(self) -> int:
         """Total host->device bytes copied so far."""
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Per-layer expert weight banks: w13[l] [N, 2I, H], w2[l] [N, H, I] (N = E on the host,
+    N = S slots on the device)."""
+
+    w13: Sequence[torch.Tensor]
+    w2: Sequence[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, num_layers: int, rows: int, hidden_size: int, intermediate_size: int,
+                 dtype: torch.dtype, device: torch.device | str) -> ExpertWeights:
+        """Empty banks: one [rows, 2I, H] and one [rows, H, I] tensor per layer."""
+        for name, v in (("num_layers", num_layers), ("rows", rows), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        w13 = tuple(torch.empty(rows, 2 * intermediate_size, hidden_size, dtype=dtype,
+                                device=device) for _ in range(num_layers))
+        w2 = tuple(torch.empty(rows, hidden_size, intermediate_size, dtype=dtype, device=device)
+                   for _ in range(num_layers))
+        return cls(w13, w2)
+
+
+def _check_banks(host: Any, slots: Any) -> tuple[int, int, int, int]:
+    """Validate host/slot banks; returns (num_layers, num_experts, num_slots, bytes per expert)."""
+    for name, bank in (("host", host), ("slots", slots)):
+        if not hasattr(bank, "w13") or not hasattr(bank, "w2"):
+            raise ValueError(f"{name}: needs per-layer `w13` and `w2` tensor sequences")
+        if len(bank.w13) == 0 or len(bank.w13) != len(bank.w2):
+            raise ValueError(f"{name}: w13 and w2 must list the same, non-zero number of layers")
+    if len(host.w13) != len(slots.w13):
+        raise ValueError(
+            f"slots: {len(slots.w13)} layers, but host has {len(host.w13)}")
+    h13, h2 = host.w13[0], host.w2[0]
+    if h13.dim() != 3 or h2.dim() != 3:
+        raise ValueError("host: w13[l] must be [E, 2I, H] and w2[l] [E, H, I]")
+    num_experts, two_i, hidden = h13.shape
+    inter = h2.shape[2]
+    if two_i != 2 * inter or h2.shape[:2] != (num_experts, hidden):
+        raise ValueError(f"host: w13 {tuple(h13.shape)} and w2 {tuple(h2.shape)} disagree")
+    num_slots = slots.w13[0].shape[0]
+    for layer in range(len(host.w13)):
+        for name, bank, rows in (("host", host, num_experts), ("slots", slots, num_slots)):
+            a, b = bank.w13[layer], bank.w2[layer]
+            if tuple(a.shape) != (rows, two_i, hidden) or tuple(b.shape) != (rows, hidden, inter):
+                raise ValueError(
+                    f"{name}: layer {layer} has w13 {tuple(a.shape)}, w2 {tuple(b.shape)}; "
+                    f"expected [{rows}, {two_i}, {hidden}] and [{rows}, {hidden}, {inter}]")
+            if a.dtype != h13.dtype or b.dtype != h13.dtype:
+                raise ValueError(f"{name}: layer {layer} dtype differs from host dtype {h13.dtype}")
+    expert_bytes = (two_i * hidden + hidden * inter) * h13.element_size()
+    return len(host.w13), num_experts, num_slots, expert_bytes
+
+
+class _Indexing:
+    """Bounds checks shared by both movers (bad indices are caller bugs: ValueError naming them)."""
+
+    _num_layers: int
+    _num_experts: int
+    _num_slots: int
+
+    def _check(self, layer: int, slot: int, expert: int | None = None) -> None:
+        if not 0 <= layer < self._num_layers:
+            raise ValueError(f"layer: {layer} out of range [0, {self._num_layers})")
+        if not 0 <= slot < self._num_slots:
+            raise ValueError(f"slot: {slot} out of range [0, {self._num_slots})")
+        if expert is not None and not 0 <= expert < self._num_experts:
+            raise ValueError(f"expert: {expert} out of range [0, {self._num_experts})")
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+
+class SyncMover(_Indexing):
+    """Copies with plain `Tensor.copy_`, on the caller's thread.
+
+    deferred=False: `load` copies at once (is_ready is True right after; cancel returns False).
+    deferred=True:  `load` queues; the copy happens in `wait(layer, slot)` or `flush()`. A queued
+                    load superseded by another load into the same slot, or cancelled, never
+                    touches the slot. This is the CPU stand-in for an in-flight DMA.
+    `stall_ms`: host time spent copying (all of it blocks the caller)."""
+
+    def __init__(self, host: Any, slots: Any, *, deferred: bool = False) -> None:
+        (self._num_layers, self._num_experts, self._num_slots,
+         self._expert_bytes) = _check_banks(host, slots)
+        self._host = host
+        self._slots = slots
+        self._deferred = bool(deferred)
+        self._pending: dict[tuple[int, int], int] = {}  # (layer, slot) -> expert, deferred only
+        self._cancelled: set[tuple[int, int]] = set()
+        self._resident: dict[tuple[int, int], int] = {}  # (layer, slot) -> expert last landed
+        self._bytes = 0
+        self._stall_ms = 0.0
+
+    def _copy(self, layer: int, expert: int, slot: int) -> None:
+        t0 = time.perf_counter()
+        self._slots.w13[layer][slot].copy_(self._host.w13[layer][expert])
+        self._slots.w2[layer][slot].copy_(self._host.w2[layer][expert])
+        self._stall_ms += (time.perf_counter() - t0) * 1e3
+        self._bytes += self._expert_bytes
+        self._resident[(layer, slot)] = expert
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        self._check(layer, slot, expert)
+        key = (layer, slot)
+        self._cancelled.discard(key)
+        if self._deferred:
+            self._pending[key] = expert  # supersedes a queued load into the same slot
+        else:
+            self._copy(layer, expert, slot)
+
+    def is_ready(self, layer: int, slot: int) -> bool:
+        self._check(layer, slot)
+        key = (layer, slot)
+        return key not in self._pending and key not in self._cancelled
+
+    def wait(self, layer: int, slot: int) -> None:
+        self._check(layer, slot)
+        key = (layer, slot)
+        if key in self._cancelled:
+            raise ValueError(f"slot: load into layer {layer} slot {slot} was cancelled; "
+                             "load it again before waiting")
+        expert = self._pending.pop(key, None)
+        if expert is not None:
+            self._copy(layer, expert, slot)
+
+    def cancel(self, layer: int, slot: int) -> bool:
+        self._check(layer, slot)
+        key = (layer, slot)
+        if self._pending.pop(key, None) is None:
+            return False
+        self._cancelled.add(key)
+        return True
+
+    def flush(self) -> None:
+        """Land every queued load (deferred mode); a no-op otherwise."""
+        for (layer, slot), expert in list(self._pending.items()):
+            del self._pending[(layer, slot)]
+            self._copy(layer, expert, slot)
+
+    def expert_in(self, layer: int, slot: int) -> int | None:
+        """The expert whose weights last landed in (layer, slot), or None."""
+        self._check(layer, slot)
+        return self._resident.get((layer, slot))
+
+    @property
+    def bytes_moved(self) -> int:
+        return self._bytes
+
+    @property
+    def stall_ms(self) -> float:
+        return self._stall_ms
+
+
+class CudaStreamMover(_Indexing):
+    """Host->device copies on one side CUDA stream, one event per slot fill.
+
+    host: pinned CPU banks (pageable memory would make every `non_blocking` copy synchronous, so it
+          is refused). slots: CUDA banks on one device.
+    `wait` never blocks the host: the current (compute) stream waits on the slot's event. With
+    `measure_stall=True`, each wait that finds its copy unfinished is bracketed by two timing
+    events on the compute stream; `stall_ms` resolves them (it synchronises on those events)."""
+
+    def __init__(self, host: Any, slots: Any, *, stream: torch.cuda.Stream | None = None,
+                 measure_stall: bool = True) -> None:
+        if not torch.cuda.is_available():
+            raise ValueError("slots: CudaStreamMover needs CUDA; use SyncMover on a CPU")
+        (self._num_layers, self._num_experts, self._num_slots,
+         self._expert_bytes) = _check_banks(host, slots)
+        for layer in range(self._num_layers):
+            for name, t in (("host.w13", host.w13[layer]), ("host.w2", host.w2[layer])):
+                if t.device.type != "cpu" or not t.is_pinned():
+                    raise ValueError(f"{name}: layer {layer} must be pinned CPU memory "
+                                     "(tensor.pin_memory())")
+            for name, t in (("slots.w13", slots.w13[layer]), ("slots.w2", slots.w2[layer])):
+                if t.device.type != "cuda":
+                    raise ValueError(f"{name}: layer {layer} must be on a CUDA device")
+        self._device = slots.w13[0].device
+        self._host = host
+        self._slots = slots
+        self._stream = stream if stream is not None else torch.cuda.Stream(self._device)
+        self._events: dict[tuple[int, int], torch.cuda.Event] = {}
+        self._cancelled: set[tuple[int, int]] = set()
+        self._resident: dict[tuple[int, int], int] = {}
+        self._bytes = 0
+        self._measure_stall = measure_stall
+        self._stall_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stall_ms = 0.0
+        self._stalls = 0
+
+    @property
+    def stream(self) -> torch.cuda.Stream:
+        return self._stream
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        self._check(layer, slot, expert)
+        compute = torch.cuda.current_stream(self._device)
+        # Guarantee 1: kernels already queued may still read this slot's previous occupant.
+        self._stream.wait_stream(compute)
+        with torch.cuda.stream(self._stream):
+            self._slots.w13[layer][slot].copy_(self._host.w13[layer][expert], non_blocking=True)
+            self._slots.w2[layer][slot].copy_(self._host.w2[layer][expert], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        key = (layer, slot)
+        self._events[key] = done
+        self._cancelled.discard(key)
+        self._resident[key] = expert
+        self._bytes += self._expert_bytes
+
+    def is_ready(self, layer: int, slot: int) -> bool:
+        self._check(layer, slot)
+        key = (layer, slot)
+        if key in self._cancelled:
+            return False
+        done = self._events.get(key)
+        return done is None or done.query()
+
+    def wait(self, layer: int, slot: int) -> None:
+        self._check(layer, slot)
+        key = (layer, slot)
+        if key in self._cancelled:
+            raise ValueError(f"slot: load into layer {layer} slot {slot} was cancelled; "
+                             "load it again before waiting")
+        done = self._events.get(key)
+        if done is None or done.query():
+            return
+        compute = torch.cuda.current_stream(self._device)
+        if self._measure_stall:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(compute)
+            compute.wait_event(done)
+            end.record(compute)
+            self._stall_pairs.append((start, end))
+        else:
+            compute.wait_event(done)
+        self._stalls += 1
+
+    def cancel(self, layer: int, slot: int) -> bool:
+        self._check(layer, slot)
+        key = (layer, slot)
+        done = self._events.get(key)
+        if done is None or key in self._cancelled or done.query():
+            return False
+        self._cancelled.add(key)
+        self._resident.pop(key, None)
+        return True
+
+    def synchronize(self) -> None:
+        """Block the host until every issued copy has landed."""
+        self._stream.synchronize()
+
+    def expert_in(self, layer: int, slot: int) -> int | None:
+        """The expert last loaded (not cancelled) into (layer, slot), or None."""
+        self._check(layer, slot)
+        return self._resident.get((layer, slot))
+
+    @property
+    def bytes_moved(self) -> int:
+        return self._bytes
+
+    @property
+    def stalls(self) -> int:
+        """How many waits found their copy unfinished (the compute stream had to wait)."""
+        return self._stalls
+
+    @property
+    def stall_ms(self) -> float:
+        """Device time the compute stream spent waiting on copies (resolves pending timings)."""
+        for start, end in self._stall_pairs:
+            end.synchronize()
+            self._stall_ms += start.elapsed_time(end)
+        self._stall_pairs.clear()
+        return self._stall_ms

@@ -1,0 +1,290 @@
+"""Copy engine: SyncMover on the CPU (immediate and deferred), CudaStreamMover on a GPU (marker gpu).
+
+The deferred SyncMover stands in for an in-flight DMA, so the ordering rules (not ready until
+waited, a cancelled or superseded load never lands) are checked here without a GPU; the gpu tests
+check the same rules plus the one only real streams can break: a refill never corrupts a slot that
+an already-queued kernel reads."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moespac_vllm.mover import CudaStreamMover, ExpertWeights, Mover, SyncMover
+
+L, E, S, H, I = 2, 6, 3, 8, 4
+
+
+def _host(layers: int = L, experts: int = E, hidden: int = H, inter: int = I,
+          dtype: torch.dtype = torch.float32, pin: bool = False, seed: int = 0) -> ExpertWeights:
+    g = torch.Generator().manual_seed(seed)
+    w13 = [torch.randn(experts, 2 * inter, hidden, generator=g).to(dtype) for _ in range(layers)]
+    w2 = [torch.randn(experts, hidden, inter, generator=g).to(dtype) for _ in range(layers)]
+    if pin:
+        w13 = [t.pin_memory() for t in w13]
+        w2 = [t.pin_memory() for t in w2]
+    return ExpertWeights(w13, w2)
+
+
+def _slots(layers: int = L, slots: int = S, hidden: int = H, inter: int = I,
+           dtype: torch.dtype = torch.float32, device: str = "cpu") -> ExpertWeights:
+    bank = ExpertWeights.allocate(layers, slots, hidden, inter, dtype, device)
+    for t in (*bank.w13, *bank.w2):
+        t.fill_(float("nan"))  # poison: an unwritten slot can never pass for a loaded one
+    return bank
+
+
+def _holds(slots: ExpertWeights, host: ExpertWeights, layer: int, slot: int, expert: int) -> bool:
+    return (torch.equal(slots.w13[layer][slot].cpu(), host.w13[layer][expert])
+            and torch.equal(slots.w2[layer][slot].cpu(), host.w2[layer][expert]))
+
+
+def test_sync_mover_satisfies_protocol():
+    mover: Mover = SyncMover(_host(), _slots())
+    assert isinstance(mover.bytes_moved, int)
+
+
+def test_sync_load_copies_expert_weights_into_slot():
+    host, slots = _host(), _slots()
+    mover = SyncMover(host, slots)
+    mover.load(1, 4, 2)
+    assert mover.is_ready(1, 2)
+    mover.wait(1, 2)
+    assert _holds(slots, host, 1, 2, 4)
+    assert torch.isnan(slots.w13[0]).all()  # other layer untouched
+    assert torch.isnan(slots.w13[1][:2]).all()  # other slots untouched
+    assert mover.expert_in(1, 2) == 4
+
+
+def test_bytes_moved_counts_w13_and_w2_of_each_load():
+    host, slots = _host(dtype=torch.bfloat16), _slots(dtype=torch.bfloat16)
+    mover = SyncMover(host, slots)
+    mover.load(0, 0, 0)
+    mover.load(0, 1, 1)
+    assert mover.bytes_moved == 2 * (2 * I * H + H * I) * 2
+
+
+def test_deferred_load_is_not_ready_until_waited():
+    host, slots = _host(), _slots()
+    mover = SyncMover(host, slots, deferred=True)
+    mover.load(0, 3, 1)
+    assert not mover.is_ready(0, 1)
+    assert torch.isnan(slots.w13[0][1]).all()
+    assert mover.bytes_moved == 0
+    mover.wait(0, 1)
+    assert mover.is_ready(0, 1)
+    assert _holds(slots, host, 0, 1, 3)
+
+
+def test_cancelled_deferred_load_never_lands():
+    host, slots = _host(), _slots()
+    mover = SyncMover(host, slots, deferred=True)
+    mover.load(0, 2, 0)
+    mover.wait(0, 0)
+    mover.load(0, 5, 0)  # refill, then give up on it
+    assert mover.cancel(0, 0) is True
+    mover.flush()
+    assert _holds(slots, host, 0, 0, 2)  # the old occupant's bytes, untouched
+    assert not mover.is_ready(0, 0)
+    with pytest.raises(ValueError, match="slot"):
+        mover.wait(0, 0)
+    mover.load(0, 1, 0)  # loading again clears the cancelled state
+    mover.wait(0, 0)
+    assert _holds(slots, host, 0, 0, 1)
+
+
+def test_superseded_load_is_replaced_by_the_latest():
+    host, slots = _host(), _slots()
+    mover = SyncMover(host, slots, deferred=True)
+    mover.load(1, 0, 2)
+    mover.load(1, 4, 2)
+    mover.flush()
+    assert _holds(slots, host, 1, 2, 4)
+    assert mover.bytes_moved == (2 * I * H + H * I) * 4  # the superseded copy never ran
+
+
+def test_cancel_of_completed_load_returns_false_and_keeps_data():
+    host, slots = _host(), _slots()
+    mover = SyncMover(host, slots)
+    mover.load(0, 1, 1)
+    assert mover.cancel(0, 1) is False
+    assert mover.is_ready(0, 1)
+    mover.wait(0, 1)
+    assert _holds(slots, host, 0, 1, 1)
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda m: m.load(2, 0, 0), "layer"),
+    (lambda m: m.load(0, E, 0), "expert"),
+    (lambda m: m.load(0, 0, S), "slot"),
+    (lambda m: m.wait(-1, 0), "layer"),
+    (lambda m: m.is_ready(0, -1), "slot"),
+    (lambda m: m.cancel(0, 99), "slot"),
+])
+def test_out_of_range_indices_raise_naming_the_field(call, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        call(SyncMover(_host(), _slots()))
+
+
+def test_mismatched_banks_are_refused():
+    with pytest.raises(ValueError, match="^slots:"):
+        SyncMover(_host(), _slots(inter=I + 1))
+    with pytest.raises(ValueError, match="^slots:"):
+        SyncMover(_host(), _slots(layers=L + 1))
+    with pytest.raises(ValueError, match="^slots:"):
+        SyncMover(_host(), _slots(dtype=torch.float16))
+    with pytest.raises(ValueError, match="^host:"):
+        SyncMover(ExpertWeights([torch.zeros(E, 2 * I, H)], [torch.zeros(E, H, I + 1)]),
+                  _slots(layers=1))
+
+
+def test_allocate_refuses_non_positive_sizes():
+    with pytest.raises(ValueError, match="^rows:"):
+        ExpertWeights.allocate(1, 0, H, I, torch.float32, "cpu")
+
+
+_ops = st.lists(
+    st.tuples(st.sampled_from(["load", "cancel", "wait", "flush"]),
+              st.integers(0, L - 1), st.integers(0, S - 1), st.integers(0, E - 1)),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_ops)
+def test_deferred_mover_matches_a_model_of_visible_loads(ops):
+    """Whatever the interleaving, a waited slot holds the latest non-cancelled load, and a slot
+    never shows a cancelled or superseded expert."""
+    host, slots = _host(), _slots()
+    mover = SyncMover(host, slots, deferred=True)
+    landed: dict[tuple[int, int], int] = {}  # what the slot must hold
+    pending: dict[tuple[int, int], int] = {}
+    cancelled: set[tuple[int, int]] = set()
+    for op, layer, slot, expert in ops:
+        key = (layer, slot)
+        if op == "load":
+            mover.load(layer, expert, slot)
+            pending[key] = expert
+            cancelled.discard(key)
+        elif op == "cancel":
+            assert mover.cancel(layer, slot) == (key in pending)
+            if pending.pop(key, None) is not None:
+                cancelled.add(key)
+        elif op == "wait":
+            if key in cancelled:
+                with pytest.raises(ValueError):
+                    mover.wait(layer, slot)
+                continue
+            mover.wait(layer, slot)
+            if key in pending:
+                landed[key] = pending.pop(key)
+            assert mover.is_ready(layer, slot)
+        else:
+            mover.flush()
+            landed.update(pending)
+            pending.clear()
+        for (ly, sl), ex in landed.items():
+            assert _holds(slots, host, ly, sl, ex)
+        for ly in range(L):
+            for sl in range(S):
+                if (ly, sl) not in landed:
+                    assert torch.isnan(slots.w13[ly][sl]).all()
+
+
+def test_cuda_stream_mover_refuses_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="^slots:"):
+        CudaStreamMover(_host(), _slots())
+
+
+# ---- on a GPU -------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_load_lands_after_compute_stream_waits():
+    host = _host(dtype=torch.bfloat16, pin=True, hidden=256, inter=128)
+    slots = _slots(dtype=torch.bfloat16, device="cuda", hidden=256, inter=128)
+    mover = CudaStreamMover(host, slots)
+    mover.load(1, 5, 0)
+    mover.load(0, 2, 2)
+    mover.wait(1, 0)
+    mover.wait(0, 2)
+    torch.cuda.current_stream().synchronize()
+    assert _holds(slots, host, 1, 0, 5) and _holds(slots, host, 0, 2, 2)
+    assert mover.is_ready(1, 0)
+    assert mover.bytes_moved == 2 * 3 * 256 * 128 * 2
+
+
+@pytest.mark.gpu
+def test_cuda_refill_never_corrupts_a_slot_a_queued_kernel_reads():
+    """A long chain of kernels reads slot 0; a refill of slot 0 is issued right after they are
+    queued. The copy must wait for them: their result equals the one computed from the old
+    weights."""
+    hidden, inter = 1024, 512
+    host = _host(layers=1, experts=2, hidden=hidden, inter=inter, pin=True, seed=3)
+    slots = _slots(layers=1, slots=1, hidden=hidden, inter=inter, device="cuda")
+    mover = CudaStreamMover(host, slots)
+    mover.load(0, 0, 0)
+    mover.wait(0, 0)
+    x = torch.randn(64, hidden, device="cuda")
+    w = slots.w13[0][0]  # [2I, H]
+    expected = x.clone()
+    w_old = host.w13[0][0].cuda()
+    for _ in range(200):
+        expected = torch.tanh(expected @ w_old.T @ w_old / hidden)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # hold the compute stream (~50 ms) so the chain stays queued
+    y = x.clone()
+    for _ in range(200):  # queued on the compute stream, reading the slot
+        y = torch.tanh(y @ w.T @ w / hidden)
+    mover.load(0, 1, 0)  # refill while those kernels are (very likely) still queued
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, expected)
+    assert _holds(slots, host, 0, 0, 1)
+
+
+@pytest.mark.gpu
+def test_cuda_cancel_makes_pending_load_invisible_and_reload_wins():
+    hidden, inter = 1024, 512
+    host = _host(layers=1, experts=3, hidden=hidden, inter=inter, pin=True, seed=1)
+    slots = _slots(layers=1, slots=1, hidden=hidden, inter=inter, device="cuda")
+    mover = CudaStreamMover(host, slots)
+    with torch.cuda.stream(mover.stream):
+        torch.cuda._sleep(100_000_000)  # the copy below stays in flight
+    mover.load(0, 0, 0)
+    assert mover.cancel(0, 0) is True
+    assert not mover.is_ready(0, 0)
+    with pytest.raises(ValueError, match="slot"):
+        mover.wait(0, 0)
+    assert mover.expert_in(0, 0) is None
+    mover.load(0, 2, 0)  # supersede: lands after the cancelled copy on the same stream
+    mover.wait(0, 0)
+    torch.cuda.synchronize()
+    assert _holds(slots, host, 0, 0, 2)
+    assert mover.is_ready(0, 0)
+
+
+@pytest.mark.gpu
+def test_cuda_mover_refuses_pageable_host_memory():
+    with pytest.raises(ValueError, match="^host.w13:"):
+        CudaStreamMover(_host(), _slots(device="cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_stall_is_measured_when_compute_waits_on_a_copy():
+    hidden, inter = 1024, 512
+    host = _host(layers=1, experts=2, hidden=hidden, inter=inter, pin=True)
+    slots = _slots(layers=1, slots=1, hidden=hidden, inter=inter, device="cuda")
+    mover = CudaStreamMover(host, slots)
+    with torch.cuda.stream(mover.stream):
+        torch.cuda._sleep(20_000_000)  # ~10 ms before the copy starts
+    mover.load(0, 1, 0)
+    mover.wait(0, 0)
+    torch.cuda.synchronize()
+    assert mover.stalls == 1
+    assert mover.stall_ms > 1.0
+    ready_mover = CudaStreamMover(host, slots)
+    ready_mover.load(0, 0, 0)
+    ready_mover.synchronize()
+    ready_mover.wait(0, 0)  # already landed: no stall recorded
+    assert ready_mover.stalls == 0 and ready_mover.stall_ms == 0.0
