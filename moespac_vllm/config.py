@@ -16,6 +16,8 @@ Flat keys (the user-facing names; README lists them):
 | balancer               | BalancerKind| `exact` (combinatorial, hot path) or `milp` (HiGHS, oracle)    |
 | utility_cap            | int >= 1    | the paper's K: utility levels are 0..K                         |
 | theta_up / theta_down  | int >= 1    | the estimator's hysteresis (reference code: 5 and 1)           |
+| theta_scale            | ThetaScale  | `fixed` (reference) or `window`: θ_up scaled by n / ref window |
+| reference_window_tokens| int >= 1    | the window size θ_up is tuned for (reference: 9 = 1 + γ 8)     |
 | estimator_source       | Source      | which routing signal feeds the estimator                      |
 | profile                | str         | cost-model profile name, or a path to a calibrated JSON        |
 | cpu_threads            | int >= 1    | CPU expert thread count (default: all cores)                   |
@@ -75,17 +77,31 @@ class EstimatorSource(str, Enum):
     AUTOREGRESSIVE = "autoregressive"  # plain decoding: a sliding window of recent tokens
 
 
+class ThetaScale(str, Enum):
+    """How the estimator's rise threshold θ_up follows the window size n (estimator.py)."""
+
+    FIXED = "fixed"  # reference code: θ_up whatever n is (tuned for n = 9)
+    WINDOW = "window"  # ours [I]: θ_up(n) = max(1, round(θ_up * n / reference_window_tokens))
+
+
 @dataclass(frozen=True, slots=True)
 class EstimatorConfig:
     utility_cap: int = 5
     theta_up: int = 5
     theta_down: int = 1
     source: EstimatorSource = EstimatorSource.AUTO
+    theta_scale: ThetaScale = ThetaScale.FIXED
+    reference_window_tokens: int = 9
 
     def __post_init__(self) -> None:
         _check_int("utility_cap", self.utility_cap, minimum=1)
         _check_int("theta_up", self.theta_up, minimum=1)
         _check_int("theta_down", self.theta_down, minimum=1)
+        if not isinstance(self.source, EstimatorSource):
+            raise ValueError(f"estimator_source: expected EstimatorSource, got {self.source!r}")
+        if not isinstance(self.theta_scale, ThetaScale):
+            raise ValueError(f"theta_scale: expected ThetaScale, got {self.theta_scale!r}")
+        _check_int("reference_window_tokens", self.reference_window_tokens, minimum=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +332,8 @@ _KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
     "theta_up": (("estimator", "theta_up"), _to_int),
     "theta_down": (("estimator", "theta_down"), _to_int),
     "estimator_source": (("estimator", "source"), _to_enum(EstimatorSource)),
+    "theta_scale": (("estimator", "theta_scale"), _to_enum(ThetaScale)),
+    "reference_window_tokens": (("estimator", "reference_window_tokens"), _to_int),
     "profile": (("profile",), lambda n, v: v.strip() if isinstance(v, str) else v),
     "cpu_threads": (("cpu_threads",), _to_opt_int),
     "prefetch": (("prefetch",), _to_bool),
@@ -380,5 +398,6 @@ __all__ = [
     "MoESpacConfig",
     "Policy",
     "StatsConfig",
+    "ThetaScale",
     "config_as_json",
 ]
