@@ -11,8 +11,9 @@ implementations:
   slot fill; `wait` makes the *compute* stream wait on that event (the host never blocks).
 
 Shapes (per MoE layer l): host w13[l] [E, 2I, H], w2[l] [E, H, I]; slot w13[l] [S, 2I, H],
-w2[l] [S, H, I]. Both are given as `ExpertWeights` (or any object with `w13`/`w2` per-layer
-sequences, e.g. the layer's `ExpertStore`).
+w2[l] [S, H, I]. Both are given as `ExpertWeights` (per-layer sequences) or as the layer's
+`offload.ExpertStore` / `offload.SlotCache` (per-layer accessor methods; the store's `layers`
+name the layers).
 
 Slot states (owned by the engine's slot table): free -> loading -> ready -> in-use -> ready/free.
 The mover's guarantees, which the engine's states rely on:
@@ -76,27 +77,46 @@ class ExpertWeights:
         return cls(w13, w2)
 
 
-def _check_banks(host: Any, slots: Any) -> tuple[int, int, int, int]:
-    """Validate host/slot banks; returns (num_layers, num_experts, num_slots, bytes per expert)."""
-    for name, bank in (("host", host), ("slots", slots)):
-        if not hasattr(bank, "w13") or not hasattr(bank, "w2"):
-            raise ValueError(f"{name}: needs per-layer `w13` and `w2` tensor sequences")
-        if len(bank.w13) == 0 or len(bank.w13) != len(bank.w2):
-            raise ValueError(f"{name}: w13 and w2 must list the same, non-zero number of layers")
-    if len(host.w13) != len(slots.w13):
-        raise ValueError(
-            f"slots: {len(slots.w13)} layers, but host has {len(host.w13)}")
-    h13, h2 = host.w13[0], host.w2[0]
+def _layer_tensors(bank: Any, layers: Sequence[int] | None, name: str
+                   ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """layer -> (w13, w2) of a bank given either as per-layer sequences (`ExpertWeights`) or as
+    per-layer accessor methods (`offload.ExpertStore` / `offload.SlotCache`: `w13(layer)`)."""
+    if not hasattr(bank, "w13") or not hasattr(bank, "w2"):
+        raise ValueError(f"{name}: needs per-layer `w13` and `w2` (sequences or methods)")
+    if callable(bank.w13):
+        if layers is None:
+            layers = tuple(getattr(bank, "layers", ()))
+        try:
+            return {layer: (bank.w13(layer), bank.w2(layer)) for layer in layers}
+        except KeyError as e:
+            raise ValueError(f"{name}: has no layer {e.args[0]}") from None
+    if len(bank.w13) != len(bank.w2):
+        raise ValueError(f"{name}: w13 and w2 list different numbers of layers")
+    return {layer: (bank.w13[layer], bank.w2[layer]) for layer in range(len(bank.w13))}
+
+
+def _check_banks(host: Any, slots: Any) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]],
+                                                 dict[int, tuple[torch.Tensor, torch.Tensor]],
+                                                 int, int]:
+    """Validate host/slot banks; returns (host layers, slot layers, num_experts, bytes per
+    expert)."""
+    host_l = _layer_tensors(host, None, "host")
+    if not host_l:
+        raise ValueError("host: holds no layer")
+    slot_l = _layer_tensors(slots, tuple(host_l), "slots")
+    if set(slot_l) != set(host_l):
+        raise ValueError(f"slots: {len(slot_l)} layers, but host has {len(host_l)}")
+    h13, h2 = next(iter(host_l.values()))
     if h13.dim() != 3 or h2.dim() != 3:
         raise ValueError("host: w13[l] must be [E, 2I, H] and w2[l] [E, H, I]")
     num_experts, two_i, hidden = h13.shape
     inter = h2.shape[2]
-    if two_i != 2 * inter or h2.shape[:2] != (num_experts, hidden):
+    if two_i != 2 * inter or tuple(h2.shape[:2]) != (num_experts, hidden):
         raise ValueError(f"host: w13 {tuple(h13.shape)} and w2 {tuple(h2.shape)} disagree")
-    num_slots = slots.w13[0].shape[0]
-    for layer in range(len(host.w13)):
-        for name, bank, rows in (("host", host, num_experts), ("slots", slots, num_slots)):
-            a, b = bank.w13[layer], bank.w2[layer]
+    for layer in host_l:
+        num_slots = slot_l[layer][0].shape[0]  # may differ per layer (a byte budget's split)
+        for name, bank, rows in (("host", host_l, num_experts), ("slots", slot_l, num_slots)):
+            a, b = bank[layer]
             if tuple(a.shape) != (rows, two_i, hidden) or tuple(b.shape) != (rows, hidden, inter):
                 raise ValueError(
                     f"{name}: layer {layer} has w13 {tuple(a.shape)}, w2 {tuple(b.shape)}; "
@@ -104,27 +124,30 @@ def _check_banks(host: Any, slots: Any) -> tuple[int, int, int, int]:
             if a.dtype != h13.dtype or b.dtype != h13.dtype:
                 raise ValueError(f"{name}: layer {layer} dtype differs from host dtype {h13.dtype}")
     expert_bytes = (two_i * hidden + hidden * inter) * h13.element_size()
-    return len(host.w13), num_experts, num_slots, expert_bytes
+    return host_l, slot_l, num_experts, expert_bytes
 
 
 class _Indexing:
     """Bounds checks shared by both movers (bad indices are caller bugs: ValueError naming them)."""
 
-    _num_layers: int
+    _host_l: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    _slot_l: dict[int, tuple[torch.Tensor, torch.Tensor]]
     _num_experts: int
-    _num_slots: int
 
     def _check(self, layer: int, slot: int, expert: int | None = None) -> None:
-        if not 0 <= layer < self._num_layers:
-            raise ValueError(f"layer: {layer} out of range [0, {self._num_layers})")
-        if not 0 <= slot < self._num_slots:
-            raise ValueError(f"slot: {slot} out of range [0, {self._num_slots})")
+        if layer not in self._host_l:
+            raise ValueError(f"layer: {layer} is not one of the mover's layers "
+                             f"({min(self._host_l)}..{max(self._host_l)})")
+        num_slots = self._slot_l[layer][0].shape[0]
+        if not 0 <= slot < num_slots:
+            raise ValueError(f"slot: {slot} out of range [0, {num_slots}) of layer {layer}")
         if expert is not None and not 0 <= expert < self._num_experts:
             raise ValueError(f"expert: {expert} out of range [0, {self._num_experts})")
 
-    @property
-    def num_slots(self) -> int:
-        return self._num_slots
+    def num_slots(self, layer: int) -> int:
+        if layer not in self._slot_l:
+            raise ValueError(f"layer: {layer} is not one of the mover's layers")
+        return self._slot_l[layer][0].shape[0]
 
 
 class SyncMover(_Indexing):
@@ -137,10 +160,8 @@ class SyncMover(_Indexing):
     `stall_ms`: host time spent copying (all of it blocks the caller)."""
 
     def __init__(self, host: Any, slots: Any, *, deferred: bool = False) -> None:
-        (self._num_layers, self._num_experts, self._num_slots,
+        (self._host_l, self._slot_l, self._num_experts,
          self._expert_bytes) = _check_banks(host, slots)
-        self._host = host
-        self._slots = slots
         self._deferred = bool(deferred)
         self._pending: dict[tuple[int, int], int] = {}  # (layer, slot) -> expert, deferred only
         self._cancelled: set[tuple[int, int]] = set()
@@ -150,8 +171,9 @@ class SyncMover(_Indexing):
 
     def _copy(self, layer: int, expert: int, slot: int) -> None:
         t0 = time.perf_counter()
-        self._slots.w13[layer][slot].copy_(self._host.w13[layer][expert])
-        self._slots.w2[layer][slot].copy_(self._host.w2[layer][expert])
+        (h13, h2), (s13, s2) = self._host_l[layer], self._slot_l[layer]
+        s13[slot].copy_(h13[expert])
+        s2[slot].copy_(h2[expert])
         self._stall_ms += (time.perf_counter() - t0) * 1e3
         self._bytes += self._expert_bytes
         self._resident[(layer, slot)] = expert
@@ -221,19 +243,17 @@ class CudaStreamMover(_Indexing):
                  measure_stall: bool = True) -> None:
         if not torch.cuda.is_available():
             raise ValueError("slots: CudaStreamMover needs CUDA; use SyncMover on a CPU")
-        (self._num_layers, self._num_experts, self._num_slots,
+        (self._host_l, self._slot_l, self._num_experts,
          self._expert_bytes) = _check_banks(host, slots)
-        for layer in range(self._num_layers):
-            for name, t in (("host.w13", host.w13[layer]), ("host.w2", host.w2[layer])):
+        for layer in self._host_l:
+            for name, t in zip(("host.w13", "host.w2"), self._host_l[layer]):
                 if t.device.type != "cpu" or not t.is_pinned():
                     raise ValueError(f"{name}: layer {layer} must be pinned CPU memory "
-                                     "(tensor.pin_memory())")
-            for name, t in (("slots.w13", slots.w13[layer]), ("slots.w2", slots.w2[layer])):
+                                     "(tensor.pin_memory(), or ExpertStore(pin_memory=True))")
+            for name, t in zip(("slots.w13", "slots.w2"), self._slot_l[layer]):
                 if t.device.type != "cuda":
                     raise ValueError(f"{name}: layer {layer} must be on a CUDA device")
-        self._device = slots.w13[0].device
-        self._host = host
-        self._slots = slots
+        self._device = next(iter(self._slot_l.values()))[0].device
         self._stream = stream if stream is not None else torch.cuda.Stream(self._device)
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}
         self._cancelled: set[tuple[int, int]] = set()
@@ -253,9 +273,10 @@ class CudaStreamMover(_Indexing):
         compute = torch.cuda.current_stream(self._device)
         # Guarantee 1: kernels already queued may still read this slot's previous occupant.
         self._stream.wait_stream(compute)
+        (h13, h2), (s13, s2) = self._host_l[layer], self._slot_l[layer]
         with torch.cuda.stream(self._stream):
-            self._slots.w13[layer][slot].copy_(self._host.w13[layer][expert], non_blocking=True)
-            self._slots.w2[layer][slot].copy_(self._host.w2[layer][expert], non_blocking=True)
+            s13[slot].copy_(h13[expert], non_blocking=True)
+            s2[slot].copy_(h2[expert], non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._stream)
         key = (layer, slot)

@@ -288,3 +288,24 @@ def test_cuda_stall_is_measured_when_compute_waits_on_a_copy():
     ready_mover.synchronize()
     ready_mover.wait(0, 0)  # already landed: no stall recorded
     assert ready_mover.stalls == 0 and ready_mover.stall_ms == 0.0
+
+
+def test_movers_drive_the_layers_expert_store_and_slot_cache():
+    """The offloaded layer's own containers (accessor methods, non-contiguous layer ids, a slot
+    count per layer) are accepted as they are."""
+    from moespac_vllm.offload import ExpertStore, SlotCache
+
+    host = _host(layers=2)
+    store, cache = ExpertStore(), SlotCache("cpu")
+    for layer, src in zip((3, 7), range(2)):
+        store.add_layer(layer, host.w13[src], host.w2[src])
+        cache.add_layer(layer, 2 if layer == 3 else 4, host.w13[src], host.w2[src])
+    mover = SyncMover(store, cache)
+    mover.load(7, 5, 3)
+    assert torch.equal(cache.w13(7)[3], host.w13[1][5])
+    assert torch.equal(cache.w2(7)[3], host.w2[1][5])
+    assert mover.num_slots(3) == 2 and mover.num_slots(7) == 4
+    with pytest.raises(ValueError, match="^slot:"):
+        mover.load(3, 0, 2)
+    with pytest.raises(ValueError, match="^layer:"):
+        mover.load(0, 0, 0)
