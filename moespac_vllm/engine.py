@@ -20,13 +20,53 @@ Per step (one target forward; with SD a verification window of 1 + k tokens per 
 Invariants (property-tested): a layer never holds more than its slot budget; every routed
 (token, k) pair is computed exactly once (device xor CPU); a slot is never overwritten while a
 plan that reads it is in flight (pinned between plan_layer and finish_layer).
+
+Policies (config.Policy), all behind the same five calls. "Misses" are routed experts whose slot is
+not READY when `plan_layer` runs.
+
+| policy        | signal            | misses go to                  | eviction   | prefetch                    |
+|---------------|-------------------|-------------------------------|------------|-----------------------------|
+| spac          | utility levels    | balancer: fetch or CPU        | utility    | end_step: top levels/layer  |
+| spac-faithful | levels K5 θ(5,1)  | CPU, always                   | utility,   | finish_layer: level >= 1,   |
+|               |                   |                               | protect >=1| high level first            |
+| lru / sd-lru  | -                 | fetch (overflow -> CPU)       | LRU        | none                        |
+| lfu           | -                 | fetch (overflow -> CPU)       | LFU        | none                        |
+| static        | observed frequency| CPU                           | -          | hot set during warm-up only |
+| hybrimoe      | EMA activation    | balancer: fetch or CPU        | score      | end_step: top scores/layer  |
+| oracle        | future routing    | balancer: fetch or CPU        | Belady     | end_step: next step's set   |
+
+Decisions that are ours ([I], documented so they can be argued with):
+- A prefetched copy still LOADING when its layer starts is offered to the balancer like a miss; if
+  the balancer puts it on the device the plan lists it in `fetches` (the caller waits for the copy
+  already in flight, which costs at most one fetch), else it runs on the CPU this step and the copy
+  completes for later steps. Policies without a balancer (spac-faithful, static) use the CPU, as
+  the reference code does. On-demand policies (lru, lfu, sd-lru) wait.
+- On-demand policies never compute on the CPU, except when a layer routes to more experts than it
+  has slots: the overflow (the fewest-token experts) runs on the CPU, since one plan cannot reuse a
+  slot twice.
+- Prefill / mixed forwards use on-demand fetch for every policy, do not move utility levels and do
+  not count in the hit statistics (MOESPAC.md §1: SpAc hooks are off during prefill).
+- `spac` prefetch (end_step) targets, per layer, the S experts with the highest (level, last
+  count); a newcomer may replace a resident only if the resident's level is strictly lower (the
+  reference's "below the threshold" rule with the newcomer's level as threshold). Copies are issued
+  layer by layer, so the link finishes early layers first (they are needed first).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from moespac_vllm.cache import EvictionOrder, SlotTable
+from moespac_vllm.config import EstimatorConfig, MoESpacConfig, Policy
+from moespac_vllm.cost_model import ExpertCosts
+from moespac_vllm.stats import EngineStats
+from moespac_vllm.step_context import Phase, StepContext
+from moespac_vllm.trace import ModelDims
+
+logger = logging.getLogger(__name__)
 
 
 class Clock(Protocol):
@@ -50,3 +90,420 @@ class LayerPlan:
     fetches: tuple[tuple[int, int], ...]
     cpu_experts: tuple[int, ...]
     device_experts: tuple[int, ...]
+
+
+_ORDER = {
+    Policy.SPAC: EvictionOrder.UTILITY,
+    Policy.SPAC_FAITHFUL: EvictionOrder.UTILITY,
+    Policy.LRU: EvictionOrder.LRU,
+    Policy.SD_LRU: EvictionOrder.LRU,
+    Policy.LFU: EvictionOrder.LFU,
+    Policy.STATIC: EvictionOrder.LFU,
+    Policy.HYBRIMOE: EvictionOrder.UTILITY,
+    Policy.ORACLE: EvictionOrder.BELADY,
+}
+_ON_DEMAND = frozenset({Policy.LRU, Policy.SD_LRU, Policy.LFU})
+_BALANCED = frozenset({Policy.SPAC, Policy.HYBRIMOE, Policy.ORACLE})
+# Policies that decode plain autoregressively (one token per request per step) in the simulator;
+# the others verify speculative windows.
+AUTOREGRESSIVE_POLICIES = frozenset({Policy.LRU, Policy.LFU, Policy.STATIC, Policy.HYBRIMOE})
+
+FAITHFUL_ESTIMATOR = EstimatorConfig(utility_cap=5, theta_up=5, theta_down=1)
+FAITHFUL_THRESHOLD = 1  # the reference code's fixed `threshold`
+HYBRIMOE_DECAY = 0.5  # weight of the past in HybriMoE's score (an EMA of activations; [I])
+STATIC_WARMUP_STEPS = 16  # steps over which `static` observes frequencies before freezing
+
+
+class ExpertEngine:
+    """Policy side of the offloaded MoE: slot tables, estimator, balancer, prefetch."""
+
+    def __init__(self, config: MoESpacConfig, dims: ModelDims, costs: ExpertCosts, mover: Any,
+                 clock: Clock, balancer: Any = None, num_slots: int | None = None,
+                 future_counts: np.ndarray | None = None) -> None:
+        if not isinstance(config, MoESpacConfig):
+            raise ValueError(f"config: expected MoESpacConfig, got {type(config).__name__}")
+        self.config = config
+        self.policy = config.policy
+        self.dims = dims
+        self.costs = costs
+        self.mover = mover
+        self.clock = clock
+        L, E = dims.num_layers, dims.num_experts
+        if num_slots is None:
+            num_slots = config.cache.slots_per_layer(E, L, dims.expert_bytes)
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or not 1 <= num_slots <= E:
+            raise ValueError(f"num_slots: must be an integer in [1, {E}], got {num_slots!r}")
+        self.num_slots = num_slots
+        order = _ORDER[self.policy]
+        self.tables = [SlotTable(num_slots, E, order) for _ in range(L)]
+
+        self.estimator = None
+        if self.policy in (Policy.SPAC, Policy.SPAC_FAITHFUL):
+            from moespac_vllm.estimator import UtilityEstimator
+
+            est_cfg = config.estimator if self.policy is Policy.SPAC else FAITHFUL_ESTIMATOR
+            self.estimator = UtilityEstimator(L, E, est_cfg)
+        self.balancer = None
+        if self.policy in _BALANCED:
+            if balancer is None:
+                from moespac_vllm.balancer import make_balancer
+
+                balancer = make_balancer(config.balancer)
+            self.balancer = balancer
+        if self.policy is Policy.ORACLE:
+            if future_counts is None:
+                raise ValueError("future_counts: the oracle policy needs the future routing "
+                                 "([steps, L, E] counts)")
+            self.set_future(future_counts)
+        else:
+            self._next_use = None
+
+        self._score = np.zeros((L, E), dtype=np.float64)  # hybrimoe EMA / static frequency
+        self._last_counts = np.zeros((L, E), dtype=np.int64)
+        self._ctx: StepContext | None = None
+        self._step = -1  # index of the current decode/verify step (oracle future index)
+        self._tick = 0
+        # per-layer state of the plan in flight
+        self._pinned: list[list[int]] = [[] for _ in range(L)]
+        self._pending: list[list[int]] = [[] for _ in range(L)]  # loads the plan waits for
+        self._prefetched: list[set[int]] = [set() for _ in range(L)]  # issued, not yet used
+        self._c = dict(steps=0, tokens=0, hits=0, misses=0, fetched_experts=0, device_experts=0,
+                       cpu_experts=0, prefetch_issued=0, prefetch_used=0, prefetch_wasted=0,
+                       prefetch_late=0)
+        self._stall_ms = 0.0
+        self._cpu_ms = 0.0
+        self._gpu_ms = 0.0
+
+    # ---- oracle ------------------------------------------------------------------------------
+    def set_future(self, future_counts: np.ndarray) -> None:
+        """The routing of every coming decode/verify step: [steps, L, E] token counts. Step i is the
+        i-th `begin_step` with a decode or verify phase."""
+        f = np.asarray(future_counts)
+        L, E = self.dims.num_layers, self.dims.num_experts
+        if f.ndim != 3 or f.shape[1:] != (L, E):
+            raise ValueError(f"future_counts: expected [steps, {L}, {E}], got {f.shape}")
+        n = f.shape[0]
+        self._future = f
+        # next_use[s, l, e] = first step >= s that routes (l, e), n + 1 if none (Belady key)
+        nxt = np.full((n + 1, L, E), n + 1, dtype=np.int64)
+        for s in range(n - 1, -1, -1):
+            nxt[s] = np.where(f[s] > 0, s, nxt[s + 1])
+        self._next_use = nxt
+
+    def _belady_key(self, layer: int) -> np.ndarray | None:
+        if self._next_use is None:
+            return None
+        s = min(self._step + 1, self._next_use.shape[0] - 1)
+        return self._next_use[s, layer]
+
+    # ---- per step ----------------------------------------------------------------------------
+    def begin_step(self, ctx: StepContext) -> None:
+        self._ctx = ctx
+        if ctx.phase in (Phase.DECODE, Phase.VERIFY):
+            self._step += 1
+
+    def _decoding(self) -> bool:
+        return self._ctx is None or self._ctx.phase in (Phase.DECODE, Phase.VERIFY)
+
+    def _scores(self, layer: int) -> np.ndarray | None:
+        """The per-expert score the utility eviction order compares."""
+        if self.estimator is not None:
+            return self.estimator.levels[layer]
+        if self.policy is Policy.HYBRIMOE:
+            return self._score[layer]
+        return None
+
+    def _refresh(self, layer: int) -> None:
+        """Mark finished copies READY; a copy that finished counts as a prefetch only once used."""
+        t = self.tables[layer]
+        for e in t.residents():
+            if t.is_loading(e) and self.mover.is_ready(layer, t.slot_of(e)):
+                t.mark_ready(e)
+
+    def plan_layer(self, layer: int, topk_ids: np.ndarray) -> LayerPlan:
+        ids = np.asarray(topk_ids)
+        E = self.dims.num_experts
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ValueError(f"topk_ids: expected an integer [T, K] array, got {ids.dtype} "
+                             f"{ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= E):
+            raise ValueError(f"topk_ids: expert ids must be in [0, {E})")
+        if self._pinned[layer] or self._pending[layer]:
+            raise ValueError(f"layer: {layer} planned twice without finish_layer")
+        counts = np.bincount(ids.ravel(), minlength=E)
+        routed = np.flatnonzero(counts)
+        table = self.tables[layer]
+        self._refresh(layer)
+        decoding = self._decoding()
+        ready = [int(e) for e in routed if table.is_ready(int(e))]
+        loading = [int(e) for e in routed if table.is_loading(int(e))]
+        absent = [int(e) for e in routed if table.slot_of(int(e)) < 0]
+        for e in ready:
+            table.pin(e)
+        self._pinned[layer] = ready
+        if decoding:
+            c = self._c
+            c["hits"] += len(ready)
+            c["misses"] += len(loading) + len(absent)
+            pre = self._prefetched[layer]
+            for e in ready:
+                if e in pre:
+                    pre.discard(e)
+                    c["prefetch_used"] += 1
+
+        device = list(ready)
+        wait: list[int] = []  # LOADING copies the device branch waits for
+        fetch: list[int] = []  # new on-demand copies
+        if not decoding or self.policy in _ON_DEMAND:
+            wait, fetch = self._on_demand(layer, counts, loading, absent)
+        elif self.policy in _BALANCED:
+            wait, fetch, to_cpu = self._balance(layer, counts, ready, loading, absent)
+            for e in to_cpu:  # the balancer may move a resident expert to the CPU
+                table.unpin(e)
+                device.remove(e)
+                self._pinned[layer].remove(e)
+        # spac-faithful / static: every non-ready expert runs on the CPU.
+
+        fetches: list[tuple[int, int]] = []
+        for e in wait:
+            fetches.append((e, table.slot_of(e)))
+            if decoding and e in self._prefetched[layer]:
+                self._prefetched[layer].discard(e)
+                self._c["prefetch_used"] += 1
+                self._c["prefetch_late"] += 1
+        for e in fetch:
+            slot = self._admit(layer, e, demand=True)
+            self.mover.load(layer, e, slot)
+            fetches.append((e, slot))
+            self._c["fetched_experts"] += 1
+        self._pending[layer] = wait + fetch
+        device += wait + fetch
+
+        slot_map = np.full(E, -1, dtype=np.int32)
+        for e in device:
+            slot_map[e] = table.slot_of(e)
+        slot_ids = slot_map[ids] if ids.size else np.zeros(ids.shape, dtype=np.int32)
+        cpu_mask = slot_ids < 0
+        dev_set = set(device)
+        cpu = tuple(int(e) for e in routed if int(e) not in dev_set)
+        if decoding:
+            self._c["device_experts"] += len(device)
+            self._c["cpu_experts"] += len(cpu)
+        return LayerPlan(layer=layer, slot_ids=slot_ids.astype(np.int32, copy=False),
+                         cpu_mask=cpu_mask, fetches=tuple(fetches), cpu_experts=cpu,
+                         device_experts=tuple(sorted(device)))
+
+    def _on_demand(self, layer: int, counts: np.ndarray, loading: list[int], absent: list[int]
+                   ) -> tuple[list[int], list[int]]:
+        """Fetch every miss while slots can be freed; the overflow (fewest tokens) stays on CPU."""
+        table = self.tables[layer]
+        room = table.num_evictable(self._scores(layer))
+        by_tokens = sorted(absent, key=lambda e: (-int(counts[e]), e))
+        return list(loading), by_tokens[:room]
+
+    def _balance(self, layer: int, counts: np.ndarray, ready: list[int], loading: list[int],
+                 absent: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """Ask the balancer which misses to fetch (or wait for) and which to run on the CPU."""
+        from moespac_vllm.balancer import BalanceProblem
+
+        table = self.tables[layer]
+        experts = ready + loading + absent
+        tokens = np.array([int(counts[e]) for e in experts], dtype=np.int64)
+        resident = np.array([True] * len(ready) + [False] * (len(loading) + len(absent)))
+        # a LOADING miss already owns its slot, so it needs no free one; the balancer's slot budget
+        # is the free + evictable slots plus those.
+        free = table.num_evictable(self._scores(layer)) + len(loading)
+        problem = BalanceProblem(tokens=tokens, resident=resident, free_slots=free,
+                                 costs=self.costs, hidden_fetch_ms=0.0)
+        placement = self.balancer.solve(problem)
+        wait, fetch, to_cpu = [], [], []
+        for i, e in enumerate(experts):
+            if i < len(ready):
+                if placement.on_cpu[i]:
+                    to_cpu.append(e)
+            elif placement.fetch[i]:
+                (wait if i < len(ready) + len(loading) else fetch).append(e)
+        return wait, fetch, to_cpu
+
+    def _admit(self, layer: int, expert: int, demand: bool, threshold: float | None = None
+               ) -> int:
+        table = self.tables[layer]
+        slot, evicted = table.admit(expert, self._scores(layer), threshold,
+                                    self._belady_key(layer))
+        if evicted >= 0 and evicted in self._prefetched[layer]:
+            self._prefetched[layer].discard(evicted)
+            self._c["prefetch_wasted"] += 1
+        if not demand:
+            self._prefetched[layer].add(expert)
+            self._c["prefetch_issued"] += 1
+        return slot
+
+    def finish_layer(self, layer: int, topk_ids: np.ndarray) -> None:
+        ids = np.asarray(topk_ids)
+        E = self.dims.num_experts
+        counts = np.bincount(ids.ravel(), minlength=E) if ids.size else np.zeros(E, np.int64)
+        table = self.tables[layer]
+        for e in self._pending[layer]:
+            if table.is_loading(e) and self.mover.is_ready(layer, table.slot_of(e)):
+                table.mark_ready(e)
+        for e in self._pinned[layer]:
+            table.unpin(e)
+        self._pinned[layer] = []
+        self._pending[layer] = []
+        self._tick += 1
+        for e in np.flatnonzero(counts):
+            table.touch(int(e), self._tick)
+        if not self._decoding():
+            return
+        self._last_counts[layer] = counts
+        n_tokens = int(ids.shape[0]) if ids.ndim == 2 else 1
+        if self.estimator is not None:
+            self.estimator.observe(layer, counts.astype(np.int64), num_tokens=max(1, n_tokens))
+        if self.policy is Policy.HYBRIMOE:
+            self._score[layer] = HYBRIMOE_DECAY * self._score[layer] + (counts > 0)
+        elif self.policy is Policy.STATIC:
+            self._score[layer] += counts
+        if self.policy is Policy.SPAC_FAITHFUL and self.config.prefetch:
+            self._faithful_prefetch(layer)
+
+    def _faithful_prefetch(self, layer: int) -> None:
+        """Reference code: enqueue level >= 1 experts; pop highest level first; a victim must score
+        below the threshold (1), so residents with level >= 1 are never displaced."""
+        levels = self.estimator.levels[layer]
+        table = self.tables[layer]
+        order = sorted((int(-levels[e]), int(e)) for e in np.flatnonzero(levels >= 1))
+        for _, e in order:
+            if table.slot_of(e) >= 0:
+                continue
+            if not table.can_admit(levels, FAITHFUL_THRESHOLD):
+                break
+            slot = self._admit(layer, e, demand=False, threshold=FAITHFUL_THRESHOLD)
+            self.mover.load(layer, e, slot)
+
+    def observe_draft(self, layer: int, signal: np.ndarray) -> None:
+        """Draft-phase routing of `layer` for the coming window: router logits [W, E] (float) or
+        top-k ids [W, K] (int). Moves provisional levels; `spac` prefetches the newly hot experts."""
+        if self.estimator is None:
+            return
+        from moespac_vllm.estimator import counts_from_router_logits, counts_from_topk
+
+        x = np.asarray(signal)
+        if x.ndim != 2:
+            raise ValueError(f"signal: expected [W, E] logits or [W, K] ids, got {x.shape}")
+        if x.dtype.kind == "f":
+            counts = counts_from_router_logits(x, self.dims.top_k)
+        else:
+            counts = counts_from_topk(x, self.dims.num_experts)
+        if not self.estimator.observe_draft(layer, counts, num_tokens=max(1, x.shape[0])):
+            return
+        if self.policy is Policy.SPAC and self.config.prefetch:
+            self._prefetch_layer(layer, self.estimator.predicted_levels(layer), counts)
+
+    def end_step(self, num_accepted: int) -> None:
+        if isinstance(num_accepted, bool) or not isinstance(num_accepted, (int, np.integer)) \
+                or num_accepted < 0:
+            raise ValueError(f"num_accepted: must be a non-negative integer, got {num_accepted!r}")
+        if not self._decoding():
+            return
+        ctx = self._ctx
+        requests = len(ctx.tokens_per_request) if ctx and ctx.tokens_per_request else 1
+        self._c["steps"] += 1
+        if ctx is not None and ctx.phase is Phase.VERIFY:
+            self._c["tokens"] += int(num_accepted) + requests
+        else:
+            self._c["tokens"] += requests
+        if not self.config.prefetch:
+            return
+        L = self.dims.num_layers
+        if self.policy is Policy.SPAC:
+            for layer in range(L):
+                self._prefetch_layer(layer, self.estimator.levels[layer],
+                                     self._last_counts[layer])
+        elif self.policy is Policy.HYBRIMOE:
+            for layer in range(L):
+                self._prefetch_layer(layer, self._score[layer], self._last_counts[layer])
+        elif self.policy is Policy.ORACLE:
+            self._oracle_prefetch()
+        elif self.policy is Policy.STATIC and self._c["steps"] <= STATIC_WARMUP_STEPS:
+            for layer in range(L):
+                self._static_place(layer)
+
+    def _prefetch_layer(self, layer: int, score: np.ndarray, tiebreak: np.ndarray) -> None:
+        """Bring the S best-scored experts of `layer` on the device; a newcomer displaces only a
+        resident of strictly lower score."""
+        table = self.tables[layer]
+        candidates = np.flatnonzero(score > 0)
+        if candidates.size == 0:
+            return
+        order = sorted(candidates.tolist(), key=lambda e: (-score[e], -tiebreak[e], e))
+        for e in order[: self.num_slots]:
+            if table.slot_of(e) >= 0:
+                continue
+            if not table.can_admit(score, threshold=score[e]):
+                break
+            slot = self._admit(layer, e, demand=False, threshold=score[e])
+            self.mover.load(layer, e, slot)
+
+    def _oracle_prefetch(self) -> None:
+        nxt = self._step + 1
+        if nxt >= self._future.shape[0]:
+            return
+        for layer in range(self.dims.num_layers):
+            need = self._future[nxt, layer]
+            table = self.tables[layer]
+            order = sorted(np.flatnonzero(need).tolist(), key=lambda e: (-need[e], e))
+            key = self._next_use[nxt, layer]
+            for e in order[: self.num_slots]:
+                if table.slot_of(e) >= 0:
+                    continue
+                victim = table.victim(next_use=key)
+                if table.num_free == 0 and (victim < 0 or key[victim] <= nxt):
+                    break  # every evictable resident is also needed next step
+                slot, evicted = table.admit(e, next_use=key)
+                if evicted >= 0 and evicted in self._prefetched[layer]:
+                    self._prefetched[layer].discard(evicted)
+                    self._c["prefetch_wasted"] += 1
+                self._prefetched[layer].add(e)
+                self._c["prefetch_issued"] += 1
+                self.mover.load(layer, e, slot)
+
+    def _static_place(self, layer: int) -> None:
+        """`static`: the S most frequently routed experts so far; frozen after the warm-up."""
+        table = self.tables[layer]
+        freq = self._score[layer]
+        hot = sorted(np.flatnonzero(freq > 0).tolist(), key=lambda e: (-freq[e], e))
+        hot = hot[: self.num_slots]
+        hot_set = set(hot)
+        for e in table.residents():
+            if e not in hot_set and not table.is_pinned(e):
+                if table.is_loading(e):
+                    self.mover.cancel(layer, table.slot_of(e))
+                table.evict(e)
+                self._prefetched[layer].discard(e)
+        for e in hot:
+            if table.slot_of(e) < 0:
+                slot = self._admit(layer, e, demand=False)
+                self.mover.load(layer, e, slot)
+
+    # ---- statistics --------------------------------------------------------------------------
+    def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0, gpu_ms: float = 0.0
+                      ) -> None:
+        """The caller (simulator or offloaded layer) reports the time one layer spent."""
+        self._stall_ms += float(stall_ms)
+        self._cpu_ms += float(cpu_ms)
+        self._gpu_ms += float(gpu_ms)
+
+    def stats(self) -> EngineStats:
+        c = self._c
+        return EngineStats(
+            steps=c["steps"], tokens=c["tokens"], hits=c["hits"], misses=c["misses"],
+            fetched_experts=c["fetched_experts"], device_experts=c["device_experts"],
+            cpu_experts=c["cpu_experts"], prefetch_issued=c["prefetch_issued"],
+            prefetch_used=c["prefetch_used"], prefetch_wasted=c["prefetch_wasted"],
+            prefetch_late=c["prefetch_late"],
+            h2d_bytes=int(getattr(self.mover, "bytes_moved", 0)),
+            stall_ms=self._stall_ms, cpu_ms=self._cpu_ms, gpu_ms=self._gpu_ms,
+        )
+
+
+__all__ = ["AUTOREGRESSIVE_POLICIES", "Clock", "ExpertEngine", "LayerPlan"]

@@ -1,0 +1,100 @@
+"""Engine statistics: one value type, a vLLM-style log line, and a JSON-lines writer.
+
+Counting units (all cumulative since the engine started):
+- hits / misses: routed (layer, expert) pairs of a decode/verify forward whose expert was / was not
+  READY in a device slot when `plan_layer` ran (an expert counts once per layer per forward, however
+  many tokens route to it).
+- fetched_experts: on-demand copies issued by `plan_layer`; device_experts / cpu_experts: routed
+  (layer, expert) pairs computed on each side.
+- prefetch_issued: copies issued ahead of need (between steps or at layer end). A prefetched copy
+  is `used` when its expert is routed at that layer before it is evicted, `wasted` when it is
+  evicted (or cancelled) unused. precision = used / (used + wasted); recall = used / (used +
+  misses), i.e. the share of the demand not already resident that prefetching covered.
+- h2d_bytes: host->device bytes (mover); stall_ms: time the device branch waited on copies;
+  cpu_ms / gpu_ms: modelled (simulator) or measured busy time of each branch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0  # tokens emitted (accepted + 1 per speculative step)
+    hits: int = 0
+    misses: int = 0
+    fetched_experts: int = 0
+    device_experts: int = 0
+    cpu_experts: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    prefetch_late: int = 0  # used, but still loading when its layer started (also a miss)
+    h2d_bytes: int = 0
+    stall_ms: float = 0.0
+    cpu_ms: float = 0.0
+    gpu_ms: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        n = self.prefetch_used + self.prefetch_wasted
+        return self.prefetch_used / n if n else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        n = self.prefetch_used + self.misses - self.prefetch_late
+        return self.prefetch_used / n if n else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hit_rate"] = self.hit_rate
+        d["prefetch_precision"] = self.prefetch_precision
+        d["prefetch_recall"] = self.prefetch_recall
+        return d
+
+
+def format_log_line(s: EngineStats) -> str:
+    """One line in the style of vLLM's periodic metrics log."""
+    return (
+        f"MoE-SpAc: steps: {s.steps}, expert hit rate: {100 * s.hit_rate:.1f}%, "
+        f"prefetch precision: {100 * s.prefetch_precision:.1f}%, "
+        f"prefetch recall: {100 * s.prefetch_recall:.1f}%, "
+        f"experts device/CPU: {s.device_experts}/{s.cpu_experts}, "
+        f"fetched: {s.fetched_experts}, H2D: {s.h2d_bytes / 1e9:.2f} GB, "
+        f"stall: {s.stall_ms:.1f} ms, CPU: {s.cpu_ms:.1f} ms"
+    )
+
+
+class StatsWriter:
+    """Appends one JSON object per call to a JSON-lines file (or an open text stream)."""
+
+    def __init__(self, target: str | Path | TextIO) -> None:
+        if isinstance(target, (str, Path)):
+            if not str(target).strip():
+                raise ValueError("stats_file: must be a non-empty path")
+            self._stream: TextIO = open(target, "a", encoding="utf-8")  # noqa: SIM115
+            self._owned = True
+        else:
+            self._stream = target
+            self._owned = False
+
+    def write(self, stats: EngineStats, **extra: Any) -> None:
+        record = {**extra, **stats.as_dict()}
+        self._stream.write(json.dumps(record, sort_keys=True) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
+
+
+__all__ = ["EngineStats", "StatsWriter", "format_log_line"]

@@ -1,0 +1,175 @@
+"""ExpertEngine: the policy side, driven exactly as engine.py's contract says (pure, CPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moespac_vllm.config import MoESpacConfig, Policy
+from moespac_vllm.cost_model import ExpertCosts
+from moespac_vllm.engine import ExpertEngine
+from moespac_vllm.simulate import SimClock, SimMover
+from moespac_vllm.step_context import Phase, StepContext
+from moespac_vllm.trace import ModelDims
+
+DIMS = ModelDims(num_layers=3, num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
+COSTS = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.01, cpu_fixed_ms=1.0,
+                    cpu_per_token_ms=0.1, fetch_ms=2.0)
+
+
+def _engine(policy: Policy, ratio: float = 0.25, fetch_ms: float = 0.0, future=None,
+            **flat) -> tuple[ExpertEngine, SimClock, SimMover]:
+    clock = SimClock()
+    mover = SimMover(clock, fetch_ms, DIMS.expert_bytes)
+    cfg = MoESpacConfig().replace(policy=policy.value, cache_ratio=ratio, **flat)
+    return ExpertEngine(cfg, DIMS, COSTS, mover, clock, future_counts=future), clock, mover
+
+
+def _routing(rng: np.random.Generator, steps: int, tokens: int) -> np.ndarray:
+    """[steps, tokens, L, K] distinct top-k ids, skewed towards low expert ids."""
+    p = np.arange(DIMS.num_experts, 0, -1, dtype=float)
+    p /= p.sum()
+    out = np.empty((steps, tokens, DIMS.num_layers, DIMS.top_k), dtype=np.int64)
+    for idx in np.ndindex(steps, tokens, DIMS.num_layers):
+        out[idx] = rng.choice(DIMS.num_experts, DIMS.top_k, replace=False, p=p)
+    return out
+
+
+def _check_plan(engine: ExpertEngine, layer: int, ids: np.ndarray, plan) -> None:
+    """Every routed pair exactly once: device xor CPU; a device pair reads its own expert."""
+    assert plan.slot_ids.shape == ids.shape
+    assert np.array_equal(plan.cpu_mask, plan.slot_ids < 0)
+    table = engine.tables[layer]
+    for (t, k), slot in np.ndenumerate(plan.slot_ids):
+        if slot >= 0:
+            assert table.expert_in(int(slot)) == ids[t, k]
+    routed = set(np.unique(ids).tolist())
+    assert set(plan.device_experts) | set(plan.cpu_experts) == routed
+    assert not set(plan.device_experts) & set(plan.cpu_experts)
+    assert len(table.residents()) <= engine.num_slots
+
+
+def _drive(engine: ExpertEngine, routing: np.ndarray, speculative: bool, clock=None,
+           check=True) -> None:
+    for s, window in enumerate(routing):
+        phase = Phase.VERIFY if speculative else Phase.DECODE
+        engine.begin_step(StepContext(step=s, phase=phase, num_tokens=window.shape[0],
+                                      num_draft_tokens=window.shape[0] - 1 if speculative else 0))
+        for layer in range(DIMS.num_layers):
+            ids = window[:, layer, :]
+            plan = engine.plan_layer(layer, ids)
+            if check:
+                _check_plan(engine, layer, ids, plan)
+            if clock is not None:
+                clock.t_ms += 10.0  # copies issued so far land
+            engine.finish_layer(layer, ids)
+        engine.end_step(max(0, window.shape[0] - 2) if speculative else 0)
+
+
+NO_BALANCER = [Policy.LRU, Policy.SD_LRU, Policy.LFU, Policy.STATIC, Policy.SPAC_FAITHFUL]
+
+
+@pytest.mark.parametrize("policy", [Policy.LRU, Policy.SD_LRU, Policy.LFU, Policy.STATIC])
+def test_full_cache_hits_everything_after_warm_up(policy):
+    engine, clock, mover = _engine(policy, ratio=1.0)
+    rng = np.random.default_rng(0)
+    routing = _routing(rng, 40, 3)
+    _drive(engine, routing, speculative=True, clock=clock)
+    warm = engine.stats()
+    bytes_after_warmup = mover.bytes_moved
+    _drive(engine, routing, speculative=True, clock=clock)
+    after = engine.stats()
+    assert after.misses == warm.misses and after.hits > warm.hits
+    assert mover.bytes_moved == bytes_after_warmup
+    assert after.cpu_experts == warm.cpu_experts
+
+
+def test_on_demand_policies_never_use_the_cpu_while_slots_suffice():
+    engine, _, _ = _engine(Policy.LRU, ratio=0.25)  # 2 slots, top-2, one token: always fits
+    rng = np.random.default_rng(1)
+    _drive(engine, _routing(rng, 30, 1), speculative=False)
+    s = engine.stats()
+    assert s.cpu_experts == 0 and s.fetched_experts == s.misses > 0
+
+
+def test_faithful_never_fetches_on_demand():
+    engine, clock, _ = _engine(Policy.SPAC_FAITHFUL, ratio=0.5)
+    rng = np.random.default_rng(2)
+    for s, window in enumerate(_routing(rng, 30, 9)):
+        engine.begin_step(StepContext(step=s, phase=Phase.VERIFY, num_tokens=9,
+                                      num_draft_tokens=8))
+        for layer in range(DIMS.num_layers):
+            plan = engine.plan_layer(layer, window[:, layer, :])
+            assert plan.fetches == ()
+            engine.finish_layer(layer, window[:, layer, :])
+        engine.end_step(3)
+        clock.t_ms += 100.0
+    st_ = engine.stats()
+    # the skewed routing makes expert 0 hot (>= 5 of 9 tokens): it gets prefetched and used
+    assert st_.prefetch_issued > 0 and st_.prefetch_used > 0 and st_.fetched_experts == 0
+
+
+def test_faithful_protects_residents_with_level_at_least_one():
+    engine, clock, _ = _engine(Policy.SPAC_FAITHFUL, ratio=0.125)  # one slot
+    hot = np.array([[0, 1]] * 9)
+    for s in range(3):
+        engine.begin_step(StepContext(step=s, phase=Phase.VERIFY, num_tokens=9))
+        for layer in range(DIMS.num_layers):
+            engine.plan_layer(layer, hot)
+            engine.finish_layer(layer, hot)
+        engine.end_step(8)
+        clock.t_ms += 100.0
+    held = engine.tables[0].residents()
+    assert held and held[0] in (0, 1)
+    cold = np.array([[4, 5]] * 9)  # 9 tokens on 4: its level rises, but the resident is protected
+    engine.begin_step(StepContext(step=3, phase=Phase.VERIFY, num_tokens=9))
+    engine.plan_layer(0, cold)
+    engine.finish_layer(0, cold)
+    assert engine.tables[0].residents() == held
+
+
+def test_static_freezes_after_warm_up():
+    engine, clock, mover = _engine(Policy.STATIC, ratio=0.25)
+    rng = np.random.default_rng(3)
+    _drive(engine, _routing(rng, 20, 1), speculative=False, clock=clock)
+    frozen = [sorted(t.residents()) for t in engine.tables]
+    loads = mover.loads
+    _drive(engine, _routing(rng, 20, 1)[:, :, :, ::-1], speculative=False, clock=clock)
+    assert [sorted(t.residents()) for t in engine.tables] == frozen
+    assert mover.loads == loads
+    assert engine.stats().fetched_experts == 0
+
+
+def test_oracle_needs_the_future():
+    with pytest.raises(ValueError, match="future_counts"):
+        _engine(Policy.ORACLE)
+
+
+def test_bad_routing_names_the_argument():
+    engine, _, _ = _engine(Policy.LRU)
+    engine.begin_step(StepContext(step=0, phase=Phase.DECODE, num_tokens=1))
+    with pytest.raises(ValueError, match="topk_ids"):
+        engine.plan_layer(0, np.array([[0, 9]]))
+    with pytest.raises(ValueError, match="topk_ids"):
+        engine.plan_layer(0, np.array([0, 1]))
+    with pytest.raises(ValueError, match="num_accepted"):
+        engine.end_step(-1)
+
+
+def test_num_slots_out_of_range_names_the_field():
+    clock = SimClock()
+    with pytest.raises(ValueError, match="num_slots"):
+        ExpertEngine(MoESpacConfig().replace(policy="lru"), DIMS, COSTS,
+                     SimMover(clock, 1.0, 1), clock, num_slots=9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(NO_BALANCER), st.sampled_from([0.125, 0.25, 0.5]),
+       st.integers(1, 9), st.integers(0, 2**31 - 1), st.floats(0.0, 30.0))
+def test_every_pair_once_and_budget_never_exceeded(policy, ratio, tokens, seed, fetch_ms):
+    engine, clock, _ = _engine(policy, ratio=ratio, fetch_ms=fetch_ms)
+    rng = np.random.default_rng(seed)
+    _drive(engine, _routing(rng, 6, tokens), speculative=policy is not Policy.LRU, clock=clock)
+    s = engine.stats()
+    assert s.hits + s.misses == s.device_experts + s.cpu_experts
