@@ -44,6 +44,53 @@ logger = logging.getLogger(__name__)
 
 
 # ---- the expert arithmetic (reference) ----------------------------------------------------------
+# Above this many fp32 elements in the [T, K, H] per-pair buffer, tokens are processed in chunks.
+PAIR_BUFFER_MAX_ELEMS = 1 << 24
+
+
+def pair_outputs(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Per routed pair: weights[t,k] * w2[i] @ (silu(g) * u), (g, u) = w13[i] @ hidden[t], i =
+    ids[t,k]. Returns fp32 [T,K,H], zero where ids < 0.
+
+    hidden [T,H]; w13 [N,2I,H]; w2 [N,H,I]; ids [T,K] index the first dim of w13/w2 (slots or
+    experts). One dense pass per distinct id over the tokens routed to it; the SiLU*up intermediate
+    is rounded to the activation dtype as vLLM's kernels and `kernels.fused_experts_reference` do.
+    An expert's pairs are computed in one batch whichever side runs it, so a pair's value does not
+    depend on the placement: adding the device and CPU pair buffers (one of them holds an exact 0
+    at every pair) and then summing k = 0..K-1 in order gives bit-identical outputs for every plan.
+    """
+    T, H = hidden.shape
+    K = ids.shape[1]
+    out = torch.zeros(T, K, H, dtype=torch.float32, device=hidden.device)
+    if T == 0:
+        return out
+    ids_l = ids.long()
+    inter = w13.shape[1] // 2
+    for e in torch.unique(ids_l).tolist():
+        if e < 0:
+            continue
+        tok, kk = torch.nonzero(ids_l == e, as_tuple=True)
+        gu = hidden[tok].float() @ w13[e].float().t()  # [n, 2I]
+        act = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(hidden.dtype)
+        y = act.float() @ w2[e].float().t()  # [n, H]
+        out[tok, kk] = y * weights[tok, kk].float().unsqueeze(1)
+    return out
+
+
+def sum_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """[T,K,H] -> [T,H], adding k = 0..K-1 in order (torch's sum(dim) may reorder)."""
+    out = pairs[:, 0].clone()
+    for k in range(1, pairs.shape[1]):
+        out += pairs[:, k]
+    return out
+
+
 def experts_reference(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -51,36 +98,21 @@ def experts_reference(
     ids: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """sum_k weights[t,k] * w2[ids[t,k]] @ (silu(g) * u), (g, u) = w13[ids[t,k]] @ hidden[t].
-
-    hidden [T,H]; w13 [N,2I,H]; w2 [N,H,I]; ids [T,K] indexing the first dim of w13/w2 (slots or
-    experts), ids < 0 skipped; weights [T,K]. Returns fp32 [T,H]: the caller casts once, after the
-    device and CPU partial sums are added. Same signature as `kernels.fused_experts_reference`
-    (which additionally casts); kept here so the layer runs before/without the kernels package.
-    """
-    T, H = hidden.shape
-    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
-    if T == 0:
-        return out
-    x = hidden.float()
-    ids_l = ids.long()
-    inter = w13.shape[1] // 2
-    for e in torch.unique(ids_l).tolist():
-        if e < 0:
-            continue
-        tok, kk = torch.nonzero(ids_l == e, as_tuple=True)
-        gu = x[tok] @ w13[e].float().t()  # [n, 2I]
-        act = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
-        y = act @ w2[e].float().t()  # [n, H]
-        out.index_add_(0, tok, y * weights[tok, kk].float().unsqueeze(1))
-    return out
+    """sum over k (in order) of `pair_outputs`: fp32 [T,H]. Same signature and arithmetic as
+    `kernels.fused_experts_reference`, without its final cast: the caller casts once."""
+    return sum_pairs(pair_outputs(hidden, w13, w2, ids, weights))
 
 
-def _resolve_device_kernel() -> Callable[..., torch.Tensor]:
-    """The slot-cache kernel of the kernels issue when it is importable and runnable here, else the
-    reference. Triton needs a GPU (or TRITON_INTERPRET, far too slow to serve), so on CPU tensors
-    the reference is the fast path."""
-    return experts_reference
+def _device_kernel(hidden: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The kernels issue's Triton slot-cache kernel on CUDA tensors; None elsewhere (then the
+    per-pair reference runs, which is also what makes CPU results placement-invariant)."""
+    if not hidden.is_cuda:
+        return None
+    try:
+        from moespac_vllm.kernels.fused_experts import fused_experts
+    except ImportError:
+        return None
+    return fused_experts
 
 
 # ---- host store and device slots ----------------------------------------------------------------
@@ -215,37 +247,36 @@ class LayerEngine(Protocol):
 
 
 class CpuExperts(Protocol):
-    """The CPU expert path: `submit(...)` starts the work and returns a Future of the fp32 [T,H]
-    partial sum, so it overlaps the device kernel."""
+    """The CPU expert path: `submit(...)` starts the work and returns a Future of the fp32
+    [T,K,H] per-pair outputs (`pair_outputs`), so it overlaps the device kernel."""
 
     def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                ids: torch.Tensor, weights: torch.Tensor) -> Future: ...
 
 
 class ThreadCpuExperts:
-    """CPU experts on one background thread running `experts_reference` over host weights. torch's
-    own intra-op threads do the math; the thread only buys overlap with the device kernel."""
+    """CPU experts on one background thread running `pair_outputs` over host weights. torch's own
+    intra-op threads do the math; the thread only buys overlap with a device kernel (a GPU)."""
 
-    def __init__(self, num_threads: int | None = None) -> None:
+    def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespac-cpu-experts")
-        self.num_threads = num_threads
 
     def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                ids: torch.Tensor, weights: torch.Tensor) -> Future:
-        return self._pool.submit(experts_reference, hidden, w13, w2, ids, weights)
+        return self._pool.submit(pair_outputs, hidden, w13, w2, ids, weights)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
 
 class InlineCpuExperts:
-    """CPU experts computed in the caller's thread (a completed Future). On a CPU-only machine the
-    "device" is the same cores, so a second thread buys nothing and only adds contention."""
+    """CPU experts computed in the caller's thread (an already-completed Future). When the
+    "device" is the CPU itself, a second thread buys nothing and only adds contention."""
 
     def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                ids: torch.Tensor, weights: torch.Tensor) -> Future:
         fut: Future = Future()
-        fut.set_result(experts_reference(hidden, w13, w2, ids, weights))
+        fut.set_result(pair_outputs(hidden, w13, w2, ids, weights))
         return fut
 
 
@@ -287,7 +318,7 @@ class OffloadedExperts:
         self.slots = slots
         self.mover = mover
         self.cpu_experts = cpu_experts if cpu_experts is not None else InlineCpuExperts()
-        self.device_kernel = device_kernel if device_kernel is not None else _resolve_device_kernel()
+        self.device_kernel = device_kernel  # None: per-pair reference / Triton on CUDA
         self.counters = LayerCounters()
         self.last_plan: LayerPlan | None = None
 
@@ -307,20 +338,14 @@ class OffloadedExperts:
         for _, slot in plan.fetches:
             self.mover.wait(self.layer, slot)
 
-        cpu_future: Future | None = None
-        if plan.cpu_experts:
-            cpu_ids = torch.from_numpy(np.where(plan.cpu_mask, ids_np, -1))
-            cpu_future = self.cpu_experts.submit(
-                hidden.detach().to("cpu"), self.store.w13(self.layer), self.store.w2(self.layer),
-                cpu_ids, topk_weights.detach().to("cpu"))
-        if plan.device_experts:
-            slot_ids = torch.from_numpy(plan.slot_ids.astype(np.int64)).to(self.device)
-            out = self.device_kernel(hidden, self.slots.w13(self.layer), self.slots.w2(self.layer),
-                                     slot_ids, topk_weights).float()
-        else:
-            out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        if cpu_future is not None:
-            out = out + cpu_future.result().to(out.device)
+        T, K = ids_np.shape
+        step = max(1, PAIR_BUFFER_MAX_ELEMS // max(1, K * hidden.shape[1]))
+        if T <= step:
+            out = self._compute(hidden, topk_weights, ids_np, plan)
+        else:  # bound the [T,K,H] pair buffers; both placements chunk alike
+            out = torch.cat([self._compute(hidden[i:i + step], topk_weights[i:i + step],
+                                           ids_np[i:i + step], plan, rows=slice(i, i + step))
+                             for i in range(0, T, step)])
         self.engine.finish_layer(self.layer, ids_np)
 
         c = self.counters
@@ -334,6 +359,31 @@ class OffloadedExperts:
         return out.to(hidden.dtype)
 
     __call__ = forward
+
+    def _compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, ids_np: np.ndarray,
+                 plan: LayerPlan, rows: slice = slice(None)) -> torch.Tensor:
+        """fp32 [T,H] for one block of tokens: CPU pairs submitted first (they overlap the device
+        branch), device pairs from the slot cache, then one in-order sum over k."""
+        cpu_mask = plan.cpu_mask[rows]
+        slot_ids = plan.slot_ids[rows]
+        cpu_future: Future | None = None
+        if cpu_mask.any():
+            cpu_ids = torch.from_numpy(np.where(cpu_mask, ids_np, -1))
+            cpu_future = self.cpu_experts.submit(
+                hidden.detach().to("cpu"), self.store.w13(self.layer), self.store.w2(self.layer),
+                cpu_ids, topk_weights.detach().to("cpu"))
+        dev_ids = torch.from_numpy(slot_ids.astype(np.int64)).to(self.device)
+        kernel = self.device_kernel if self.device_kernel is not None else _device_kernel(hidden)
+        w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
+        if kernel is not None:  # a fused kernel returns the k-summed [T,H]
+            out = kernel(hidden, w13, w2, dev_ids, topk_weights).float()
+            if cpu_future is not None:
+                out = out + sum_pairs(cpu_future.result()).to(out.device)
+            return out
+        pairs = pair_outputs(hidden, w13, w2, dev_ids, topk_weights)
+        if cpu_future is not None:
+            pairs = pairs + cpu_future.result().to(pairs.device)
+        return sum_pairs(pairs)
 
     def _check_plan(self, plan: LayerPlan, ids: np.ndarray) -> None:
         """The engine contract, checked cheaply on every forward: a broken plan would silently
@@ -366,5 +416,7 @@ __all__ = [
     "StoreCopyMover",
     "ThreadCpuExperts",
     "experts_reference",
+    "pair_outputs",
+    "sum_pairs",
     "slots_for",
 ]

@@ -129,7 +129,7 @@ def test_reference_skips_negative_ids():
     torch.testing.assert_close(got[:1], only0)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     T=st.integers(1, 9),
     K=st.integers(1, 3),
@@ -137,7 +137,7 @@ def test_reference_skips_negative_ids():
     share=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
     seed=st.integers(0, 10_000),
 )
-def test_every_placement_computes_the_same_output(T, K, num_slots, share, seed):
+def test_every_placement_computes_bit_identical_outputs(T, K, num_slots, share, seed):
     E, H = 8, 32
     store, slots, mover, engine, mods = _layer(E=E, num_slots=num_slots, share=share, seed=seed)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed))
@@ -145,7 +145,7 @@ def test_every_placement_computes_the_same_output(T, K, num_slots, share, seed):
         ids, w = _routing(T, E, K, seed=seed * 7 + step)
         got = mods[0].forward(x, ids, w)
         want = experts_reference(x, store.w13(0), store.w2(0), ids, w)
-        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        assert torch.equal(got, want)  # bit-identical: placement changes where, never what
     plan = mods[0].last_plan
     assert plan is not None and not np.any(plan.cpu_mask & (plan.slot_ids >= 0))
 
@@ -241,3 +241,71 @@ def test_bad_inputs_name_the_field():
 @pytest.mark.parametrize("E,ratio,want", [(8, 0.25, 2), (8, 1.0, 8), (60, 0.17, 11), (4, 0.01, 1)])
 def test_slots_for(E, ratio, want):
     assert slots_for(E, ratio) == want
+
+
+def test_matches_the_kernels_reference():
+    from moespac_vllm.kernels.fused_experts import fused_experts_reference
+
+    w13, w2 = _weights(6, 32, 16, seed=3)
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(4))
+    ids, w = _routing(9, 6, 3, seed=5)
+    torch.testing.assert_close(experts_reference(x, w13, w2, ids, w),
+                               fused_experts_reference(x, w13, w2, ids, w), atol=1e-6, rtol=1e-6)
+
+
+def test_long_prefill_is_chunked_without_changing_the_result(monkeypatch):
+    import moespac_vllm.offload as offload
+
+    store, slots, mover, engine, mods = _layer(E=8, num_slots=2, share=0.5)
+    x = torch.randn(37, 32)
+    ids, w = _routing(37, 8, 2, seed=2)
+    monkeypatch.setattr(offload, "PAIR_BUFFER_MAX_ELEMS", 2 * 32 * 5)  # 5 tokens per chunk
+    got = mods[0].forward(x, ids, w)
+    torch.testing.assert_close(got, experts_reference(x, store.w13(0), store.w2(0), ids, w),
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["spac", "lru", "spac-faithful"])
+def test_real_engine_with_deferred_mover_matches_reference(policy):
+    """The core ExpertEngine and the kernels issue's SyncMover (deferred: copies land at wait)
+    drive the layer; outputs stay bit-identical to the all-experts reference."""
+    from moespac_vllm.config import MoESpacConfig
+    from moespac_vllm.cost_model import ExpertCosts
+    from moespac_vllm.engine import ExpertEngine
+    from moespac_vllm.mover import SyncMover
+    from moespac_vllm.step_context import Phase, StepContext
+    from moespac_vllm.trace import ModelDims
+
+    L, E, K, H, inter = 2, 8, 2, 32, 16
+    store = ExpertStore()
+    slots = SlotCache("cpu")
+    for layer in range(L):
+        store.add_layer(layer, *_weights(E, H, inter, seed=layer))
+        slots.add_layer(layer, 2, store.w13(layer), store.w2(layer))
+    mover = SyncMover(store, slots, deferred=True)
+    cfg = MoESpacConfig.from_mapping({"cache_ratio": 0.25, "policy": policy})
+    costs = ExpertCosts(gpu_fixed_ms=0.05, gpu_per_token_ms=0.01, cpu_fixed_ms=0.3,
+                        cpu_per_token_ms=0.1, fetch_ms=0.5)
+
+    class Clock:
+        def now_ms(self) -> float:
+            return 0.0
+
+    engine = ExpertEngine(cfg, ModelDims(L, E, K, H, inter, 4), costs, mover, Clock())
+    mods = [OffloadedExperts(store, engine, layer, "cpu", slots, mover) for layer in range(L)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        T = 8 if step == 0 else 4
+        engine.begin_step(StepContext(step, Phase.PREFILL if step == 0 else Phase.VERIFY, T,
+                                      (T,), 0 if step == 0 else 3))
+        x = torch.randn(T, H, generator=gen)
+        for layer in range(L):
+            ids, w = _routing(T, E, K, seed=100 * step + layer)
+            got = mods[layer].forward(x, ids, w)
+            assert torch.equal(got, experts_reference(x, store.w13(layer), store.w2(layer),
+                                                       ids, w))
+        engine.end_step(1 if step else 0)
+    s = engine.stats()
+    assert s.device_experts > 0 and s.cpu_experts + s.fetched_experts > 0
+    assert sum(m.counters.cpu_pairs for m in mods) + sum(m.counters.device_pairs for m in mods) \
+        == 8 * K * L + 11 * 4 * K * L
