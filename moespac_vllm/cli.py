@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 # name -> (help, add_arguments, run). Filled by the register_* functions below.
 _Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -33,26 +34,121 @@ def _no_args(parser: argparse.ArgumentParser) -> None:
 
 # ---- make-tiny-model (#2) -------------------------------------------------------------------
 def _make_tiny_model_args(p: argparse.ArgumentParser) -> None:
-    _no_args(p)
+    p.add_argument("dir", help="output directory (the target; drafts go in DIR/draft, "
+                   "DIR/moe-draft)")
+    p.add_argument("--arch", default="qwen3_moe", help="qwen3_moe | mixtral | olmoe")
+    p.add_argument("--draft", action="store_true", help="also build a small dense draft")
+    p.add_argument("--moe-draft", action="store_true",
+                   help="also build a 1-layer MoE draft with the target's expert count")
+    p.add_argument("--seed", type=int, default=0)
 
 
-_make_tiny_model = _not_yet("#2")
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from moespac_vllm.tiny_model import make_tiny_model
+
+    paths = make_tiny_model(args.dir, args.arch, draft=args.draft, moe_draft=args.moe_draft,
+                            seed=args.seed)
+    what = "built" if paths.built else "cached"
+    extra = "".join(f", {n} {p}" for n, p in (("draft", paths.draft),
+                                                ("moe-draft", paths.moe_draft)) if p)
+    print(f"moespac make-tiny-model: {what} {args.arch} at {paths.target}{extra}")
+    return 0
 
 
 # ---- generate (#2/#4) -----------------------------------------------------------------------
+DEFAULT_TINY_MODEL = ".models/tiny-qwen3-moe"
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    _no_args(p)
+    p.add_argument("--model", default=None,
+                   help=f"model dir (default: the built-in tiny model {DEFAULT_TINY_MODEL} with "
+                   "its draft, built if missing)")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", default=None, help="draft model dir: draft_model speculation")
+    spec.add_argument("--ngram", action="store_true", help="ngram speculation")
+    spec.add_argument("--no-spec", action="store_true",
+                      help="no speculative decoding (also for the default model)")
+    p.add_argument("--num-speculative-tokens", type=int, default=3)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompts", default=None, help="prompt file: text (one a line) or JSONL")
+    src.add_argument("--dataset", default=None,
+                     help="spec-bench | humaneval | gsm8k | alpaca | sharegpt (shared data)")
+    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moespac-config", default=None,
+                   help='JSON object of moespac keys, e.g. \'{"cache_ratio": 0.5}\' '
+                   "(passed as additional_config={\"moespac\": ...})")
+    p.add_argument("--no-plugin", action="store_true",
+                   help="run stock vLLM (VLLM_PLUGINS without moespac)")
+    p.add_argument("--json", action="store_true",
+                   help="also print one JSON line with the numbers, device and command")
 
 
-_generate = _not_yet("#2")
+def _parse_json_object(field_name: str, raw: str | None) -> dict:
+    import json
+
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{field_name}: not valid JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{field_name}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from moespac_vllm.config import MoESpacConfig
+    from moespac_vllm.patches import generate as gen
+
+    moespac = _parse_json_object("moespac_config", args.moespac_config)
+    MoESpacConfig.resolve({"moespac": moespac})  # bad keys/values fail here, before vLLM starts
+    model, draft = args.model, args.draft
+    if model is None:
+        from moespac_vllm.tiny_model import make_tiny_model
+
+        paths = make_tiny_model(DEFAULT_TINY_MODEL, "qwen3_moe", draft=True)
+        model = str(paths.target)
+        if draft is None and not args.ngram and not args.no_spec:
+            draft = str(paths.draft)
+    for name, path in (("model", model), ("draft", draft)):
+        if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+            raise ValueError(f"{name}: {path} is not a directory")
+    prompts = gen.load_prompts(args.prompts, args.dataset, args.num_prompts)
+    req = gen.GenerateRequest(
+        model=model, prompts=prompts, draft=draft, ngram=args.ngram,
+        num_speculative_tokens=args.num_speculative_tokens, max_tokens=args.max_tokens,
+        moespac=moespac, seed=args.seed, max_model_len=args.max_model_len,
+    )
+    # Before vLLM is imported: it reads VLLM_PLUGINS once, when it first loads plugins.
+    os.environ.update(gen.plugin_env(enabled=not args.no_plugin))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    res = gen.run_generate(req)
+    print(gen.format_report(req, res))
+    if args.json:
+        print(json.dumps(gen.result_record(req, res, command=sys.argv)))
+    return 0
 
 
 # ---- serve (#2/#4) --------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    _no_args(p)
+    p.add_argument("model", help="model dir or name")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                   help="any `vllm serve` arguments, passed through (e.g. --port 8000 "
+                   "--additional-config '{\"moespac\": {\"cache_ratio\": 0.5}}')")
 
 
-_serve = _not_yet("#2")
+def _serve(args: argparse.Namespace) -> int:
+    from moespac_vllm.patches.serve import serve
+
+    return serve(args.model, args.vllm_args)
 
 
 # ---- simulate (#3) --------------------------------------------------------------------------
@@ -129,8 +225,15 @@ def _commands() -> dict[str, _Command]:
     }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad command-line input is one line on stderr (and exit status 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moespac", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="moespac", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _) in _commands().items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))

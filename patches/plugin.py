@@ -1,0 +1,235 @@
+"""The vLLM general plugin: version gate, config, and the registration hooks of the offloaded layer.
+
+vLLM calls `moespac_vllm.register()` (entry point `vllm.general_plugins: moespac`) in every process
+it starts (API server, engine core, workers), possibly several times per process, whenever
+`VLLM_PLUGINS` is unset or names `moespac`. `register()` here is therefore:
+
+- idempotent: the first call decides, later calls return the same `PluginState`;
+- lazy: it imports only `vllm.version` and, once past the gate, the glue modules;
+- gated: vLLM versions outside VERIFIED_VLLM_VERSIONS leave the plugin inert with ONE warning, unless
+  `MOESPAC_ALLOW_UNVERIFIED_VLLM=1`;
+- observable: it logs "moespac: plugin loaded (vLLM x.y.z, cache_ratio ..., policy ...)" and
+  `state()` returns what happened (tests read it in a subprocess).
+
+Config at register time. vLLM does not hand general plugins its `VllmConfig` (load_general_plugins()
+takes no argument, and in the API-server process it runs while the CLI parser is being built, before
+any config exists). So `register()` resolves `MoESpacConfig` from `MOESPAC_*` env plus, when a
+`VllmConfig` is already current (worker processes during model construction), its
+`additional_config`. The offloaded layer must call `config_for(vllm_config)` when it is built: that
+merges `--additional-config '{"moespac": {...}}'` over the env, and is the config in force.
+
+The `--plugin moespac` flag: vLLM 0.32/0.33 has no such flag. But `AsyncEngineArgs.add_cli_args`
+(the serve parser of both `vllm serve` and `python -m vllm.entrypoints.openai.api_server`) calls
+load_general_plugins() *before* it adds the engine arguments "so plugins can update the parser"; we
+wrap `EngineArgs.add_cli_args` to add `--plugin {moespac}` there (LEDGER). Whether the plugin is loaded
+is still decided by vLLM's `VLLM_PLUGINS`; the flag only makes the design card's spelling parse.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from moespac_vllm.config import MoESpacConfig
+
+logger = logging.getLogger("moespac_vllm.plugin")
+
+VERIFIED_VLLM_VERSIONS = frozenset({"0.32.0", "0.33.0"})
+ALLOW_UNVERIFIED_ENV = "MOESPAC_ALLOW_UNVERIFIED_VLLM"
+LAYER_MODULE = "moespac_vllm.patches.routed_experts"
+PLUGIN_FLAG = "--plugin"
+PLUGIN_NAME = "moespac"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginState:
+    """What the first `register()` call in this process did."""
+
+    loaded: bool  # hooks installed and the config parsed
+    vllm_version: str
+    verified: bool  # vllm_version is in VERIFIED_VLLM_VERSIONS
+    inert_reason: str | None = None  # why not loaded
+    config: dict[str, Any] = field(default_factory=dict)  # MoESpacConfig.to_flat() at register
+    layer_installed: bool = False  # routed_experts.register(config) ran
+    cli_flag_installed: bool = False  # `--plugin moespac` is accepted by vLLM's serve parser
+
+    def summary(self) -> str:
+        """The one-line load message (also the demo's stats line until the layer reports)."""
+        if not self.loaded:
+            return f"moespac: plugin inert (vLLM {self.vllm_version}: {self.inert_reason})"
+        c = self.config
+        budget = (f"gpu_expert_budget_gb {c['gpu_expert_budget_gb']}"
+                  if c.get("gpu_expert_budget_gb") is not None
+                  else f"cache_ratio {c.get('cache_ratio') if c.get('cache_ratio') is not None else 'default 0.25'}")
+        layer = "offloaded layer installed" if self.layer_installed else \
+            "offloaded layer not installed yet"
+        return (f"moespac: plugin loaded (vLLM {self.vllm_version}, {budget}, policy "
+                f"{c.get('policy')}, balancer {c.get('balancer')}; {layer})")
+
+
+_lock = threading.Lock()
+_state: PluginState | None = None
+
+
+def state() -> PluginState | None:
+    """The state after register() in this process, or None if vLLM has not loaded the plugin."""
+    return _state
+
+
+def vllm_version() -> str:
+    from vllm.version import __version__
+
+    return str(__version__)
+
+
+def _allow_unverified(environ: Mapping[str, str]) -> bool:
+    return environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def config_for(vllm_config: Any | None = None,
+               environ: Mapping[str, str] | None = None) -> MoESpacConfig:
+    """The config in force for an engine: `MOESPAC_*` env merged under the engine's
+    `--additional-config '{"moespac": {...}}'`. With no argument, uses vLLM's current config if
+    one is set (model construction), else env only. Raises ValueError naming a bad field."""
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+    additional = getattr(vllm_config, "additional_config", None) if vllm_config else None
+    if additional is not None and not isinstance(additional, Mapping):
+        additional = None  # a SupportsHash object from another plugin: not ours to read
+    return MoESpacConfig.resolve(additional_config=additional, environ=environ)
+
+
+def register(environ: Mapping[str, str] | None = None) -> PluginState:
+    """vLLM's general-plugin hook (via `moespac_vllm.register`). See the module docstring."""
+    global _state
+    with _lock:
+        if _state is not None:
+            return _state
+        _state = _register(os.environ if environ is None else environ)
+        return _state
+
+
+def _register(environ: Mapping[str, str]) -> PluginState:
+    version = vllm_version()
+    verified = version in VERIFIED_VLLM_VERSIONS
+    if not verified and not _allow_unverified(environ):
+        reason = (f"unverified vLLM version; verified: {', '.join(sorted(VERIFIED_VLLM_VERSIONS))};"
+                  f" set {ALLOW_UNVERIFIED_ENV}=1 to try anyway")
+        logger.warning("moespac: plugin inert: vLLM %s is not a verified version (%s); set %s=1 "
+                       "to load it anyway", version, ", ".join(sorted(VERIFIED_VLLM_VERSIONS)),
+                       ALLOW_UNVERIFIED_ENV)
+        return PluginState(loaded=False, vllm_version=version, verified=False, inert_reason=reason)
+    if not verified:
+        logger.warning("moespac: loading on unverified vLLM %s because %s=1", version,
+                       ALLOW_UNVERIFIED_ENV)
+
+    _share_vllm_log_handlers()
+    # Bad config raises here, which stops vLLM with our one-line ValueError naming the field.
+    config = config_for(environ=environ)
+    flag = _install_plugin_flag()
+
+    # ---- the offloaded layer's registration hook (issue #4: patches/routed_experts.py) --------
+    layer_installed = False
+    try:
+        import importlib
+
+        routed_experts = importlib.import_module(LAYER_MODULE)
+    except ImportError as e:
+        if e.name != LAYER_MODULE:
+            raise  # the layer exists but something it imports is missing: that is a real error
+        logger.info("moespac: offloaded layer not installed yet (%s missing); plugin loaded "
+                    "without offloading", LAYER_MODULE)
+    else:
+        routed_experts.register(config)
+        layer_installed = True
+    # ---------------------------------------------------------------------------------------
+
+    st = PluginState(loaded=True, vllm_version=version, verified=verified,
+                     config=config.to_flat(), layer_installed=layer_installed,
+                     cli_flag_installed=flag)
+    logger.info("%s", st.summary())
+    return st
+
+
+def _share_vllm_log_handlers() -> None:
+    """Send `moespac_vllm.*` log records through vLLM's handlers (same format, same level), so the
+    load line and the layer's stats lines appear in vLLM's output. Skipped when vLLM's logging is
+    off (VLLM_CONFIGURE_LOGGING=0) or the application configured our logger itself."""
+    pkg = logging.getLogger("moespac_vllm")
+    vllm_logger = logging.getLogger("vllm")
+    if pkg.handlers or not vllm_logger.handlers:
+        return
+    for h in vllm_logger.handlers:
+        pkg.addHandler(h)
+    pkg.setLevel(vllm_logger.level)
+    pkg.propagate = False
+
+
+def stats_line(vllm_config: Any | None = None) -> str:
+    """The plugin's statistics line for this process: the offloaded layer's `stats_line()` when it
+    is installed and provides one, else the load summary with the config in force for
+    `vllm_config` (its --additional-config merged over the env)."""
+    st = _state
+    if st is None:
+        return "moespac: plugin not loaded in this process"
+    if st.layer_installed:
+        import importlib
+
+        layer = importlib.import_module(LAYER_MODULE)
+        fn = getattr(layer, "stats_line", None)
+        if callable(fn):
+            return str(fn())
+    if vllm_config is not None and st.loaded:
+        from dataclasses import replace
+
+        st = replace(st, config=config_for(vllm_config).to_flat())
+    return st.summary()
+
+
+# ---- `--plugin moespac` on vLLM's serve parser (LEDGER) ------------------------------------
+def _install_plugin_flag() -> bool:
+    """Wrap `EngineArgs.add_cli_args` so the serve parser accepts `--plugin moespac`.
+
+    Fails loudly (AttributeError/TypeError at load) if the upstream hook moved."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.__dict__["add_cli_args"]
+    if not isinstance(original, staticmethod):
+        raise TypeError("moespac: vllm EngineArgs.add_cli_args is no longer a staticmethod; "
+                        "update patches/plugin.py (_install_plugin_flag)")
+    func = original.__func__
+    if getattr(func, "_moespac_wrapped", False):
+        return True
+
+    def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
+        out = func(parser, *args, **kwargs)
+        target = out if out is not None else parser
+        if not any(PLUGIN_FLAG in a.option_strings for a in target._actions):
+            target.add_argument(
+                PLUGIN_FLAG, choices=[PLUGIN_NAME], default=None,
+                help="Accepted for the moespac design card's spelling `vllm serve MODEL "
+                "--plugin moespac`. moespac is loaded when VLLM_PLUGINS is unset or names it; "
+                "configure it with --additional-config '{\"moespac\": {...}}'.")
+        return out
+
+    add_cli_args._moespac_wrapped = True  # type: ignore[attr-defined]
+    add_cli_args.__wrapped__ = func  # type: ignore[attr-defined]
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+    return True
+
+
+__all__ = [
+    "ALLOW_UNVERIFIED_ENV",
+    "PluginState",
+    "VERIFIED_VLLM_VERSIONS",
+    "config_for",
+    "register",
+    "state",
+    "stats_line",
+    "vllm_version",
+]
