@@ -183,17 +183,10 @@ def _device_kernel(device: torch.device) -> tuple[Callable[..., torch.Tensor], s
 
 
 def _cpu_kernel() -> tuple[Callable[..., torch.Tensor], str]:
-    """The CPU path the layer runs: the kernels issue's CPU experts when present, else the
-    layer's reference over host weights."""
-    try:
-        from moespac_vllm.kernels import cpu_experts  # type: ignore[attr-defined]
-        fn = getattr(cpu_experts, "cpu_experts", None)
-        if fn is not None:
-            return fn, "kernels.cpu_experts.cpu_experts"
-    except ImportError:
-        pass
-    from moespac_vllm.offload import experts_reference
-    return experts_reference, "offload.experts_reference (torch, cpu)"
+    """The CPU path the layer runs (`offload.ThreadCpuExperts` / `InlineCpuExperts` call
+    `pair_outputs` over host weights)."""
+    from moespac_vllm.offload import pair_outputs
+    return pair_outputs, "offload.pair_outputs (torch, cpu)"
 
 
 def measure_copy(dims: ModelDims, device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
