@@ -1,0 +1,447 @@
+"""`fused_experts`: routed experts over the device's expert slot cache, one op, three faces.
+
+Shape legend: T tokens, K top-k, H hidden, I expert intermediate size, S expert slots, P = T*K
+(token, k) pairs.
+
+    fused_experts(hidden[T,H], w13[S,2I,H], w2[S,H,I], slot_ids[T,K], weights[T,K]) -> out[T,H]
+
+    out[t] = sum_k weights[t,k] * w2[s] @ (silu(w13[s,:I] @ h[t]) * (w13[s,I:] @ h[t])),
+             s = slot_ids[t,k], pairs with s < 0 skipped ("not on this device")
+
+The kernel never knows about offloading: the engine hands it the resident slot buffers plus expert
+ids already remapped to slots (the shape of vLLM PR #37190's weight provider). The CPU path
+(`cpu_experts.py`) computes the pairs that are negative here, and the caller adds both partials.
+
+Faces, one name everywhere:
+- `fused_experts_reference`: pure torch. The spec in tests and the CPU fallback.
+- the Triton kernels below (`_gate_up_kernel`, `_down_kernel`) with their launcher.
+- `benchmark(...)`: times one face at one shape (used by benchmarks/bench_fused_experts.py).
+`fused_experts(..., backend=AUTO)` runs Triton on CUDA tensors and the reference elsewhere;
+`backend=TRITON` on CPU tensors runs Triton's interpreter, which must have been switched on with
+`TRITON_INTERPRET=1` before this module was imported (Triton reads it when `@triton.jit` runs).
+
+Numerics contract (shared by every face and by `cpu_experts.py`):
+1. gate/up GEMMs take the inputs' dtype and accumulate in fp32; SiLU(gate)*up in fp32;
+2. the activation is rounded to the input dtype (as vLLM's fused_moe keeps its intermediate cache
+   in the activation dtype), then the down GEMM accumulates in fp32;
+3. each pair's fp32 output is scaled by its routing weight (in fp32);
+4. pairs are summed over k in fp32 in the order k = 0, 1, ..., K-1 (`_sum_over_topk`), and the sum
+   is rounded once to the input dtype.
+Faces differ only by the GEMMs' internal summation order (fp32 round-off).
+
+Kernel structure (the known-good one of vLLM's fused_moe, reduced to decode): the (token, k) pairs
+are sorted by slot and each slot's run padded to BLOCK_M (`_align_pairs_by_slot`, on the device,
+without a host sync, so it is CUDA-graph friendly); each program of `_gate_up_kernel` takes one
+BLOCK_M block (one slot) and BLOCK_N columns of both gate and up, gathers the block's token rows,
+and writes SiLU(gate)*up for its pairs; `_down_kernel` does the same for w2, scales by the routing
+weight and writes each pair's fp32 row; the reduction over k is one deterministic torch pass.
+Two pairs sharing a slot share its weight tiles; that is the point of the sort at T > 1.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+try:  # triton is a declared dependency, but keep the reference usable without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class Backend(str, Enum):
+    AUTO = "auto"  # Triton on CUDA tensors, else the reference
+    TRITON = "triton"  # Triton; on CPU tensors only under TRITON_INTERPRET=1
+    REFERENCE = "reference"  # pure torch
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Tile sizes of both kernels. BLOCK_M >= 16 (tl.dot's minimum)."""
+
+    block_m: int = 16
+    block_n_gate_up: int = 64
+    block_n_down: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n_gate_up", "block_n_down", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name}: must be a power of two >= 16, got {v!r}")
+        if not isinstance(self.num_warps, int) or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"num_stages: must be an int >= 1, got {self.num_stages!r}")
+
+
+# Decode defaults. BLOCK_N 32 on the gate/up side doubles the programs at T=1 (8 pairs -> 8 blocks
+# x I/32 columns); the down side has H >> I columns already.
+DEFAULT_CONFIG = KernelConfig(block_m=16, block_n_gate_up=32, block_n_down=64, block_k=128,
+                              num_warps=4, num_stages=3)
+INTERPRET_CONFIG = KernelConfig(block_m=16, block_n_gate_up=16, block_n_down=16, block_k=16,
+                                num_warps=1, num_stages=1)
+
+
+# ---- validation -----------------------------------------------------------------------------
+def _check_inputs(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[int, int, int, int, int]:
+    """Shapes/dtypes/devices; returns (T, H, I, S, K). Slot id values are checked on CPU only
+    (on CUDA that would cost a host sync per layer); on CUDA an id >= S is the caller's bug."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected [T, H], got shape {tuple(hidden.shape)}")
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"hidden: dtype must be bf16, fp16 or fp32, got {hidden.dtype}")
+    T, H = hidden.shape
+    if w13.dim() != 3 or w13.shape[2] != H or w13.shape[1] % 2:
+        raise ValueError(f"w13: expected [S, 2I, H={H}], got shape {tuple(w13.shape)}")
+    S, two_i, _ = w13.shape
+    I = two_i // 2
+    if w2.dim() != 3 or tuple(w2.shape) != (S, H, I):
+        raise ValueError(f"w2: expected [S={S}, H={H}, I={I}], got shape {tuple(w2.shape)}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from hidden's {hidden.dtype}")
+    if slot_ids.dim() != 2 or slot_ids.shape[0] != T:
+        raise ValueError(f"slot_ids: expected [T={T}, K], got shape {tuple(slot_ids.shape)}")
+    if slot_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8):
+        raise ValueError(f"slot_ids: expected an integer dtype, got {slot_ids.dtype}")
+    K = slot_ids.shape[1]
+    if tuple(weights.shape) != (T, K):
+        raise ValueError(f"weights: expected [T={T}, K={K}], got shape {tuple(weights.shape)}")
+    if not weights.is_floating_point():
+        raise ValueError(f"weights: expected a floating dtype, got {weights.dtype}")
+    for name, t in (("w13", w13), ("w2", w2), ("slot_ids", slot_ids), ("weights", weights)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name}: on {t.device}, hidden is on {hidden.device}")
+    if slot_ids.device.type == "cpu" and slot_ids.numel() and int(slot_ids.max()) >= S:
+        raise ValueError(f"slot_ids: id {int(slot_ids.max())} out of range for S={S} slots")
+    return T, H, I, S, K
+
+
+def _sum_over_topk(pair_out: torch.Tensor) -> torch.Tensor:
+    """[T, K, H] fp32 -> [T, H] fp32, adding k = 0..K-1 in order (the contract's summation order;
+    torch's sum(dim) may reorder)."""
+    out = pair_out[:, 0].clone()
+    for k in range(1, pair_out.shape[1]):
+        out += pair_out[:, k]
+    return out
+
+
+# ---- the reference ----------------------------------------------------------------------------
+def fused_experts_reference(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Pure torch, the spec: one dense pass per distinct slot over the pairs routed to it."""
+    T, H, I, S, K = _check_inputs(hidden, w13, w2, slot_ids, weights)
+    pair_out = torch.zeros(T * K, H, dtype=torch.float32, device=hidden.device)
+    flat = slot_ids.reshape(-1).long()
+    w_flat = weights.reshape(-1).float()
+    for s in torch.unique(flat[flat >= 0]).tolist():
+        pairs = torch.nonzero(flat == s).squeeze(1)
+        x = hidden[pairs // K].float()
+        gate_up = x @ w13[s].float().t()
+        act = (F.silu(gate_up[:, :I]) * gate_up[:, I:]).to(hidden.dtype)
+        y = act.float() @ w2[s].float().t()
+        pair_out[pairs] = y * w_flat[pairs, None]
+    return _sum_over_topk(pair_out.view(T, K, H)).to(hidden.dtype)
+
+
+# ---- the Triton kernels ---------------------------------------------------------------------
+def _align_pairs_by_slot(
+    slot_ids: torch.Tensor, num_slots: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the P = T*K pairs by slot, each slot's run padded to a multiple of block_m.
+
+    Returns (sorted_pairs[num_blocks * block_m] int32, block_slot[num_blocks] int32): pair index
+    (t*K + k) at each sorted position, P for padding; the slot of each block, -1 for blocks past
+    the end. num_blocks is an upper bound known without looking at the ids (no host sync):
+    ceil((P + U*(block_m-1)) / block_m) with U = min(S, P) slots in use at most.
+    Negative ids (not on this device) are left out."""
+    device = slot_ids.device
+    flat = slot_ids.reshape(-1).long()
+    P = flat.numel()
+    used = min(num_slots, P)
+    num_blocks = max(1, (P + used * (block_m - 1) + block_m - 1) // block_m)
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_slots))
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_slots]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    count_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(key, stable=True)
+    skey = key[order]
+    valid = skey < num_slots
+    skey_c = skey.clamp(max=num_slots - 1)
+    rank = torch.arange(P, device=device) - count_start[skey_c]
+    trash = num_blocks * block_m  # where the skipped pairs land, sliced off below
+    dest = torch.where(valid, pad_start[skey_c] + rank, torch.full_like(rank, trash))
+    sorted_pairs = torch.full((trash + 1,), P, dtype=torch.int32, device=device)
+    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(num_blocks, device=device) * block_m
+    block_slot = torch.searchsorted(pad_end, block_start, right=True)
+    block_slot = torch.where(block_slot < num_slots, block_slot, torch.full_like(block_slot, -1))
+    return sorted_pairs[:trash], block_slot.to(torch.int32)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_up_kernel(
+        hidden_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_slot_ptr,
+        num_pairs, top_k, H, I,
+        stride_ht, stride_hh, stride_ws, stride_wn, stride_wk, stride_ap, stride_an,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot = tl.load(block_slot_ptr + pid_m)
+        if slot < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pairs_ptr + offs_m)
+        row_ok = pair < num_pairs
+        tok = pair // top_k
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = hidden_ptr + tok[:, None].to(tl.int64) * stride_ht + offs_k[None, :] * stride_hh
+        g_ptrs = (w13_ptr + slot.to(tl.int64) * stride_ws
+                  + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk)
+        u_ptrs = g_ptrs + I * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(H, BLOCK_K)):
+            k_ok = offs_k < H - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter mis-computes bf16: compute in fp32 there
+                a = a.to(tl.float32)
+                g = g.to(tl.float32)
+                u = u.to(tl.float32)
+            if IEEE:
+                acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, g, acc_g)
+                acc_u = tl.dot(a, u, acc_u)
+            a_ptrs += BLOCK_K * stride_hh
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        out_ptrs = act_ptr + pair[:, None].to(tl.int64) * stride_ap + offs_n[None, :] * stride_an
+        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        act_ptr, w2_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_slot_ptr,
+        num_pairs, H, I,
+        stride_ap, stride_an, stride_ws, stride_wn, stride_wk, stride_op, stride_on,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot = tl.load(block_slot_ptr + pid_m)
+        if slot < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pairs_ptr + offs_m)
+        row_ok = pair < num_pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = act_ptr + pair[:, None].to(tl.int64) * stride_ap + offs_k[None, :] * stride_an
+        b_ptrs = (w2_ptr + slot.to(tl.int64) * stride_ws
+                  + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(I, BLOCK_K)):
+            k_ok = offs_k < I - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_an
+            b_ptrs += BLOCK_K * stride_wk
+        w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0)
+        acc = acc * w[:, None]
+        out_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_op + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+def interpreter_active() -> bool:
+    """True when this module's kernels were built by Triton's interpreter (TRITON_INTERPRET=1 was
+    set before import)."""
+    return triton is not None and type(_gate_up_kernel).__name__ == "InterpretedFunction"
+
+
+def _fused_experts_triton(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_ids: torch.Tensor,
+    weights: torch.Tensor,
+    config: KernelConfig,
+) -> torch.Tensor:
+    T, H, I, S, K = _check_inputs(hidden, w13, w2, slot_ids, weights)
+    P = T * K
+    out_pairs = torch.zeros(P, H, dtype=torch.float32, device=hidden.device)
+    if P == 0:
+        return out_pairs.view(T, H).to(hidden.dtype)
+    sorted_pairs, block_slot = _align_pairs_by_slot(slot_ids, S, config.block_m)
+    num_blocks = block_slot.numel()
+    act = torch.empty(P, I, dtype=hidden.dtype, device=hidden.device)
+    w_flat = weights.reshape(-1).to(torch.float32).contiguous()
+    upcast = interpreter_active()
+    ieee = hidden.dtype == torch.float32
+    launch = {} if upcast else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    grid = (num_blocks, triton.cdiv(I, config.block_n_gate_up))
+    _gate_up_kernel[grid](
+        hidden, w13, act, sorted_pairs, block_slot,
+        P, K, H, I,
+        hidden.stride(0), hidden.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+        act.stride(0), act.stride(1),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n_gate_up, BLOCK_K=config.block_k,
+        UPCAST=upcast, IEEE=ieee, **launch,
+    )
+    grid = (num_blocks, triton.cdiv(H, config.block_n_down))
+    _down_kernel[grid](
+        act, w2, out_pairs, w_flat, sorted_pairs, block_slot,
+        P, H, I,
+        act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+        out_pairs.stride(0), out_pairs.stride(1),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n_down, BLOCK_K=config.block_k,
+        UPCAST=upcast, IEEE=ieee, **launch,
+    )
+    return _sum_over_topk(out_pairs.view(T, K, H)).to(hidden.dtype)
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_ids: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    backend: Backend | str = Backend.AUTO,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """The routed experts of this device's slots: see the module docstring for shapes and the
+    numerics contract. Pairs with slot_ids < 0 contribute nothing (all negative -> zeros)."""
+    try:
+        backend = Backend(backend)
+    except ValueError:
+        raise ValueError(f"backend: expected one of {[b.value for b in Backend]}, got {backend!r}")
+    on_cuda = hidden.is_cuda
+    if backend is Backend.AUTO:
+        backend = Backend.TRITON if on_cuda and triton is not None else Backend.REFERENCE
+    if backend is Backend.REFERENCE:
+        return fused_experts_reference(hidden, w13, w2, slot_ids, weights)
+    if triton is None:
+        raise ValueError("backend: 'triton' asked for but triton is not installed")
+    if not on_cuda and not interpreter_active():
+        raise ValueError(
+            "backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before this module "
+            "is imported"
+        )
+    if config is None:
+        config = INTERPRET_CONFIG if interpreter_active() else DEFAULT_CONFIG
+    return _fused_experts_triton(hidden, w13, w2, slot_ids, weights, config)
+
+
+# ---- benchmark hook -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    backend: str
+    tokens: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    slots: int
+    distinct_slots: int
+    dtype: str
+    median_ms: float
+    weight_gb_read: float  # weight bytes of the distinct slots touched (the decode floor)
+    weight_gbps: float  # weight_gb_read / median time
+
+
+def make_inputs(
+    tokens: int, top_k: int, hidden: int, intermediate: int, slots: int,
+    dtype: torch.dtype, device: str | torch.device, seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs at one shape: weights scaled like a trained layer (std 1/sqrt(fan_in)) so
+    activations stay O(1); each token routes to top_k distinct slots, softmax-normalised weights."""
+    if top_k > slots:
+        raise ValueError(f"top_k: {top_k} exceeds slots={slots}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(slots, 2 * intermediate, hidden, generator=g) / math.sqrt(hidden)
+    w2 = torch.randn(slots, hidden, intermediate, generator=g) / math.sqrt(intermediate)
+    ids = torch.stack([torch.randperm(slots, generator=g)[:top_k] for _ in range(tokens)])
+    wts = torch.softmax(torch.randn(tokens, top_k, generator=g), dim=-1)
+    return (x.to(device, dtype), w13.to(device, dtype), w2.to(device, dtype),
+            ids.to(device, torch.int32), wts.to(device, torch.float32))
+
+
+def benchmark(
+    backend: Backend | str,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    config: KernelConfig | None = None,
+    warmup: int = 3,
+    iters: int = 20,
+) -> BenchResult:
+    """Median wall time of one face over `iters` calls (CUDA-synchronised around each call)."""
+    hidden, w13, w2, ids, wts = inputs
+    sync = torch.cuda.synchronize if hidden.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        fused_experts(hidden, w13, w2, ids, wts, backend=backend, config=config)
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fused_experts(hidden, w13, w2, ids, wts, backend=backend, config=config)
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    med_s = times[len(times) // 2]
+    distinct = int(torch.unique(ids[ids >= 0]).numel())
+    T, H = hidden.shape
+    S, two_i, _ = w13.shape
+    gb = distinct * 3 * (two_i // 2) * H * hidden.element_size() / 1e9
+    return BenchResult(
+        backend=Backend(backend).value, tokens=T, top_k=ids.shape[1], hidden=H,
+        intermediate=two_i // 2, slots=S, distinct_slots=distinct, dtype=str(hidden.dtype),
+        median_ms=med_s * 1e3, weight_gb_read=gb, weight_gbps=gb / med_s,
+    )
