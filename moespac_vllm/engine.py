@@ -60,7 +60,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from moespac_vllm.cache import EvictionOrder, SlotTable
-from moespac_vllm.config import EstimatorConfig, MoESpacConfig, Policy
+from moespac_vllm.config import EstimatorConfig, MoESpacConfig, Policy, ThetaScale
 from moespac_vllm.cost_model import ExpertCosts
 from moespac_vllm.stats import EngineStats
 from moespac_vllm.step_context import Phase, StepContext
@@ -110,6 +110,9 @@ AUTOREGRESSIVE_POLICIES = frozenset({Policy.LRU, Policy.LFU, Policy.STATIC, Poli
 
 FAITHFUL_ESTIMATOR = EstimatorConfig(utility_cap=5, theta_up=5, theta_down=1)
 FAITHFUL_THRESHOLD = 1  # the reference code's fixed `threshold`
+SPAC_DEFAULT_ESTIMATOR = EstimatorConfig(theta_scale=ThetaScale.WINDOW)
+PREFETCH_IDLE_ONLY = True
+RECENCY_DECAY = 0.5  # spac: EMA of "routed in this window", the tie-break inside a level
 HYBRIMOE_DECAY = 0.5  # weight of the past in HybriMoE's score (an EMA of activations; [I])
 STATIC_WARMUP_STEPS = 16  # steps over which `static` observes frequencies before freezing
 
@@ -142,6 +145,10 @@ class ExpertEngine:
             from moespac_vllm.estimator import UtilityEstimator
 
             est_cfg = config.estimator if self.policy is Policy.SPAC else FAITHFUL_ESTIMATOR
+            if self.policy is Policy.SPAC and est_cfg == EstimatorConfig():
+                # untouched defaults are the reference's, tuned for 9-token windows; ours scales
+                # θ_up with the window so k < 8 and plain decoding still move levels
+                est_cfg = SPAC_DEFAULT_ESTIMATOR
             self.estimator = UtilityEstimator(L, E, est_cfg)
         self.balancer = None
         if self.policy in _BALANCED:
@@ -173,6 +180,13 @@ class ExpertEngine:
         self._stall_ms = 0.0
         self._cpu_ms = 0.0
         self._gpu_ms = 0.0
+        # the engine's own model of the copy link and of the step's timeline (clock ms), for
+        # deadline-aware prefetch: a copy is issued only if it can land before its layer starts
+        self._link_free_ms = 0.0
+        self._begin_ms: float | None = None
+        self._end_ms: float | None = None
+        self._gap_ms = 0.0  # end_step -> next begin_step (the draft phase), last step
+        self._layer_offset_ms = np.zeros(L, dtype=np.float64)  # begin_step -> plan_layer(l)
 
     # ---- oracle ------------------------------------------------------------------------------
     def set_future(self, future_counts: np.ndarray) -> None:
@@ -201,12 +215,20 @@ class ExpertEngine:
         self._ctx = ctx
         if ctx.phase in (Phase.DECODE, Phase.VERIFY):
             self._step += 1
+            now = self.clock.now_ms()
+            if self._end_ms is not None:
+                self._gap_ms = max(0.0, now - self._end_ms)
+            self._begin_ms = now
 
     def _decoding(self) -> bool:
         return self._ctx is None or self._ctx.phase in (Phase.DECODE, Phase.VERIFY)
 
     def _scores(self, layer: int) -> np.ndarray | None:
-        """The per-expert score the utility eviction order compares."""
+        """The per-expert score the utility eviction order compares. spac: level + a recency
+        fraction in [0, 1) (levels decide; within a level the more recently routed expert stays,
+        instead of the reference's lowest-id tie-break); spac-faithful: the level alone."""
+        if self.policy is Policy.SPAC:
+            return self.estimator.levels[layer] + self._score[layer] * (1.0 - RECENCY_DECAY) * 0.999
         if self.estimator is not None:
             return self.estimator.levels[layer]
         if self.policy is Policy.HYBRIMOE:
@@ -235,6 +257,8 @@ class ExpertEngine:
         table = self.tables[layer]
         self._refresh(layer)
         decoding = self._decoding()
+        if decoding and self._begin_ms is not None:
+            self._layer_offset_ms[layer] = self.clock.now_ms() - self._begin_ms
         ready = [int(e) for e in routed if table.is_ready(int(e))]
         loading = [int(e) for e in routed if table.is_loading(int(e))]
         absent = [int(e) for e in routed if table.slot_of(int(e)) < 0]
@@ -273,7 +297,7 @@ class ExpertEngine:
                 self._c["prefetch_late"] += 1
         for e in fetch:
             slot = self._admit(layer, e, demand=True)
-            self.mover.load(layer, e, slot)
+            self._load(layer, e, slot)
             fetches.append((e, slot))
             self._c["fetched_experts"] += 1
         self._pending[layer] = wait + fetch
@@ -316,6 +340,15 @@ class ExpertEngine:
         problem = BalanceProblem(tokens=tokens, resident=resident, free_slots=free,
                                  costs=self.costs, hidden_fetch_ms=0.0)
         placement = self.balancer.solve(problem)
+        backlog = max(0.0, self._link_free_ms - self.clock.now_ms())
+        if backlog > 0.0 and placement.num_fetched > 0:
+            # copies already queued on the link (prefetches) delay on-demand fetches by `backlog`;
+            # the model assumes an idle link, so compare with fetching nothing
+            from moespac_vllm.balancer import evaluate
+
+            none = evaluate(problem, np.zeros(len(experts), dtype=bool))
+            if none.makespan_ms <= max(placement.gpu_ms + backlog, placement.cpu_ms):
+                placement = none
         wait, fetch, to_cpu = [], [], []
         for i, e in enumerate(experts):
             if i < len(ready):
@@ -324,6 +357,19 @@ class ExpertEngine:
             elif placement.fetch[i]:
                 (wait if i < len(ready) + len(loading) else fetch).append(e)
         return wait, fetch, to_cpu
+
+    def _load(self, layer: int, expert: int, slot: int) -> None:
+        self.mover.load(layer, expert, slot)
+        self._link_free_ms = max(self.clock.now_ms(), self._link_free_ms) + self.costs.fetch_ms
+
+    def _fits_deadline(self, layer: int, idle_only: bool = False) -> bool:
+        """Would one more copy land before `layer` starts in the next step (last step's
+        timeline: the draft phase, then the layers before it)? With `idle_only`, before the
+        draft phase ends: then prefetches never delay the next pass's on-demand fetches."""
+        deadline = self.clock.now_ms() + self._gap_ms
+        if not idle_only:
+            deadline += self._layer_offset_ms[layer]
+        return max(self.clock.now_ms(), self._link_free_ms) + self.costs.fetch_ms <= deadline
 
     def _admit(self, layer: int, expert: int, demand: bool, threshold: float | None = None
                ) -> int:
@@ -361,6 +407,8 @@ class ExpertEngine:
             self.estimator.observe(layer, counts.astype(np.int64), num_tokens=max(1, n_tokens))
         if self.policy is Policy.HYBRIMOE:
             self._score[layer] = HYBRIMOE_DECAY * self._score[layer] + (counts > 0)
+        elif self.policy is Policy.SPAC:
+            self._score[layer] = RECENCY_DECAY * self._score[layer] + (counts > 0)
         elif self.policy is Policy.STATIC:
             self._score[layer] += counts
         if self.policy is Policy.SPAC_FAITHFUL and self.config.prefetch:
@@ -378,7 +426,7 @@ class ExpertEngine:
             if not table.can_admit(levels, FAITHFUL_THRESHOLD):
                 break
             slot = self._admit(layer, e, demand=False, threshold=FAITHFUL_THRESHOLD)
-            self.mover.load(layer, e, slot)
+            self._load(layer, e, slot)
 
     def observe_draft(self, layer: int, signal: np.ndarray) -> None:
         """Draft-phase routing of `layer` for the coming window: router logits [W, E] (float) or
@@ -397,7 +445,8 @@ class ExpertEngine:
         if not self.estimator.observe_draft(layer, counts, num_tokens=max(1, x.shape[0])):
             return
         if self.policy is Policy.SPAC and self.config.prefetch:
-            self._prefetch_layer(layer, self.estimator.predicted_levels(layer), counts)
+            self._prefetch_layer(layer, self.estimator.predicted_levels(layer), counts,
+                                 deadline=False)
 
     def end_step(self, num_accepted: int) -> None:
         if isinstance(num_accepted, bool) or not isinstance(num_accepted, (int, np.integer)) \
@@ -405,6 +454,7 @@ class ExpertEngine:
             raise ValueError(f"num_accepted: must be a non-negative integer, got {num_accepted!r}")
         if not self._decoding():
             return
+        self._end_ms = self.clock.now_ms()
         ctx = self._ctx
         requests = len(ctx.tokens_per_request) if ctx and ctx.tokens_per_request else 1
         self._c["steps"] += 1
@@ -417,8 +467,7 @@ class ExpertEngine:
         L = self.dims.num_layers
         if self.policy is Policy.SPAC:
             for layer in range(L):
-                self._prefetch_layer(layer, self.estimator.levels[layer],
-                                     self._last_counts[layer])
+                self._prefetch_layer(layer, self._scores(layer), self._last_counts[layer])
         elif self.policy is Policy.HYBRIMOE:
             for layer in range(L):
                 self._prefetch_layer(layer, self._score[layer], self._last_counts[layer])
@@ -428,9 +477,11 @@ class ExpertEngine:
             for layer in range(L):
                 self._static_place(layer)
 
-    def _prefetch_layer(self, layer: int, score: np.ndarray, tiebreak: np.ndarray) -> None:
+    def _prefetch_layer(self, layer: int, score: np.ndarray, tiebreak: np.ndarray,
+                        deadline: bool = True) -> None:
         """Bring the S best-scored experts of `layer` on the device; a newcomer displaces only a
-        resident of strictly lower score."""
+        resident of strictly lower score. With `deadline`, only copies that can land before the
+        layer starts next step are issued (a late copy only delays on-demand fetches)."""
         table = self.tables[layer]
         candidates = np.flatnonzero(score > 0)
         if candidates.size == 0:
@@ -441,8 +492,11 @@ class ExpertEngine:
                 continue
             if not table.can_admit(score, threshold=score[e]):
                 break
+            if deadline and not self._fits_deadline(
+                    layer, idle_only=PREFETCH_IDLE_ONLY and self.policy is Policy.SPAC):
+                break
             slot = self._admit(layer, e, demand=False, threshold=score[e])
-            self.mover.load(layer, e, slot)
+            self._load(layer, e, slot)
 
     def _oracle_prefetch(self) -> None:
         nxt = self._step + 1
@@ -459,13 +513,15 @@ class ExpertEngine:
                 victim = table.victim(next_use=key)
                 if table.num_free == 0 and (victim < 0 or key[victim] <= nxt):
                     break  # every evictable resident is also needed next step
+                if not self._fits_deadline(layer):
+                    break
                 slot, evicted = table.admit(e, next_use=key)
                 if evicted >= 0 and evicted in self._prefetched[layer]:
                     self._prefetched[layer].discard(evicted)
                     self._c["prefetch_wasted"] += 1
                 self._prefetched[layer].add(e)
                 self._c["prefetch_issued"] += 1
-                self.mover.load(layer, e, slot)
+                self._load(layer, e, slot)
 
     def _static_place(self, layer: int) -> None:
         """`static`: the S most frequently routed experts so far; frozen after the warm-up."""
@@ -483,7 +539,7 @@ class ExpertEngine:
         for e in hot:
             if table.slot_of(e) < 0:
                 slot = self._admit(layer, e, demand=False)
-                self.mover.load(layer, e, slot)
+                self._load(layer, e, slot)
 
     # ---- statistics --------------------------------------------------------------------------
     def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0, gpu_ms: float = 0.0

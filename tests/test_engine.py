@@ -9,9 +9,44 @@ from hypothesis import strategies as st
 from moespac_vllm.config import MoESpacConfig, Policy
 from moespac_vllm.cost_model import ExpertCosts
 from moespac_vllm.engine import ExpertEngine
-from moespac_vllm.simulate import SimClock, SimMover
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.trace import ModelDims
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t_ms = 0.0
+
+    def now_ms(self) -> float:
+        return self.t_ms
+
+
+class FakeMover:
+    """`Mover` whose copies take `fetch_ms` on one serial link of the fake clock."""
+
+    def __init__(self, clock: FakeClock, fetch_ms: float, expert_bytes: int) -> None:
+        self.clock, self.fetch_ms, self.expert_bytes = clock, fetch_ms, expert_bytes
+        self.done: dict[tuple[int, int], float] = {}
+        self.link_free = 0.0
+        self.loads = 0
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        start = max(self.clock.t_ms, self.link_free)
+        self.link_free = self.done[(layer, slot)] = start + self.fetch_ms
+        self.loads += 1
+
+    def is_ready(self, layer: int, slot: int) -> bool:
+        return self.clock.t_ms >= self.done.get((layer, slot), float("inf"))
+
+    def wait(self, layer: int, slot: int) -> None:
+        self.clock.t_ms = max(self.clock.t_ms, self.done[(layer, slot)])
+
+    def cancel(self, layer: int, slot: int) -> bool:
+        return self.done.pop((layer, slot), -1.0) > self.clock.t_ms
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.loads * self.expert_bytes
+
 
 DIMS = ModelDims(num_layers=3, num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
 COSTS = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.01, cpu_fixed_ms=1.0,
@@ -19,11 +54,11 @@ COSTS = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.01, cpu_fixed_ms=1.0,
 
 
 def _engine(policy: Policy, ratio: float = 0.25, fetch_ms: float = 0.0, future=None,
-            **flat) -> tuple[ExpertEngine, SimClock, SimMover]:
-    clock = SimClock()
-    mover = SimMover(clock, fetch_ms, DIMS.expert_bytes)
+            costs: ExpertCosts = COSTS, **flat) -> tuple[ExpertEngine, FakeClock, FakeMover]:
+    clock = FakeClock()
+    mover = FakeMover(clock, fetch_ms, DIMS.expert_bytes)
     cfg = MoESpacConfig().replace(policy=policy.value, cache_ratio=ratio, **flat)
-    return ExpertEngine(cfg, DIMS, COSTS, mover, clock, future_counts=future), clock, mover
+    return ExpertEngine(cfg, DIMS, costs, mover, clock, future_counts=future), clock, mover
 
 
 def _routing(rng: np.random.Generator, steps: int, tokens: int) -> np.ndarray:
@@ -50,6 +85,15 @@ def _check_plan(engine: ExpertEngine, layer: int, ids: np.ndarray, plan) -> None
     assert len(table.residents()) <= engine.num_slots
 
 
+def _future(routing: np.ndarray) -> np.ndarray:
+    """[steps, L, E] counts of a [steps, T, L, K] routing (the oracle's future)."""
+    out = np.zeros((routing.shape[0], DIMS.num_layers, DIMS.num_experts), dtype=np.int64)
+    for s, window in enumerate(routing):
+        for layer in range(DIMS.num_layers):
+            out[s, layer] = np.bincount(window[:, layer, :].ravel(), minlength=DIMS.num_experts)
+    return out
+
+
 def _drive(engine: ExpertEngine, routing: np.ndarray, speculative: bool, clock=None,
            check=True) -> None:
     for s, window in enumerate(routing):
@@ -61,6 +105,8 @@ def _drive(engine: ExpertEngine, routing: np.ndarray, speculative: bool, clock=N
             plan = engine.plan_layer(layer, ids)
             if check:
                 _check_plan(engine, layer, ids, plan)
+            for _, slot in plan.fetches:  # the caller waits for the copies, as offload.py does
+                engine.mover.wait(layer, slot)
             if clock is not None:
                 clock.t_ms += 10.0  # copies issued so far land
             engine.finish_layer(layer, ids)
@@ -158,18 +204,47 @@ def test_bad_routing_names_the_argument():
 
 
 def test_num_slots_out_of_range_names_the_field():
-    clock = SimClock()
+    clock = FakeClock()
     with pytest.raises(ValueError, match="num_slots"):
         ExpertEngine(MoESpacConfig().replace(policy="lru"), DIMS, COSTS,
-                     SimMover(clock, 1.0, 1), clock, num_slots=9)
+                     FakeMover(clock, 1.0, 1), clock, num_slots=9)
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.sampled_from(NO_BALANCER), st.sampled_from([0.125, 0.25, 0.5]),
+def test_spac_fetches_only_when_the_balancer_says_it_pays():
+    rng = np.random.default_rng(4)
+    routing = _routing(rng, 12, 5)
+    slow_link = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.0, cpu_fixed_ms=1.0,
+                            cpu_per_token_ms=0.0, fetch_ms=1000.0)
+    engine, clock, _ = _engine(Policy.SPAC, ratio=0.5, fetch_ms=1000.0, costs=slow_link)
+    _drive(engine, routing, speculative=True, clock=clock)
+    assert engine.stats().fetched_experts == 0 and engine.stats().cpu_experts > 0
+    fast_link = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.0, cpu_fixed_ms=10.0,
+                            cpu_per_token_ms=1.0, fetch_ms=0.01)
+    engine, clock, _ = _engine(Policy.SPAC, ratio=0.5, fetch_ms=0.01, costs=fast_link)
+    _drive(engine, routing, speculative=True, clock=clock)
+    s = engine.stats()
+    assert s.fetched_experts > 0 and s.device_experts > s.cpu_experts
+
+
+def test_oracle_prefetches_exactly_the_next_window():
+    rng = np.random.default_rng(5)
+    routing = _routing(rng, 15, 2)
+    engine, clock, _ = _engine(Policy.ORACLE, ratio=0.5, future=_future(routing))
+    _drive(engine, routing, speculative=True, clock=clock)
+    s = engine.stats()
+    assert s.prefetch_issued > 0
+    assert s.prefetch_used == s.prefetch_issued - s.prefetch_wasted
+    assert s.prefetch_precision > 0.9
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(list(Policy)), st.sampled_from([0.125, 0.25, 0.5]),
        st.integers(1, 9), st.integers(0, 2**31 - 1), st.floats(0.0, 30.0))
 def test_every_pair_once_and_budget_never_exceeded(policy, ratio, tokens, seed, fetch_ms):
-    engine, clock, _ = _engine(policy, ratio=ratio, fetch_ms=fetch_ms)
     rng = np.random.default_rng(seed)
-    _drive(engine, _routing(rng, 6, tokens), speculative=policy is not Policy.LRU, clock=clock)
+    routing = _routing(rng, 6, tokens)
+    future = _future(routing) if policy is Policy.ORACLE else None
+    engine, clock, _ = _engine(policy, ratio=ratio, fetch_ms=fetch_ms, future=future)
+    _drive(engine, routing, speculative=policy is not Policy.LRU, clock=clock)
     s = engine.stats()
     assert s.hits + s.misses == s.device_experts + s.cpu_experts
