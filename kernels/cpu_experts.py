@@ -1,0 +1,232 @@
+"""The CPU expert path: routed experts computed from host weights, off the caller's thread.
+
+Shape legend: T tokens, K top-k, E experts in the host store, H hidden, I intermediate.
+
+    pool = CpuExpertPool(num_threads=config.cpu_threads, backend=CpuBackend.NATIVE)
+    fut = pool.submit(hidden[T,H], w13[E,2I,H], w2[E,H,I], ids[T,K], weights[T,K])  # returns now
+    ...launch the device experts...                        # overlaps: torch releases the GIL
+    partial = pool.wait(fut)                                # fp32 [T,H]; fut.result(): [T,K,H]
+
+`ids` are expert ids into the store's first dimension; ids < 0 are pairs some other device runs
+(the complement of the slot-cache kernel's ids) and come back as exact zeros. The future's result
+is the fp32 per-pair buffer [T,K,H] (offload.py's `CpuExperts` protocol: adding the device's and
+the CPU's pair buffers, then summing k = 0..K-1 in order, makes the output independent of the
+placement); `wait` returns that in-order sum, [T,H] fp32. This is ktransformers' submit_forward /
+sync_forward split, on one worker thread in FIFO order.
+
+Backends, i.e. how one expert's pairs are computed (`CpuBackend`):
+- EXACT: the reference arithmetic of `fused_experts_reference` (weights upcast to fp32 per call,
+  fp32 GEMMs, activation rounded to the input dtype). Bit-identical pair values to the reference;
+  slow for bf16, since it converts every touched expert's weights.
+- NATIVE: torch GEMMs in the weights' dtype (oneDNN; bf16 uses AVX512-BF16 where the CPU has it).
+  Each GEMM accumulates in fp32 but rounds its output to the dtype: gate/up and the down output
+  take one extra bf16 rounding each against the contract (measured in tests and the benchmark:
+  ~1e-2 relative at bf16, exact contract at fp32 up to GEMM summation order).
+- HOOK: a caller-supplied function with `pair_outputs`' signature. `PrepackedMoeOpHook` adapts a
+  fused CPU MoE op (vLLM's `torch.ops._C.cpu_fused_moe`, which the glue or a benchmark passes in;
+  this module never imports vLLM): it prepacks each weight tensor once and runs every routed pair as
+  a top-1 row, so per-pair outputs come back (rounded once to the dtype by the op).
+
+Threads: PyTorch has one intra-op pool per process; `num_threads` sets it (process-wide,
+torch.set_num_threads) and the worker thread's GEMMs use it. A second worker would only split the
+same cores, so the pool has one.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# (hidden [T,H], w13 [E,2I,H], w2 [E,H,I], ids [T,K], weights [T,K]) -> fp32 [T,K,H]
+PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                  torch.Tensor]
+
+
+class CpuBackend(str, Enum):
+    EXACT = "exact"
+    NATIVE = "native"
+    HOOK = "hook"
+
+
+def check_cpu_inputs(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> None:
+    """Shapes, dtypes, devices and id range; ValueError naming the field."""
+    for name, t in (("hidden", hidden), ("w13", w13), ("w2", w2), ("ids", ids),
+                    ("weights", weights)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: the CPU expert path takes CPU tensors, got {t.device}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected [T, H], got shape {tuple(hidden.shape)}")
+    T, H = hidden.shape
+    if w13.dim() != 3 or w13.shape[2] != H or w13.shape[1] % 2:
+        raise ValueError(f"w13: expected [E, 2I, H={H}], got shape {tuple(w13.shape)}")
+    E, two_i, _ = w13.shape
+    if tuple(w2.shape) != (E, H, two_i // 2):
+        raise ValueError(f"w2: expected [E={E}, H={H}, I={two_i // 2}], got {tuple(w2.shape)}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from hidden's {hidden.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != T or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"ids: expected integer [T={T}, K], got {ids.dtype} {tuple(ids.shape)}")
+    if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point():
+        raise ValueError(f"weights: expected float {tuple(ids.shape)}, got {weights.dtype} "
+                         f"{tuple(weights.shape)}")
+    if ids.numel() and int(ids.max()) >= E:
+        raise ValueError(f"ids: expert id {int(ids.max())} out of range for E={E}")
+
+
+def _groups(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(expert, flat pair indices) for each expert with routed pairs, pairs in ascending order."""
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    out = []
+    start = 0
+    for e, c in zip(experts.tolist(), counts.tolist()):
+        if e >= 0:
+            out.append((e, order[start:start + c]))
+        start += c
+    return out
+
+
+def pair_outputs_exact(hidden, w13, w2, ids, weights) -> torch.Tensor:
+    """The reference's arithmetic per pair: fp32 [T,K,H], zeros where ids < 0."""
+    T, H = hidden.shape
+    K = ids.shape[1]
+    I = w13.shape[1] // 2
+    out = torch.zeros(T * K, H, dtype=torch.float32)
+    w_flat = weights.reshape(-1).float()
+    for e, pairs in _groups(ids):
+        x = hidden[pairs // K].float()
+        gu = x @ w13[e].float().t()
+        act = (F.silu(gu[:, :I]) * gu[:, I:]).to(hidden.dtype)
+        out[pairs] = (act.float() @ w2[e].float().t()) * w_flat[pairs, None]
+    return out.view(T, K, H)
+
+
+def pair_outputs_native(hidden, w13, w2, ids, weights) -> torch.Tensor:
+    """GEMMs in the weights' dtype (oneDNN); SiLU*up and the weighting in fp32: fp32 [T,K,H]."""
+    T, H = hidden.shape
+    K = ids.shape[1]
+    I = w13.shape[1] // 2
+    out = torch.zeros(T * K, H, dtype=torch.float32)
+    w_flat = weights.reshape(-1).float()
+    for e, pairs in _groups(ids):
+        gu = F.linear(hidden[pairs // K], w13[e]).float()
+        act = (F.silu(gu[:, :I]) * gu[:, I:]).to(hidden.dtype)
+        out[pairs] = F.linear(act, w2[e]).float() * w_flat[pairs, None]
+    return out.view(T, K, H)
+
+
+def sum_over_topk(pairs: torch.Tensor) -> torch.Tensor:
+    """[T,K,H] fp32 -> [T,H], adding k = 0..K-1 in order (the numerics contract's order)."""
+    out = pairs[:, 0].clone()
+    for k in range(1, pairs.shape[1]):
+        out += pairs[:, k]
+    return out
+
+
+class PrepackedMoeOpHook:
+    """Adapts a fused CPU MoE op with prepacked weights into a `PairFn`.
+
+    prepack(weight [E,r,c]) -> packed tensor (called once per weight tensor, cached by identity);
+    moe_op(out [P,H], x [P,H], w13_packed, w2_packed, topk_weights [P,1] fp32, topk_ids [P,1] int32)
+    fills `out` in the activation dtype. Every routed pair runs as a top-1 row (an op like vLLM's
+    segfaults on negative ids, and per-pair outputs keep the placement-independent sum)."""
+
+    def __init__(self, prepack: Callable[[torch.Tensor], torch.Tensor],
+                 moe_op: Callable[..., None]) -> None:
+        self._prepack = prepack
+        self._moe_op = moe_op
+        self._packed: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def packed(self, w: torch.Tensor) -> torch.Tensor:
+        key = (w.data_ptr(), tuple(w.shape))
+        with self._lock:
+            hit = self._packed.get(key)
+            if hit is None or hit[0] is not w:
+                hit = (w, self._prepack(w))
+                self._packed[key] = hit
+            return hit[1]
+
+    def __call__(self, hidden, w13, w2, ids, weights) -> torch.Tensor:
+        T, H = hidden.shape
+        K = ids.shape[1]
+        out = torch.zeros(T * K, H, dtype=torch.float32)
+        flat = ids.reshape(-1)
+        pairs = torch.nonzero(flat >= 0).squeeze(1)
+        if pairs.numel() == 0:
+            return out.view(T, K, H)
+        x = hidden[pairs // K].contiguous()
+        y = torch.empty(pairs.numel(), H, dtype=hidden.dtype)
+        self._moe_op(y, x, self.packed(w13), self.packed(w2),
+                     weights.reshape(-1)[pairs].float().reshape(-1, 1).contiguous(),
+                     flat[pairs].to(torch.int32).reshape(-1, 1).contiguous())
+        out[pairs] = y.float()
+        return out.view(T, K, H)
+
+
+class CpuExpertPool:
+    """Runs CPU expert work on one background thread: `submit` returns a Future at once, `wait`
+    blocks for it. Jobs run in submission order."""
+
+    def __init__(
+        self,
+        num_threads: int | None = None,
+        backend: CpuBackend | str = CpuBackend.NATIVE,
+        hook: PairFn | None = None,
+    ) -> None:
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads: must be an int >= 1, got {num_threads!r}")
+        try:
+            self.backend = CpuBackend(backend)
+        except ValueError:
+            raise ValueError(
+                f"backend: expected one of {[b.value for b in CpuBackend]}, got {backend!r}"
+            ) from None
+        if (self.backend is CpuBackend.HOOK) != (hook is not None):
+            raise ValueError("hook: give a hook exactly when backend is 'hook'")
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)  # process-wide: PyTorch has one intra-op pool
+        self.num_threads = torch.get_num_threads()
+        self._fn: PairFn = {CpuBackend.EXACT: pair_outputs_exact,
+                            CpuBackend.NATIVE: pair_outputs_native}.get(self.backend, hook)
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="moespac-cpu-experts")
+
+    def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               ids: torch.Tensor, weights: torch.Tensor) -> Future:
+        """Validate now (errors surface in the caller), compute on the worker. The tensors must
+        not be written until the future is done."""
+        if self._pool is None:
+            raise RuntimeError("CpuExpertPool: submit after close()")
+        check_cpu_inputs(hidden, w13, w2, ids, weights)
+        return self._pool.submit(self._fn, hidden, w13, w2, ids, weights)
+
+    def wait(self, handle: Future) -> torch.Tensor:
+        """The partial output, fp32 [T,H] (k summed in order). Re-raises the worker's error."""
+        return sum_over_topk(handle.result())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> CpuExpertPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
