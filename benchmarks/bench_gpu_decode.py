@@ -474,11 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with jsonl.open("a") as sink:
         for path in args.trace:
-            trace = cut_layers(load_trace(path), args.layers)
+            full = load_trace(path)
+            full_layers = full.dims.num_layers
+            trace = cut_layers(full, args.layers)
             if args.tiny:
                 trace = shrink_dims(trace, TINY_H, TINY_I)
             dims = trace.dims
-            full_layers = load_trace(path).dims.num_layers if args.layers else dims.num_layers
             draft_gb = args.draft_gb if args.draft_gb is not None else (
                 0.001 if args.tiny else DRAFT_GB_FULL * dims.num_layers / full_layers)
             t0 = time.perf_counter()
