@@ -316,6 +316,7 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
         "draft_forwards": draft_tokens,
         "kernel": b.kernel_name,
         "cpu_path": b.cpu_name,
+        "cpu_threads": torch.get_num_threads(),
         "host_bank": "distinct per layer" if b.args.distinct_layers else "shared across layers",
         "costs": {k: getattr(b.costs, k) for k in ("gpu_fixed_ms", "gpu_per_token_ms",
                                                     "cpu_fixed_ms", "cpu_per_token_ms",
@@ -349,21 +350,29 @@ def resolve_kernel(device: torch.device, choice: str) -> tuple[Any, Any, str]:
     return fused_experts, fused_experts, "kernels.fused_experts (triton)"
 
 
-def resolve_cpu_path(device: torch.device) -> tuple[Any, str]:
-    if device.type == "cuda":
-        return ThreadCpuExperts(), "offload.ThreadCpuExperts (torch pair_outputs, 1 thread)"
-    return InlineCpuExperts(), "offload.InlineCpuExperts (torch pair_outputs, caller thread)"
+def resolve_cpu_path(device: torch.device, choice: str) -> tuple[Any, str]:
+    """`layer`: what the vLLM plugin's layer runs (offload's pair_outputs, weights upcast to fp32;
+    on a worker thread when a GPU computes beside it). `native` / `exact`: the kernels issue's
+    CpuExpertPool backends (bf16 oneDNN GEMMs / reference arithmetic)."""
+    if choice == "layer":
+        if device.type == "cuda":
+            return ThreadCpuExperts(), "offload.ThreadCpuExperts (torch pair_outputs, 1 thread)"
+        return InlineCpuExperts(), "offload.InlineCpuExperts (torch pair_outputs, caller thread)"
+    from moespac_vllm.kernels.cpu_experts import CpuExpertPool
+
+    return CpuExpertPool(backend=choice), f"kernels.cpu_experts.CpuExpertPool({choice})"
 
 
-def resolve_costs(spec: str, dims: ModelDims, device: torch.device, quick: bool
-                  ) -> tuple[ExpertCosts, dict[str, Any]]:
+def resolve_costs(spec: str, dims: ModelDims, device: torch.device, quick: bool,
+                  cpu_path: str) -> tuple[ExpertCosts, dict[str, Any]]:
     """`calibrate`: measure here, now (moespac calibrate's code); else a cost_model profile."""
     if spec == "calibrate":
         from moespac_vllm.calibrate import QUICK_TOKENS, calibrate
 
         # Few CPU points: at Mixtral dims one CPU expert pass takes ~0.1-1 s.
         cal = calibrate(dims, device="cuda" if device.type == "cuda" else "cpu",
-                        tokens=QUICK_TOKENS, reps=3 if quick else 6, cpu_experts=2)
+                        tokens=QUICK_TOKENS, reps=3 if quick else 6, cpu_experts=2,
+                        cpu_path=cpu_path)
         return cal.expert_costs(), cal.summary()
     from moespac_vllm.cost_model import get_profile  # the core issue's profiles
 
@@ -443,6 +452,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--profile", default="calibrate",
                    help="'calibrate' (measure here first) or a cost_model profile name/path")
+    p.add_argument("--cpu-path", default="layer", choices=("layer", "native", "exact"),
+                   help="CPU experts: the layer's own path, or a CpuExpertPool backend")
     p.add_argument("--tiny", action="store_true", help=f"H={TINY_H}, I={TINY_I} (CPU / CI)")
     p.add_argument("--distinct-layers", action="store_true",
                    help="one random host bank per layer instead of one shared bank")
@@ -486,9 +497,9 @@ def main(argv: list[str] | None = None) -> int:
             store = random_store(dims, device, torch.bfloat16, args.distinct_layers, args.seed)
             stubs = DenseStubs(dims, device, torch.bfloat16, int(draft_gb * 1e9), args.tiny,
                                args.seed)
-            costs, cal = resolve_costs(args.profile, dims, device, quick=args.tiny)
+            costs, cal = resolve_costs(args.profile, dims, device, args.tiny, args.cpu_path)
             kernel, layer_kernel, kernel_name = resolve_kernel(device, args.kernel)
-            cpu_path, cpu_name = resolve_cpu_path(device)
+            cpu_path, cpu_name = resolve_cpu_path(device, args.cpu_path)
             b = Bench(trace=trace, ar_work=autoregressive_workload(trace),
                       sd_work=speculative_workload(trace, args.draft_tokens, args.acceptance,
                                                    args.seed),
@@ -511,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
-            if isinstance(cpu_path, ThreadCpuExperts):
+            if hasattr(cpu_path, "close"):
                 cpu_path.close()
             del b, store, stubs
             gc.collect()

@@ -182,11 +182,23 @@ def _device_kernel(device: torch.device) -> tuple[Callable[..., torch.Tensor], s
     return experts_reference, "offload.experts_reference (torch)"
 
 
-def _cpu_kernel() -> tuple[Callable[..., torch.Tensor], str]:
-    """The CPU path the layer runs (`offload.ThreadCpuExperts` / `InlineCpuExperts` call
-    `pair_outputs` over host weights)."""
-    from moespac_vllm.offload import pair_outputs
-    return pair_outputs, "offload.pair_outputs (torch, cpu)"
+CPU_PATHS = ("layer", "native", "exact")
+
+
+def _cpu_kernel(path: str = "layer") -> tuple[Callable[..., torch.Tensor], str]:
+    """The CPU expert path to time: `layer` is what `offload.ThreadCpuExperts` /
+    `InlineCpuExperts` run (`pair_outputs`, weights upcast to fp32); `native` / `exact` are the
+    backends of `kernels.cpu_experts.CpuExpertPool` (bf16 oneDNN GEMMs / the reference arithmetic).
+    """
+    if path == "layer":
+        from moespac_vllm.offload import pair_outputs
+        return pair_outputs, "offload.pair_outputs (torch, cpu)"
+    if path in ("native", "exact"):
+        from moespac_vllm.kernels import cpu_experts
+
+        fn = cpu_experts.pair_outputs_native if path == "native" else cpu_experts.pair_outputs_exact
+        return fn, f"kernels.cpu_experts.pair_outputs_{path}"
+    raise ValueError(f"cpu_path: expected one of {', '.join(CPU_PATHS)}, got {path!r}")
 
 
 def measure_copy(dims: ModelDims, device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
@@ -233,7 +245,7 @@ def measure_experts(dims: ModelDims, device: torch.device,
 
 def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = DEFAULT_TOKENS,
               device_experts: int = 8, cpu_experts: int = 4, cpu_threads: int | None = None,
-              reps: int = 10) -> Calibration:
+              reps: int = 10, cpu_path: str = "layer") -> Calibration:
     """Measure copy, device and CPU expert costs at `dims` on this machine."""
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device: expected auto, cuda or cpu, got {device!r}")
@@ -244,6 +256,7 @@ def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = 
                     ("reps", reps)):
         if v < 1:
             raise ValueError(f"{name}: must be >= 1, got {v}")
+    cpu_fn, cpu_method = _cpu_kernel(cpu_path)
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
         raise ValueError("device: 'cuda' asked for but this machine has no CUDA device")
@@ -265,7 +278,6 @@ def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = 
     # 256 MB saturates a PCIe link; on a CPU a 32 MB memcpy already leaves the caches.
     h2d_gbps, fetch_ms = measure_copy(dims, dev, reps=max(5, 2 * reps),
                                       large_mb=256 if dev.type == "cuda" else 32)
-    cpu_fn, cpu_method = _cpu_kernel()
     cpu_points = measure_experts(dims, torch.device("cpu"), cpu_fn, tokens, cpu_experts,
                                  warmup=1, reps=max(3, reps // 2))
     if dev.type == "cuda":

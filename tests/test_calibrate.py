@@ -73,10 +73,17 @@ def test_cpu_calibration_says_the_device_side_is_absent():
     ({"tokens": (0, 4)}, "tokens"),
     ({"reps": 0}, "reps"),
     ({"cpu_threads": 0}, "cpu_threads"),
+    ({"cpu_path": "gpu"}, "cpu_path"),
 ])
 def test_calibrate_refuses_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         calibrate(TINY, **kwargs)
+
+
+def test_calibrate_times_the_chosen_cpu_path():
+    cal = calibrate(TINY, device="cpu", tokens=(1, 2), reps=2, cpu_experts=1, cpu_path="native")
+    assert cal.cpu_method == "kernels.cpu_experts.pair_outputs_native"
+    assert cal.device_method == cal.cpu_method  # no accelerator: the CPU path is the device
 
 
 def test_calibrate_refuses_cuda_without_cuda():
