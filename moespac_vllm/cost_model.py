@@ -241,26 +241,36 @@ def _jsonable(x: Any) -> Any:
 PROFILES: dict[str, CostProfile] = {
     "h100-pcie5": CostProfile(
         name="h100-pcie5",
-        # PCIe 5.0 x16: 64 GB/s per direction raw; pinned cudaMemcpy of MB-sized buffers reaches
-        # ~50-55 GB/s on Gen5 hosts (nvbandwidth-class figures). 50: an expert is only ~9-350 MB.
-        h2d_gbps=50.0,
-        h2d_latency_ms=0.01,  # ~10 us driver + DMA setup per cudaMemcpyAsync [I]
-        # H100 SXM5 80 GB HBM3: 3.35 TB/s peak (NVIDIA datasheet); batch-1 grouped GEMMs stream
-        # weights at ~80% of it [I] -> 2700 GB/s.
+        # MEASURED 2026-11-23 on the lent H100 80GB HBM3 machine (PCIe gen 5 x16, 16 vCPU Xeon)
+        # with `moespac calibrate` (two runs each): a 256 MB pinned copy moves 54.1-55.0 GB/s;
+        # one expert's w13 + w2 copy takes 0.19-0.28 ms at Qwen3-30B-A3B dims (9.4 MB) and
+        # 6.38-6.47 ms at Mixtral dims (352 MB): a fit over both sizes gives 54.6-56.3 GB/s and
+        # 0.015-0.11 ms per expert copy.
+        h2d_gbps=55.0,
+        h2d_latency_ms=0.05,
+        # HBM3: 3.35 TB/s peak (datasheet); a device-to-device copy on this machine moved ~3.0
+        # TB/s (device/KINDS.md). Our Triton `fused_experts` streamed a Mixtral expert in 0.26 ms
+        # (1.35 TB/s) and took 0.16 ms per Qwen3 expert (8 per launch: launch-bound); a
+        # calibrated JSON carries those kernel numbers. Here: the hardware at ~80% of peak [I].
         device_mem_gbps=2700.0,
-        # 989 TFLOP/s dense BF16 peak (datasheet, without sparsity); ~60% at skinny shapes [I].
+        # 989 TFLOP/s dense BF16 peak (datasheet); 798 measured at 8192^3 on this machine
+        # (KINDS.md); skinny expert GEMMs reach less: 600 [I].
         device_tflops=600.0,
         device_expert_overhead_ms=0.005,  # per-expert tile scheduling in a fused MoE kernel [I]
-        # Host: one socket of a Sapphire Rapids / Genoa server, 8 x DDR5-4800 = 307 GB/s peak;
-        # a PyTorch/oneDNN expert GEMV reaches about a third of it [I] -> 100 GB/s.
-        cpu_mem_gbps=100.0,
-        cpu_gflops=1000.0,  # AMX/AVX-512 BF16 at batch <= 32: ~1 TFLOP/s effective [I]
-        cpu_expert_overhead_ms=0.02,  # thread-pool dispatch + join per expert [I]
+        # MEASURED (same runs): the CPU expert path (offload.pair_outputs, torch bf16, 16 threads)
+        # took 0.26-0.31 ms + 0.024-0.030 ms/token per Qwen3 expert -> 33 GB/s, 350 GFLOP/s.
+        # At Mixtral dims the same path reached only ~4.4 GB/s (80 ms per expert): torch's bf16
+        # GEMV on this CPU is far from bandwidth-bound there, so this profile flatters the CPU
+        # for Mixtral-sized experts (calibrate at those dims instead).
+        cpu_mem_gbps=33.0,
+        cpu_gflops=350.0,
+        cpu_expert_overhead_ms=0.0,  # folded into the measured rate
         # Qwen3-4B-FP8 draft: ~4 GB per token / 2.7 TB/s = 1.5 ms, + ~36 layers of launches [I].
         draft_ms_per_token=2.5,
         dense_layer_overhead_ms=0.03,  # ~10 kernel launches per layer at ~3 us [I]
-        notes="H100 SXM5 80GB (HBM3) on a PCIe 5.0 x16 host; datasheet peaks derated by our "
-              "[I] efficiency factors; replace with `moespac calibrate` output where possible.",
+        notes="H100 80GB HBM3 on PCIe 5.0 x16 with a 16-vCPU Xeon host (the lent machine): PCIe "
+              "and CPU-path numbers measured by `moespac calibrate` (2026-11-23); device numbers "
+              "from the datasheet and this machine's D2D/matmul readings, derated [I].",
     ),
     "rtx4090-pcie4": CostProfile(
         name="rtx4090-pcie4",
