@@ -153,10 +153,78 @@ def _serve(args: argparse.Namespace) -> int:
 
 # ---- simulate (#3) --------------------------------------------------------------------------
 def _simulate_args(p: argparse.ArgumentParser) -> None:
-    _no_args(p)
+    p.add_argument("--trace", required=True,
+                   help="trace npz or Mixtral routing JSONL (auto-detected), or "
+                        "'synthetic[:STEPS]' for the synthetic Qwen3-30B-A3B-scale trace")
+    p.add_argument("--policy", default="spac", help="spac, spac-faithful, lru, lfu, static, "
+                   "hybrimoe, sd-lru, oracle")
+    p.add_argument("--cache-ratio", type=float, default=0.17,
+                   help="device expert slots per layer as a share of E (0, 1]")
+    p.add_argument("--profile", default="rtx4090-pcie4", help="cost profile name or JSON path")
+    p.add_argument("--draft-tokens", type=int, default=8, help="k drafts per verification window")
+    p.add_argument("--acceptance", type=float, default=0.8,
+                   help="per-draft-token acceptance probability of the window model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="replay only the first N decode tokens of the trace")
+    p.add_argument("--adaptive-draft", action="store_true",
+                   help="spac only: re-choose the draft length every step (roofline), up to "
+                        "--draft-tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object (JSON lines with "
+                   "--sweep)")
+    p.add_argument("--sweep", action="store_true",
+                   help="all policies x ratios 0.1, 0.17, 0.25, 0.5: table + plot in --out")
+    p.add_argument("--out", default=None, help="directory for the sweep's table and plot")
 
 
-_simulate = _not_yet("#3")
+def _simulate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from moespac_vllm import simulate as sim
+
+    if args.sweep and args.out is None:
+        raise ValueError("out: --sweep needs an output directory")
+    trace = sim.load_workload_trace(args.trace, seed=args.seed)
+    if not 0.0 <= args.acceptance <= 1.0:
+        raise ValueError(f"acceptance: must be in [0, 1], got {args.acceptance}")
+    kw = dict(draft_tokens=args.draft_tokens, acceptance=args.acceptance, seed=args.seed,
+              max_tokens=args.max_tokens)
+    if not args.sweep:
+        if args.out is not None:
+            raise ValueError("out: only used with --sweep")
+        r = sim.simulate(trace, args.policy, args.cache_ratio, args.profile,
+                         adaptive_draft=args.adaptive_draft, **kw)
+        if args.json:
+            print(json.dumps(r.as_dict(), sort_keys=True))
+        else:
+            print(f"{r.policy} @ ratio {r.cache_ratio:g} ({r.num_slots} slots/layer) on "
+                  f"{r.profile}: {r.tokens_per_s:.2f} tok/s, hit rate {r.stats.hit_rate:.3f}, "
+                  f"H2D {r.stats.h2d_bytes / 1e9:.2f} GB, stall {r.stats.stall_ms:.0f} ms, "
+                  f"CPU {r.stats.cpu_ms:.0f} ms [{r.trace}; modelled]")
+        return 0
+    if args.out is None:
+        raise ValueError("out: --sweep needs an output directory")
+    if args.adaptive_draft:
+        raise ValueError("adaptive-draft: --sweep always adds a spac+adaptive-k row")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = sim.sweep(trace, args.profile, **kw)
+    table = sim.sweep_table(results)
+    stem = f"sweep-{results[0].profile}"
+    (out / f"{stem}.md").write_text(table)
+    sim.sweep_plot(results, out / f"{stem}.png")
+    with open(out / f"{stem}.jsonl", "w") as f:
+        for r in results:
+            f.write(json.dumps(r.as_dict(), sort_keys=True) + "\n")
+    if args.json:
+        for r in results:
+            print(json.dumps(r.as_dict(), sort_keys=True))
+    else:
+        print(table)
+        print(f"wrote {out / (stem + '.md')}, {out / (stem + '.png')}, "
+              f"{out / (stem + '.jsonl')}")
+    return 0
 
 
 # ---- calibrate (#5) -------------------------------------------------------------------------
@@ -171,6 +239,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated tokens per expert to time (default 1,2,4,8,16,32)")
     p.add_argument("--quick", action="store_true", help="fewer token counts and repetitions")
     p.add_argument("--cpu-threads", type=int, default=None)
+    p.add_argument("--cpu-path", default="layer", choices=("layer", "native", "exact"),
+                   help="CPU expert path to time: the layer's (default) or a CpuExpertPool "
+                        "backend")
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -188,7 +259,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     else:
         tokens = cal.QUICK_TOKENS if args.quick else cal.DEFAULT_TOKENS
     result = cal.calibrate(dims, device=args.device, tokens=tokens,
-                           cpu_threads=args.cpu_threads, reps=4 if args.quick else 10)
+                           cpu_threads=args.cpu_threads, reps=4 if args.quick else 10,
+                           cpu_path=args.cpu_path)
     name = args.name or "calibrated-" + re.sub(r"[^a-z0-9]+", "-", result.device_name.lower())
     with open(args.out, "w") as f:
         f.write(result.to_profile_json(name.strip("-")))

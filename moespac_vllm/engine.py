@@ -187,6 +187,7 @@ class ExpertEngine:
         self._end_ms: float | None = None
         self._gap_ms = 0.0  # end_step -> next begin_step (the draft phase), last step
         self._layer_offset_ms = np.zeros(L, dtype=np.float64)  # begin_step -> plan_layer(l)
+        self._window_ids: list[np.ndarray | None] = [None] * L  # last decode/verify routing
 
     # ---- oracle ------------------------------------------------------------------------------
     def set_future(self, future_counts: np.ndarray) -> None:
@@ -259,6 +260,8 @@ class ExpertEngine:
         decoding = self._decoding()
         if decoding and self._begin_ms is not None:
             self._layer_offset_ms[layer] = self.clock.now_ms() - self._begin_ms
+        if decoding:
+            self._window_ids[layer] = ids
         ready = [int(e) for e in routed if table.is_ready(int(e))]
         loading = [int(e) for e in routed if table.is_loading(int(e))]
         absent = [int(e) for e in routed if table.slot_of(int(e)) < 0]
@@ -356,6 +359,11 @@ class ExpertEngine:
                     to_cpu.append(e)
             elif placement.fetch[i]:
                 (wait if i < len(ready) + len(loading) else fetch).append(e)
+        # the budget above lets a LOADING expert's own slot count for any fetch; new copies can
+        # only take free or evictable slots, so the surplus (fewest tokens) stays on the CPU
+        room = free - len(loading)
+        if len(fetch) > room:
+            fetch = sorted(fetch, key=lambda e: (-int(counts[e]), e))[:room]
         return wait, fetch, to_cpu
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
@@ -540,6 +548,63 @@ class ExpertEngine:
             if table.slot_of(e) < 0:
                 slot = self._admit(layer, e, demand=False)
                 self._load(layer, e, slot)
+
+    # ---- adaptive draft length ----------------------------------------------------------------
+    def draft_roofline(self, acceptance: float, draft_ms_per_token: float,
+                       step_overhead_ms: float, k_max: int) -> list[tuple[int, float, float]]:
+        """The amortization roofline (after MoE-SpeQ): for k = 0..k_max, (k, expected tokens per
+        step, modelled step ms). Ours ([I]); the model, per layer, for a window of n = k + 1:
+
+        - D(n): distinct experts among the first n tokens of the last window (beyond its length:
+          extrapolated as a union of independent draws fitted to the last window);
+        - H(n): those of them resident now (scaled the same way, at most S);
+        - layer ms = min over m on-demand fetches of max((H+m) g + m f, (D-H-m) c), g / c / f
+          the device / CPU / copy time of an expert with n K / D tokens (the balancer's model);
+        - step ms = k x draft ms + step_overhead_ms (dense layers, LM head) + sum of layer ms;
+        - expected tokens = (1 - a^(k+1)) / (1 - a) for per-draft acceptance a."""
+        if not 0.0 <= acceptance <= 1.0:
+            raise ValueError(f"acceptance: must be in [0, 1], got {acceptance}")
+        if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 0:
+            raise ValueError(f"k_max: must be an integer >= 0, got {k_max!r}")
+        E, K, S = self.dims.num_experts, self.dims.top_k, self.num_slots
+        c = self.costs
+        ns = np.arange(1, k_max + 2, dtype=np.float64)
+        total = np.zeros_like(ns)
+        ms = np.arange(S + 1, dtype=np.float64)[:, None]  # on-demand fetch counts considered
+        for layer, ids in enumerate(self._window_ids):
+            if ids is None or ids.size == 0:
+                continue
+            T = ids.shape[0]
+            resident = self.tables[layer]._slot_of >= 0
+            # first[e]: the first token of the window routed to e (T if none)
+            first = np.full(E, T, dtype=np.int64)
+            np.minimum.at(first, ids.ravel(), np.repeat(np.arange(T), ids.shape[1]))
+            d_obs = np.bincount(first[first < T], minlength=T).cumsum()
+            h_obs = np.bincount(first[(first < T) & resident], minlength=T).cumsum()
+            dT, hT = float(d_obs[-1]), float(h_obs[-1])
+            q = (1.0 - min(dT, E - 0.5) / E) ** (1.0 / T)  # per-token "not drawn" probability
+            idx = np.minimum(ns.astype(np.int64), T) - 1
+            D = np.where(ns <= T, d_obs[idx], E * (1.0 - q ** ns))
+            H = np.where(ns <= T, h_obs[idx], np.minimum(S, hT * D / max(dT, 1.0)))
+            per = ns * K / np.maximum(D, 1.0)
+            g = c.gpu_fixed_ms + c.gpu_per_token_ms * per
+            cp = c.cpu_fixed_ms + c.cpu_per_token_ms * per
+            mm = np.minimum(ms, np.maximum(0.0, np.minimum(D - H, S - H)))  # [S+1, n]
+            t = np.maximum((H + mm) * g + mm * c.fetch_ms, (D - H - mm) * cp)
+            total += t.min(axis=0)
+        out = []
+        for i, n in enumerate(ns):
+            k = int(n) - 1
+            tokens = float(n) if acceptance >= 1.0 else (1 - acceptance ** n) / (1 - acceptance)
+            out.append((k, tokens, k * draft_ms_per_token + step_overhead_ms + float(total[i])))
+        return out
+
+    def choose_draft_tokens(self, acceptance: float, draft_ms_per_token: float,
+                            step_overhead_ms: float, k_max: int, k_min: int = 1) -> int:
+        """The k in [k_min, k_max] with the most expected tokens per modelled ms (ties: smaller)."""
+        roof = self.draft_roofline(acceptance, draft_ms_per_token, step_overhead_ms, k_max)
+        cand = [r for r in roof if r[0] >= k_min] or roof
+        return max(cand, key=lambda r: (r[1] / max(r[2], 1e-9), -r[0]))[0]
 
     # ---- statistics --------------------------------------------------------------------------
     def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0, gpu_ms: float = 0.0

@@ -1,0 +1,181 @@
+"""Trace-driven simulator and `moespac simulate`: small traces where the right answer is known."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moespac_vllm import cli
+from moespac_vllm import simulate as sim
+from moespac_vllm.config import Policy
+from moespac_vllm.cost_model import CostProfile, get_profile
+from moespac_vllm.trace import ModelDims, StepKind, Trace, TraceMeta
+
+DIMS = ModelDims(num_layers=3, num_experts=8, top_k=2, hidden_size=64, intermediate_size=32)
+
+
+def _ar_trace(tokens: int = 60, seed: int = 0, hot: int | None = None) -> Trace:
+    """A plain decode stream; with `hot`, every token routes to experts < hot only."""
+    rng = np.random.default_rng(seed)
+    pool = DIMS.num_experts if hot is None else hot
+    ids = np.stack([
+        np.stack([rng.choice(pool, DIMS.top_k, replace=False) for _ in range(DIMS.num_layers)])
+        for _ in range(tokens)])
+    return Trace(dims=DIMS, meta=TraceMeta(source="test", synthetic=True),
+                 kind=np.full(tokens, StepKind.DECODE), seq_id=np.zeros(tokens),
+                 num_accepted=np.zeros(tokens), token_offsets=np.arange(tokens + 1),
+                 topk_ids=ids)
+
+
+PROFILE = get_profile("rtx4090-pcie4")
+
+
+def test_sim_mover_serialises_copies_and_cancel_moves_the_queue_up():
+    clock = sim.SimClock()
+    mover = sim.SimMover(clock, fetch_ms=2.0, expert_bytes=10)
+    mover.load(0, 1, 0)
+    mover.load(0, 2, 1)
+    mover.load(1, 3, 0)
+    assert [mover.ready_at(0, 0), mover.ready_at(0, 1), mover.ready_at(1, 0)] == [2.0, 4.0, 6.0]
+    clock.t_ms = 1.0
+    assert not mover.is_ready(0, 0)
+    assert mover.cancel(0, 1)  # not started: removed, the next copy moves up
+    assert mover.ready_at(1, 0) == 4.0 and mover.bytes_moved == 20
+    clock.t_ms = 4.0
+    assert mover.is_ready(0, 0) and mover.is_ready(1, 0) and not mover.cancel(1, 0)
+
+
+def test_full_cache_hits_everything_after_warm_up_and_moves_nothing_more():
+    trace = _ar_trace(80)
+    short = sim.simulate(trace, "lru", 1.0, PROFILE, max_tokens=30)
+    full = sim.simulate(trace, "lru", 1.0, PROFILE)
+    cold = DIMS.num_layers * DIMS.num_experts
+    assert short.stats.misses <= cold and short.stats.misses == full.stats.misses
+    assert full.stats.h2d_bytes == short.stats.h2d_bytes  # nothing moved after warm-up
+    assert full.stats.hits == full.stats.device_experts - full.stats.misses
+    assert full.stats.cpu_experts == 0
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_every_routed_expert_is_computed_exactly_once(policy):
+    trace = _ar_trace(40, seed=1)
+    r = sim.simulate(trace, policy, 0.25, PROFILE, draft_tokens=3)
+    work = (sim.autoregressive_workload(trace) if not r.speculative
+            else sim.speculative_workload(trace, 3, sim.DEFAULT_ACCEPTANCE))
+    routed = int((sim.step_counts(work) > 0).sum())
+    s = r.stats
+    assert s.device_experts + s.cpu_experts == routed == s.hits + s.misses
+    assert r.tokens == 40  # every token of the stream is emitted once
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oracle_is_never_slower_than_speculative_lru(seed):
+    trace = _ar_trace(60, seed=seed, hot=5)
+    for ratio in (0.25, 0.5):
+        orc = sim.simulate(trace, "oracle", ratio, PROFILE, draft_tokens=3, seed=seed)
+        lru = sim.simulate(trace, "sd-lru", ratio, PROFILE, draft_tokens=3, seed=seed)
+        assert orc.tokens == lru.tokens
+        assert orc.time_ms <= lru.time_ms * 1.0001
+
+
+def test_skewed_routing_full_slots_never_touch_the_cpu():
+    trace = _ar_trace(40, hot=2)  # two experts per layer, two slots per layer at 0.25
+    r = sim.simulate(trace, "static", 0.25, PROFILE)
+    assert r.stats.cpu_experts <= 2 * DIMS.num_layers * sim_warmup_steps()
+    assert r.stats.hit_rate > 0.5
+
+
+def sim_warmup_steps() -> int:
+    from moespac_vllm.engine import STATIC_WARMUP_STEPS
+
+    return STATIC_WARMUP_STEPS
+
+
+def test_adaptive_draft_picks_long_windows_only_when_drafting_is_cheap():
+    trace = _ar_trace(60, seed=3)
+    free_draft = CostProfile(**{**_profile_fields(PROFILE), "name": "free-draft",
+                                "draft_ms_per_token": 0.0})
+    cheap = sim.simulate(trace, "spac", 0.5, free_draft, draft_tokens=6, acceptance=0.95,
+                         adaptive_draft=True)
+    assert 1.0 <= cheap.mean_draft_tokens <= 6.0 and cheap.tokens == 60
+    slow_draft = CostProfile(**{**_profile_fields(PROFILE), "name": "slow-draft",
+                                "draft_ms_per_token": 500.0})
+    slow = sim.simulate(trace, "spac", 0.5, slow_draft, draft_tokens=6, acceptance=0.95,
+                        adaptive_draft=True)
+    assert slow.mean_draft_tokens < cheap.mean_draft_tokens
+    with pytest.raises(ValueError, match="adaptive_draft"):
+        sim.simulate(trace, "lru", 0.5, PROFILE, adaptive_draft=True)
+
+
+def _profile_fields(p: CostProfile) -> dict:
+    from dataclasses import fields
+
+    return {f.name: getattr(p, f.name) for f in fields(p)}
+
+
+def test_real_mixtral_trace_is_labelled_and_modelled(data_dir):
+    path = data_dir / "mixtral-8x7b-routing" / "humaneval_2_routing.jsonl"
+    trace = sim.load_workload_trace(str(path))
+    r = sim.simulate(trace, "spac", 0.25, "h100-pcie5", max_tokens=40)
+    d = r.as_dict()
+    assert d["trace"].startswith("real") and d["modelled"] is True and d["synthetic"] is False
+    assert r.tokens == 40 and r.tokens_per_s > 0
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(["simulate", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_prints_one_json_object_with_the_documented_keys(tmp_path, capsys):
+    path = _ar_trace(30).save(tmp_path / "t.npz")
+    rc, out, _ = _run(capsys, "--trace", str(path), "--policy", "spac", "--cache-ratio", "0.25",
+                      "--profile", "h100-pcie5", "--json")
+    assert rc == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    d = json.loads(lines[0])
+    for key in ("tokens_per_s", "hit_rate", "h2d_bytes", "stall_ms", "cpu_ms",
+                "prefetch_precision", "prefetch_recall", "bytes_moved", "policy", "cache_ratio",
+                "profile", "trace", "synthetic", "modelled"):
+        assert key in d, key
+    assert d["policy"] == "spac" and d["profile"] == "h100-pcie5" and d["synthetic"] is True
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--cache-ratio", "0"], "cache_ratio"),
+    (["--cache-ratio", "1.5"], "cache_ratio"),
+    (["--policy", "fifo"], "policy"),
+    (["--profile", "nope"], "profile"),
+    (["--draft-tokens", "0"], "draft_tokens"),
+    (["--acceptance", "2"], "acceptance"),
+    (["--sweep"], "out"),
+])
+def test_cli_bad_arguments_give_one_line_naming_the_argument(tmp_path, capsys, argv, field):
+    path = _ar_trace(10).save(tmp_path / "t.npz")
+    rc, out, err = _run(capsys, "--trace", str(path), *argv)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and field in err
+
+
+def test_cli_missing_trace_names_the_path(tmp_path, capsys):
+    rc, _, err = _run(capsys, "--trace", str(tmp_path / "absent.npz"))
+    assert rc == 2 and "path" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_sweep_writes_table_plot_and_json_lines(tmp_path, capsys):
+    path = _ar_trace(24).save(tmp_path / "t.npz")
+    out_dir = tmp_path / "sweep"
+    rc, out, _ = _run(capsys, "--trace", str(path), "--profile", "h100-pcie5", "--sweep",
+                      "--out", str(out_dir), "--draft-tokens", "3")
+    assert rc == 0
+    md = (out_dir / "sweep-h100-pcie5.md").read_text()
+    png = (out_dir / "sweep-h100-pcie5.png").read_bytes()
+    rows = [json.loads(x) for x in (out_dir / "sweep-h100-pcie5.jsonl").read_text().splitlines()]
+    assert png[:4] == b"\x89PNG"
+    assert {(r["policy"], r["cache_ratio"]) for r in rows} >= {
+        (p.value, x) for p in Policy for x in sim.SWEEP_RATIOS}
+    assert "| 0.17 |" in md and "spac" in out
