@@ -309,7 +309,7 @@ class Trace:
         """[N] the step each token belongs to."""
         return np.repeat(np.arange(self.num_steps), self.tokens_per_step)
 
-    def counts(self, layer: int, steps: np.ndarray | None = None) -> np.ndarray:
+    def counts(self, layer: int) -> np.ndarray:
         """[S, E] int32: tokens of each step routed to each expert at `layer` (the estimator's
         per-window counts c[e]), for all steps at once."""
         return _step_counts(self.topk_ids[:, layer, :], self.token_offsets, self.dims.num_experts)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moespac_vllm.trace import (
     MIXTRAL_8X7B,
@@ -249,6 +251,44 @@ def test_draft_signal_mirrors_the_window_at_the_requested_agreement() -> None:
     assert 0.45 <= kept / total <= 0.55
     np.testing.assert_array_equal(half.draft_counts(0).sum(axis=1),
                                   4 * np.diff(half.draft_offsets))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3), k=st.integers(0, 5),
+       alpha=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+       rejected=st.sampled_from(["resample", "perturb"]))
+def test_windows_replay_every_emitted_token_exactly_once(lengths, k, alpha, seed, rejected) -> None:
+    tr = _decode_trace(tuple(lengths), seed=seed % 7)
+    w = windows_from_autoregressive(tr, k, alpha, seed=seed, rejected=rejected)
+    for sid, n in enumerate(lengths):
+        stream = tr.topk_ids[tr.seq_id[tr.step_of_token()] == sid]
+        steps = np.flatnonzero(w.seq_id == sid)
+        # the windows advance by accepted + 1 and together emit the whole stream
+        assert int((w.num_accepted[steps] + 1).sum()) == n
+        p = 0
+        for s in steps:
+            step = w.step(int(s))
+            assert step.num_tokens <= k + 1 and step.num_accepted < max(step.num_tokens, 1)
+            exact = ~step.token_modelled
+            # recorded tokens are the stream's own routing at their positions, in order
+            np.testing.assert_array_equal(step.topk_ids[exact],
+                                          stream[p:p + step.num_tokens][exact])
+            assert exact[: step.num_accepted + 1].all()
+            assert not exact[step.num_accepted + 1:].any()
+            p += step.num_accepted + 1
+
+
+def test_draft_counts_fall_back_to_the_top_k_of_draft_logits() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((3, 3, 6)).astype(np.float16)
+    rec = TraceRecorder(SMALL, source="u")
+    rec.add_step(StepKind.VERIFY, _random_ids(rng, 4), draft_logits=logits)
+    tr = rec.build()
+    for layer in range(3):
+        want = np.zeros(6, int)
+        for row in logits[:, layer].astype(np.float32):
+            want[np.argsort(-row)[:2]] += 1
+        np.testing.assert_array_equal(tr.draft_counts(layer)[0], want)
 
 
 @pytest.mark.parametrize("kw,field", [
