@@ -14,7 +14,7 @@ ids already remapped to slots (the shape of vLLM PR #37190's weight provider). T
 
 Faces, one name everywhere:
 - `fused_experts_reference`: pure torch. The spec in tests and the CPU fallback.
-- the Triton kernels below (`_gate_up_kernel`, `_down_kernel`) with their launcher.
+- the Triton kernels below with their launcher `_fused_experts_triton`.
 - `benchmark(...)`: times one face at one shape (used by benchmarks/bench_fused_experts.py).
 `fused_experts(..., backend=AUTO)` runs Triton on CUDA tensors and the reference elsewhere;
 `backend=TRITON` on CPU tensors runs Triton's interpreter, which must have been switched on with
@@ -29,13 +29,17 @@ Numerics contract (shared by every face and by `cpu_experts.py`):
    is rounded once to the input dtype.
 Faces differ only by the GEMMs' internal summation order (fp32 round-off).
 
-Kernel structure (the known-good one of vLLM's fused_moe, reduced to decode): the (token, k) pairs
-are sorted by slot and each slot's run padded to BLOCK_M (`_align_pairs_by_slot`, on the device,
-without a host sync, so it is CUDA-graph friendly); each program of `_gate_up_kernel` takes one
-BLOCK_M block (one slot) and BLOCK_N columns of both gate and up, gathers the block's token rows,
-and writes SiLU(gate)*up for its pairs; `_down_kernel` does the same for w2, scales by the routing
-weight and writes each pair's fp32 row; the reduction over k is one deterministic torch pass.
-Two pairs sharing a slot share its weight tiles; that is the point of the sort at T > 1.
+Kernel structure (the known-good one of vLLM's fused_moe, reduced to decode), four launches:
+1. `_align_kernel` (one program): the (token, k) pairs sorted by slot, each slot's run padded to
+   BLOCK_M, and the slot of every BLOCK_M block; on the device with a fixed upper bound on the block
+   count, so there is no host sync and the op is CUDA-graph capturable. Above
+   ALIGN_KERNEL_MAX_PAIRS pairs (prefill) the same layout comes from torch ops
+   (`_align_pairs_by_slot`).
+2. `_gate_up_kernel`: per (block, BLOCK_N columns) program, gather the block's token rows, GEMM
+   against both the gate and the up rows of the block's slot, write SiLU(gate)*up per pair.
+3. `_down_kernel`: the same against w2, scaled by the routing weight, one fp32 row per pair.
+4. `_sum_topk_kernel`: the in-order sum over k, skipped pairs never read, one cast.
+Pairs sharing a slot share its weight tiles; that is the point of the sort at T > 1.
 """
 from __future__ import annotations
 
@@ -300,6 +304,110 @@ if triton is not None:
         tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _align_kernel(
+        ids_ptr, scratch_ptr, sorted_pairs_ptr, block_slot_ptr,
+        num_pairs, num_sorted, num_blocks,
+        BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        """`_align_pairs_by_slot` in one program, O(P^2) compares (P <= ALIGN_KERNEL_MAX_PAIRS):
+        rank[p] = #{q < p: id[q] == id[p]}, count[p] = #{q: id[q] == id[p]}; a slot's padded
+        start = sum of ceil(count/BLOCK_M)*BLOCK_M over the first pairs (rank 0) of smaller
+        slots. Same layout as the torch version (a stable sort by slot)."""
+        offs = tl.arange(0, CHUNK)
+        for c in range(0, tl.cdiv(num_sorted, CHUNK)):  # padding everywhere first
+            o = c * CHUNK + offs
+            tl.store(sorted_pairs_ptr + o, tl.full((CHUNK,), 0, tl.int32) + num_pairs,
+                     mask=o < num_sorted)
+        for c in range(0, tl.cdiv(num_blocks, CHUNK)):
+            o = c * CHUNK + offs
+            tl.store(block_slot_ptr + o, tl.full((CHUNK,), -1, tl.int32), mask=o < num_blocks)
+        for cp in range(0, tl.cdiv(num_pairs, CHUNK)):  # pass 1: rank and count of every pair
+            p = cp * CHUNK + offs
+            idp = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1).to(tl.int32)
+            rank = tl.zeros((CHUNK,), tl.int32)
+            count = tl.zeros((CHUNK,), tl.int32)
+            for cq in range(0, tl.cdiv(num_pairs, CHUNK)):
+                q = cq * CHUNK + offs
+                idq = tl.load(ids_ptr + q, mask=q < num_pairs, other=-1).to(tl.int32)
+                same = (idq[None, :] == idp[:, None]) & (idq[None, :] >= 0)
+                count += tl.sum(same.to(tl.int32), axis=1)
+                rank += tl.sum((same & (q[None, :] < p[:, None])).to(tl.int32), axis=1)
+            tl.store(scratch_ptr + p, rank, mask=p < num_pairs)
+            tl.store(scratch_ptr + num_pairs + p, count, mask=p < num_pairs)
+        tl.debug_barrier()
+        for cp in range(0, tl.cdiv(num_pairs, CHUNK)):  # pass 2: padded start, place the pair
+            p = cp * CHUNK + offs
+            p_ok = p < num_pairs
+            idp = tl.load(ids_ptr + p, mask=p_ok, other=-1).to(tl.int32)
+            rank = tl.load(scratch_ptr + p, mask=p_ok, other=0)
+            start = tl.zeros((CHUNK,), tl.int32)
+            for cq in range(0, tl.cdiv(num_pairs, CHUNK)):
+                q = cq * CHUNK + offs
+                q_ok = q < num_pairs
+                idq = tl.load(ids_ptr + q, mask=q_ok, other=-1).to(tl.int32)
+                rq = tl.load(scratch_ptr + q, mask=q_ok, other=1)
+                cntq = tl.load(scratch_ptr + num_pairs + q, mask=q_ok, other=0)
+                padded = (cntq + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+                first_of_smaller = ((rq[None, :] == 0) & (idq[None, :] >= 0)
+                                    & (idq[None, :] < idp[:, None]))
+                start += tl.sum(tl.where(first_of_smaller, padded[None, :], 0), axis=1)
+            dest = start + rank
+            ok = p_ok & (idp >= 0)
+            tl.store(sorted_pairs_ptr + dest, p.to(tl.int32), mask=ok)
+            tl.store(block_slot_ptr + dest // BLOCK_M, idp, mask=ok & (rank % BLOCK_M == 0))
+
+    @triton.jit
+    def _sum_topk_kernel(
+        pair_out_ptr, ids_ptr, out_ptr, top_k, H,
+        BLOCK_H: tl.constexpr,
+    ):
+        """out[t] = sum_{k=0..K-1, in order} pair_out[t*K + k] over routed pairs (fp32), cast once.
+        Skipped pairs are never read, so pair_out needs no zero fill."""
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = offs < H
+        acc = tl.zeros((BLOCK_H,), tl.float32)
+        for k in range(0, top_k):
+            pair = t * top_k + k
+            slot = tl.load(ids_ptr + pair).to(tl.int32)
+            routed = (tl.zeros((BLOCK_H,), tl.int32) + slot) >= 0  # a vector mask (interpreter)
+            acc += tl.load(pair_out_ptr + pair.to(tl.int64) * H + offs, mask=h_ok & routed,
+                           other=0.0)
+        tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
+
+
+# Above this many (token, k) pairs the one-program align kernel's O(P^2) compares cost more than
+# the ~35 small torch launches of `_align_pairs_by_slot` (prefill); below it, one launch wins.
+ALIGN_KERNEL_MAX_PAIRS = 2048
+
+
+def align_pairs_by_slot(
+    slot_ids: torch.Tensor, num_slots: int, block_m: int, *, use_kernel: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sort by slot the kernels need (see `_align_pairs_by_slot`): one Triton launch for
+    decode-sized P on CUDA (or under the interpreter when asked), the torch ops otherwise."""
+    P = slot_ids.numel()
+    if use_kernel is None:
+        use_kernel = slot_ids.is_cuda and triton is not None and 0 < P <= ALIGN_KERNEL_MAX_PAIRS
+    if not use_kernel:
+        return _align_pairs_by_slot(slot_ids, num_slots, block_m)
+    used = min(num_slots, P)
+    num_blocks = max(1, (P + used * (block_m - 1) + block_m - 1) // block_m)
+    dev = slot_ids.device
+    flat = slot_ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    scratch = torch.empty(2 * P, dtype=torch.int32, device=dev)
+    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
+    block_slot = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    _align_kernel[(1,)](flat, scratch, sorted_pairs, block_slot, P, num_blocks * block_m,
+                        num_blocks, BLOCK_M=block_m, CHUNK=64)
+    return sorted_pairs, block_slot
+
+
 def interpreter_active() -> bool:
     """True when this module's kernels were built by Triton's interpreter (TRITON_INTERPRET=1 was
     set before import)."""
@@ -316,16 +424,21 @@ def _fused_experts_triton(
 ) -> torch.Tensor:
     T, H, I, S, K = _check_inputs(hidden, w13, w2, slot_ids, weights)
     P = T * K
-    out_pairs = torch.zeros(P, H, dtype=torch.float32, device=hidden.device)
     if P == 0:
-        return out_pairs.view(T, H).to(hidden.dtype)
-    sorted_pairs, block_slot = _align_pairs_by_slot(slot_ids, S, config.block_m)
+        return torch.zeros(T, H, dtype=hidden.dtype, device=hidden.device)
+    interp = interpreter_active()
+    # Decode launches 4 kernels (align, gate/up, down, sum over k): at T=1 on an H100 the ~45
+    # small torch ops this replaced cost more than the two GEMM kernels.
+    sorted_pairs, block_slot = align_pairs_by_slot(
+        slot_ids, S, config.block_m,
+        use_kernel=(hidden.is_cuda or interp) and P <= ALIGN_KERNEL_MAX_PAIRS)
     num_blocks = block_slot.numel()
     act = torch.empty(P, I, dtype=hidden.dtype, device=hidden.device)
+    out_pairs = torch.empty(P, H, dtype=torch.float32, device=hidden.device)
     w_flat = weights.reshape(-1).to(torch.float32).contiguous()
-    upcast = interpreter_active()
+    ids_flat = slot_ids.reshape(-1).contiguous()
     ieee = hidden.dtype == torch.float32
-    launch = {} if upcast else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    launch = {} if interp else {"num_warps": config.num_warps, "num_stages": config.num_stages}
     grid = (num_blocks, triton.cdiv(I, config.block_n_gate_up))
     _gate_up_kernel[grid](
         hidden, w13, act, sorted_pairs, block_slot,
@@ -333,7 +446,7 @@ def _fused_experts_triton(
         hidden.stride(0), hidden.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         act.stride(0), act.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n_gate_up, BLOCK_K=config.block_k,
-        UPCAST=upcast, IEEE=ieee, **launch,
+        UPCAST=interp, IEEE=ieee, **launch,
     )
     grid = (num_blocks, triton.cdiv(H, config.block_n_down))
     _down_kernel[grid](
@@ -342,9 +455,12 @@ def _fused_experts_triton(
         act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
         out_pairs.stride(0), out_pairs.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n_down, BLOCK_K=config.block_k,
-        UPCAST=upcast, IEEE=ieee, **launch,
+        UPCAST=interp, IEEE=ieee, **launch,
     )
-    return _sum_over_topk(out_pairs.view(T, K, H)).to(hidden.dtype)
+    out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
+    block_h = 256 if not interp else 32
+    _sum_topk_kernel[(T, triton.cdiv(H, block_h))](out_pairs, ids_flat, out, K, H, BLOCK_H=block_h)
+    return out
 
 
 def fused_experts(

@@ -197,6 +197,13 @@ def _interpret_cases() -> dict[str, tuple[torch.Tensor, ...]]:
     return cases
 
 
+def _align_cases() -> list[tuple[torch.Tensor, int, int]]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 8, 128, 16), (5, 3, 6, 16), (20, 2, 2, 16), (9, 8, 40, 32), (70, 2, 3, 16)]
+    return [(torch.randint(-1, S, (T, K), generator=g, dtype=torch.int32), S, bm)
+            for T, K, S, bm in shapes]
+
+
 _CHILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[3])
@@ -206,7 +213,10 @@ except ModuleNotFoundError:
     from kernels import fused_experts as fe
 assert fe.interpreter_active(), "TRITON_INTERPRET=1 did not reach the kernel module"
 cases = torch.load(sys.argv[1])
-torch.save({k: fe.fused_experts(*v, backend="triton") for k, v in cases.items()}, sys.argv[2])
+outs = {k: fe.fused_experts(*v, backend="triton") for k, v in cases.items() if k != "align"}
+outs["align"] = [fe.align_pairs_by_slot(ids, s, bm, use_kernel=True)
+                 for ids, s, bm in cases["align"]]
+torch.save(outs, sys.argv[2])
 """
 
 
@@ -216,6 +226,7 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     d = tmp_path_factory.mktemp("interpret")
     cases = _interpret_cases()
+    cases["align"] = _align_cases()
     torch.save(cases, d / "cases.pt")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
@@ -241,6 +252,16 @@ def test_interpreted_kernel_matches_reference(interpreted, name):
         assert torch.all(got == 0)
     if name == "negative_ids":
         assert torch.all(got[2] == 0)
+
+
+@pytest.mark.interpret
+def test_interpreted_align_kernel_gives_the_torch_layout(interpreted):
+    # The one-program align kernel (decode) and the torch ops (prefill) must agree exactly: a
+    # stable sort by slot, each slot's run padded to BLOCK_M, the same block -> slot map.
+    _, outs = interpreted
+    for (ids, S, bm), (pairs_k, slots_k) in zip(_align_cases(), outs["align"]):
+        pairs_t, slots_t = fe._align_pairs_by_slot(ids, S, bm)
+        assert torch.equal(pairs_k, pairs_t) and torch.equal(slots_k, slots_t), (ids.shape, S, bm)
 
 
 # ---- the kernel on a GPU at Qwen3-30B-A3B shapes ---------------------------------------------
