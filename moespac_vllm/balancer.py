@@ -8,8 +8,9 @@ an on-demand fetch may take), `ExpertCosts` (cost_model.py: g(n) = gpu_fixed + g
 c(n) = cpu_fixed + cpu_per_token·n, fetch_ms per expert) and hidden_fetch_ms W (copy time that
 overlaps other work and costs nothing).
 Output, `Placement`: fetch[M] (non-resident experts copied then run on the device), on_cpu[M]
-(the rest of the non-residents), makespan_ms, gpu_ms, cpu_ms. Every routed expert is placed exactly
-once: resident or fetched -> device, otherwise CPU; at most free_slots fetches.
+(the rest of the non-residents, plus residents moved off the device in the wider model below),
+makespan_ms, gpu_ms, cpu_ms. Every routed expert is placed exactly once; at most free_slots
+fetches.
 
 THE MODEL (ours, [I] in MOESPAC.md terms; the paper's integer program was not retrieved). With F the
 fetched set, m = |F|:
@@ -22,16 +23,15 @@ The two branches run concurrently (GPU launched asynchronously, CPU experts, joi
 the slower of the two; copies serialise on one PCIe link, and the first W ms of them hide behind
 work already in flight (the draft phase, earlier layers).
 
-Residents always run on the device: a resident costs the device microseconds (its weights are in
-HBM), while the CPU must stream ~10 MB of weights from DRAM (0.1-1 ms). Moving residents to the CPU
-can still shorten a copy-bound layer a little, but never by more than the residents' own device
-time G0 = Σ_{resident} g(n_i): take the optimum with moved set Q and put Q back on the device; the
-GPU branch grows by Σ_Q g <= G0 and the CPU branch shrinks, so the fixed-resident optimum is within
-G0 (microseconds in real profiles) of it. Covering that option exactly would make the subset sum
-three-dimensional (fetch count, moved count, net tokens), too slow for the hot path, so
-`ExactBalancer` solves the model with residents fixed. `MilpBalancer(allow_resident_cpu=True)`
-solves the wider model; tests check the bound and bench_balancer.py measures how often and by how
-much it helps (benchmarks/README.md).
+Residents run on the device by default: a resident costs the device microseconds (its weights
+are in HBM), while the CPU must stream its weights from DRAM (0.1-1 ms). Moving residents to the
+CPU can still shorten a copy-bound layer, but never by more than the residents' own device time
+G0 = Σ_{resident} g(n_i): take the optimum with moved set Q and put Q back on the device; the GPU
+branch grows by Σ_Q g <= G0 and the CPU branch shrinks. `BalanceProblem(allow_resident_cpu=True)`
+selects that wider model; every solver below honours it (on_cpu then may include residents).
+Measured with the named cost profiles at Qwen3-30B-A3B dims (bench_balancer.py `resident_to_cpu`,
+benchmarks/README.md): negligible on h100-pcie5, a few % on some layers of rtx4090-pcie4, and
+mean ~2 % (max ~22 %) on jetson-orin, whose device is slow relative to its CPU.
 
 Solvers, one `Balancer` protocol (`solve(problem) -> Placement`):
 
@@ -44,7 +44,7 @@ Solvers, one `Balancer` protocol (`solve(problem) -> Placement`):
   sum of the m smallest and the m largest n) gives a lower bound LB(m) that is convex in m; we
   start at its minimiser and walk outwards while LB can still beat the best exact value. The
   chosen (m, V) is reconstructed into per-class counts by backtracking the pieces. Ties: fewer
-  fetches.
+  fetches. The wider model adds a dimension (residents kept, k): `_solve_wide`, same idea.
 * `MilpBalancer`: the same model as a MILP for HiGHS (highspy), binaries per non-resident expert,
   continuous makespan and exposed-copy variables. The oracle in tests and benchmarks.
 * `CvxpyBalancer`: the same MILP through cvxpy (solver HIGHS), for cross-checking the formulation.
@@ -57,8 +57,8 @@ this module and use `ExactBalancer`.
 from __future__ import annotations
 
 import math
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Protocol
 
 import numpy as np
@@ -80,6 +80,7 @@ class BalanceProblem:
     free_slots: int
     costs: ExpertCosts
     hidden_fetch_ms: float = 0.0
+    allow_resident_cpu: bool = False  # the wider model: residents may run on the CPU too
 
     def __post_init__(self) -> None:
         tokens = np.asarray(self.tokens)
@@ -97,10 +98,17 @@ class BalanceProblem:
             raise ValueError(f"free_slots: must be a non-negative integer, got {fs!r}")
         if not isinstance(self.costs, ExpertCosts):
             raise ValueError(f"costs: expected ExpertCosts, got {type(self.costs).__name__}")
+        c = self.costs
+        if not all(map(math.isfinite, (c.gpu_fixed_ms, c.gpu_per_token_ms, c.cpu_fixed_ms,
+                                       c.cpu_per_token_ms, c.fetch_ms))):
+            raise ValueError(f"costs: every time must be finite, got {c}")
         w = self.hidden_fetch_ms
         if isinstance(w, bool) or not isinstance(w, (int, float, np.floating)) \
                 or not math.isfinite(w) or w < 0:
             raise ValueError(f"hidden_fetch_ms: must be a finite number >= 0, got {w!r}")
+        if not isinstance(self.allow_resident_cpu, (bool, np.bool_)):
+            raise ValueError(f"allow_resident_cpu: must be a boolean, got "
+                             f"{self.allow_resident_cpu!r}")
         object.__setattr__(self, "tokens", tokens.astype(np.int64, copy=False))
         object.__setattr__(self, "resident", resident)
         object.__setattr__(self, "free_slots", int(fs))
@@ -113,7 +121,8 @@ class BalanceProblem:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Placement:
-    """fetch[M]: fetched then run on the device; on_cpu[M]: run on the CPU; residents are neither."""
+    """fetch[M]: fetched then run on the device; on_cpu[M]: run on the CPU (non-residents not
+    fetched, plus residents moved off the device when the problem allows it)."""
 
     fetch: np.ndarray
     on_cpu: np.ndarray
@@ -130,11 +139,15 @@ class Balancer(Protocol):
     def solve(self, problem: BalanceProblem) -> Placement: ...
 
 
-def branch_times(problem: BalanceProblem, fetch: np.ndarray) -> tuple[float, float]:
-    """(gpu_ms, cpu_ms) of placing `fetch` (non-residents not fetched go to the CPU)."""
+def branch_times(problem: BalanceProblem, fetch: np.ndarray,
+                 resident_cpu: np.ndarray | None = None) -> tuple[float, float]:
+    """(gpu_ms, cpu_ms) of placing `fetch` (non-residents not fetched go to the CPU; residents
+    marked in `resident_cpu` too)."""
     c = problem.costs
     tok = problem.tokens
     on_gpu = problem.resident | fetch
+    if resident_cpu is not None:
+        on_gpu = on_gpu & ~resident_cpu
     n_gpu = int(np.count_nonzero(on_gpu))
     n_fetch = int(np.count_nonzero(fetch))
     n_cpu = tok.shape[0] - n_gpu
@@ -146,10 +159,12 @@ def branch_times(problem: BalanceProblem, fetch: np.ndarray) -> tuple[float, flo
     return gpu, cpu
 
 
-def evaluate(problem: BalanceProblem, fetch: np.ndarray) -> Placement:
-    """The placement that fetches exactly `fetch` [M] bool, with its times. Raises ValueError if it
-    fetches a resident or more than free_slots experts. Every solver reports through this, so
-    makespans are comparable bit for bit."""
+def evaluate(problem: BalanceProblem, fetch: np.ndarray,
+             resident_cpu: np.ndarray | None = None) -> Placement:
+    """The placement that fetches exactly `fetch` [M] bool (and runs the residents marked in
+    `resident_cpu` on the CPU), with its times. Raises ValueError if it fetches a resident, more
+    than free_slots experts, or moves a resident the problem does not allow to move. Every solver
+    reports through this (or the same integer totals), so makespans are comparable bit for bit."""
     f = np.asarray(fetch, dtype=bool)
     if f.shape != problem.tokens.shape:
         raise ValueError(f"fetch: expected shape {problem.tokens.shape}, got {f.shape}")
@@ -158,9 +173,17 @@ def evaluate(problem: BalanceProblem, fetch: np.ndarray) -> Placement:
     if int(np.count_nonzero(f)) > problem.free_slots:
         raise ValueError(f"fetch: {int(np.count_nonzero(f))} fetches exceed free_slots "
                          f"{problem.free_slots}")
-    gpu, cpu = branch_times(problem, f)
-    return Placement(fetch=f, on_cpu=~(problem.resident | f), makespan_ms=max(gpu, cpu),
-                     gpu_ms=gpu, cpu_ms=cpu)
+    on_cpu = ~(problem.resident | f)
+    if resident_cpu is not None:
+        r = np.asarray(resident_cpu, dtype=bool)
+        if r.shape != f.shape or np.any(r & ~problem.resident):
+            raise ValueError("resident_cpu: must mark residents only, shape like tokens")
+        if r.any() and not problem.allow_resident_cpu:
+            raise ValueError("resident_cpu: the problem does not allow residents on the CPU")
+        on_cpu = on_cpu | r
+        resident_cpu = r
+    gpu, cpu = branch_times(problem, f, resident_cpu)
+    return Placement(fetch=f, on_cpu=on_cpu, makespan_ms=max(gpu, cpu), gpu_ms=gpu, cpu_ms=cpu)
 
 
 class FixedCpuBalancer:
@@ -181,6 +204,8 @@ class ExactBalancer:
         # plain-int reads: numpy reductions on ~50 elements cost more than these loops
         tok = problem.tokens.tolist()
         res = problem.resident.tolist()
+        if problem.allow_resident_cpu and any(res):
+            return _solve_wide(problem, tok, res)
         c = problem.costs
         ag, bg, ac, bc = c.gpu_fixed_ms, c.gpu_per_token_ms, c.cpu_fixed_ms, c.cpu_per_token_ms
         n_all = len(tok)
@@ -338,29 +363,159 @@ def _choose(class_counts: list[int], n_nr: int, v_nr: int, m_max: int, n_res: in
     return best_m, best_v, per_class
 
 
+def _solve_wide(problem: BalanceProblem, tok: list[int], res: list[int]) -> Placement:
+    """The wider model (residents may run on the CPU), exactly.
+
+    With S the experts on the device, m = |S ∩ non-residents| (copies), k = |S ∩ residents|
+    (kept) and t = Σ_S n_i, the branches are GPU = ag (m + k) + bg t + X(m) and
+    CPU = ac (M - m - k) + bc (V - t): for a fixed (m, k) the best t is again the reachable one
+    nearest the crossing. The reachable (m, k, t) form one bitset (bit m·Sm + k·Sk + t); every
+    (m, k) gets a relaxation bound (t anywhere between its smallest and largest sums), and the
+    pairs are evaluated in increasing bound order until the bound exceeds the best exact value.
+    Ties: fewer fetches, then fewer residents moved. ~3-5x the cost of the fixed-resident path
+    (bench_balancer.py `resident_to_cpu`)."""
+    c = problem.costs
+    ag, bg, ac, bc = c.gpu_fixed_ms, c.gpu_per_token_ms, c.cpu_fixed_ms, c.cpu_per_token_ms
+    fms, hidden = c.fetch_ms, problem.hidden_fetch_ms
+    width = max(tok) + 1
+    nr_counts = [0] * width
+    r_counts = [0] * width
+    for n, r in zip(tok, res):
+        if r:
+            r_counts[n] += 1
+        else:
+            nr_counts[n] += 1
+    n_all = len(tok)
+    n_res = sum(r_counts)
+    n_nr = n_all - n_res
+    v_all = sum(tok)
+    m_max = min(problem.free_slots, n_nr)
+    sk = v_all + 1  # stride of k
+    sm = (n_res + 1) * sk  # stride of m
+    mask = (1 << ((m_max + 1) * sm)) - 1
+    reach = 1
+    history = [reach]
+    pieces: list[tuple[int, bool, int, int]] = []  # (shift, is_fetch, n, how many)
+    for is_fetch, counts, stride in ((True, nr_counts, sm), (False, r_counts, sk)):
+        for n, cnt in enumerate(counts):
+            take = 1
+            while cnt > 0:
+                if take > cnt:
+                    take = cnt
+                shift = take * (stride + n)
+                reach = (reach | (reach << shift)) & mask
+                pieces.append((shift, is_fetch, n, take))
+                history.append(reach)
+                cnt -= take
+                take <<= 1
+
+    # relaxation bound for every (m, k), vectorised
+    asc_nr = np.repeat(np.arange(width), nr_counts)
+    asc_r = np.repeat(np.arange(width), r_counts)
+    pre_nr = np.concatenate(([0], np.cumsum(asc_nr)))
+    pre_r = np.concatenate(([0], np.cumsum(asc_r)))
+    v_nr, v_res = int(pre_nr[-1]), int(pre_r[-1])
+    ms = np.arange(m_max + 1)[:, None]
+    ks = np.arange(n_res + 1)[None, :]
+    lo = pre_nr[ms] + pre_r[ks]
+    hi = (v_nr - pre_nr[n_nr - ms]) + (v_res - pre_r[n_res - ks])
+    a = ag * (ms + ks) + np.maximum(0.0, fms * ms - hidden)  # GPU without the token term
+    b = ac * (n_all - ms - ks) + bc * v_all  # CPU without the token term
+    slope = bg + bc
+    if slope > 0.0:
+        with np.errstate(over="ignore", invalid="ignore"):
+            t = np.clip((b - a) / slope, lo, hi)
+        lb = np.maximum(a + bg * t, b - bc * t)
+    else:
+        lb = np.maximum(a, b)
+    flat = lb.ravel()
+    order = np.argsort(flat, kind="stable").tolist()
+    flat = flat.tolist()
+    row_mask = (1 << sk) - 1
+    best_mk, best_key, t_best = math.inf, (0, 0), 0  # key: (fetches, residents moved)
+    kk = n_res + 1
+    for idx in order:
+        if flat[idx] > best_mk + _REL_TOL * abs(best_mk):
+            break
+        m, k = divmod(idx, kk)
+        row = (reach >> (m * sm + k * sk)) & row_mask
+        ga0 = ag * (m + k) + max(0.0, fms * m - hidden)
+        cb0 = ac * (n_all - m - k) + bc * v_all
+        cands = []
+        if slope <= 0.0:
+            cands.append((row & -row).bit_length() - 1)
+        else:
+            tstar = min(max((cb0 - ga0) / slope, -1.0), float(sk))
+            lo_t = math.floor(tstar)
+            if lo_t >= 0:
+                below = row & ((2 << lo_t) - 1) if lo_t < sk else row
+                if below:
+                    cands.append(below.bit_length() - 1)
+            hi_t = max(0, math.ceil(tstar))
+            if hi_t < sk and row >> hi_t:
+                above = row >> hi_t
+                cands.append(hi_t + (above & -above).bit_length() - 1)
+        key = (m, n_res - k)
+        for tt in cands:
+            ga, cb = ga0 + bg * tt, cb0 - bc * tt
+            mk = ga if ga > cb else cb
+            tol = _REL_TOL * abs(best_mk) if best_mk < math.inf else 0.0
+            if mk < best_mk - tol:
+                best_mk, best_key, t_best = mk, key, tt
+            elif mk <= best_mk + tol and key < best_key:
+                best_mk, best_key, t_best = min(mk, best_mk), key, tt
+
+    m, moved = best_key
+    k = n_res - moved
+    pos = m * sm + k * sk + t_best
+    fetch_per: dict[int, int] = {}
+    keep_per: dict[int, int] = {}
+    for i in range(len(pieces) - 1, -1, -1):
+        if not (history[i] >> pos) & 1:
+            shift, is_fetch, n, take = pieces[i]
+            pos -= shift
+            d = fetch_per if is_fetch else keep_per
+            d[n] = d.get(n, 0) + take
+    if pos != 0:  # pragma: no cover - a bitset invariant, not an input error
+        raise AssertionError("balancer: backtracking did not reach the empty set")
+    fetch = np.zeros(n_all, dtype=bool)
+    resident_cpu = np.zeros(n_all, dtype=bool)
+    for i, (n, r) in enumerate(zip(tok, res)):
+        if r:
+            if keep_per.get(n, 0):
+                keep_per[n] -= 1
+            else:
+                resident_cpu[i] = True
+        elif fetch_per.get(n, 0):
+            fetch_per[n] -= 1
+            fetch[i] = True
+    exposed = max(0.0, fms * m - hidden)
+    gpu = ag * (m + k) + bg * t_best + exposed
+    cpu = ac * (n_all - m - k) + bc * (v_all - t_best)
+    return Placement(fetch=fetch, on_cpu=~(problem.resident | fetch) | resident_cpu,
+                     makespan_ms=max(gpu, cpu), gpu_ms=gpu, cpu_ms=cpu)
+
+
 class MilpBalancer:
     """The model as a MILP solved by HiGHS (highspy): the oracle for `ExactBalancer`.
 
     Columns: x_i binary per non-resident (fetch), [y_j binary per resident (run on CPU) when
-    allow_resident_cpu], z makespan, e exposed copy time. Rows:
+    problem.allow_resident_cpu], z makespan, e exposed copy time. Rows:
         G0 + Σ g_i x_i - Σ g_j y_j + e <= z          (device branch)
         C  - Σ c_i x_i + Σ c_j y_j      <= z          (CPU branch; C = all non-residents on CPU)
         fetch_ms Σ x_i - e <= W,  Σ x_i <= free_slots,  e >= 0;  minimise z.
     The reported makespan is recomputed from the rounded binaries (`evaluate`), not read from z,
     so it is exact for the placement HiGHS chose."""
 
-    def __init__(self, allow_resident_cpu: bool = False, time_limit_s: float = 10.0):
+    def __init__(self, time_limit_s: float = 10.0):
         import highspy  # lazy: only the oracle needs it
 
         self._highspy = highspy
-        self.allow_resident_cpu = allow_resident_cpu
         self.time_limit_s = time_limit_s
 
     def solve(self, problem: BalanceProblem) -> Placement:
         fetch, to_cpu = self._solve(problem)
-        if not self.allow_resident_cpu:
-            return evaluate(problem, fetch)
-        return _evaluate_with_resident_cpu(problem, fetch, to_cpu)
+        return evaluate(problem, fetch, to_cpu)
 
     def _solve(self, problem: BalanceProblem) -> tuple[np.ndarray, np.ndarray]:
         hs = self._highspy
@@ -368,7 +523,8 @@ class MilpBalancer:
         tok = problem.tokens.astype(float)
         res = problem.resident
         nr_idx = np.flatnonzero(~res)
-        r_idx = np.flatnonzero(res) if self.allow_resident_cpu else np.zeros(0, dtype=np.int64)
+        r_idx = np.flatnonzero(res) if problem.allow_resident_cpu \
+            else np.zeros(0, dtype=np.int64)
         fetch = np.zeros(problem.num_experts, dtype=bool)
         to_cpu = np.zeros(problem.num_experts, dtype=bool)
         nx, ny = nr_idx.size, r_idx.size
@@ -448,42 +604,40 @@ class CvxpyBalancer:
         res = problem.resident
         nr = ~res
         nx = int(np.count_nonzero(nr))
-        if nx == 0:
+        if nx == 0 and not (problem.allow_resident_cpu and res.any()):
             return evaluate(problem, np.zeros(problem.num_experts, dtype=bool))
         g = c.gpu_fixed_ms + c.gpu_per_token_ms * tok
         cc = c.cpu_fixed_ms + c.cpu_per_token_ms * tok
         g0 = float(g[res].sum())
         c_all = float(cc[nr].sum())
-        x = cp.Variable(nx, boolean=True)
         z = cp.Variable()
         e = cp.Variable(nonneg=True)
+        x = cp.Variable(nx, boolean=True) if nx else None
+        ny = int(np.count_nonzero(res)) if problem.allow_resident_cpu else 0
+        y = cp.Variable(ny, boolean=True) if ny else None
+        fetched_gpu = g[nr] @ x if x is not None else 0.0
+        fetched_cpu = cc[nr] @ x if x is not None else 0.0
+        n_fetched = cp.sum(x) if x is not None else 0.0
+        moved_gpu = g[res] @ y if y is not None else 0.0
+        moved_cpu = cc[res] @ y if y is not None else 0.0
         cons = [
-            g0 + g[nr] @ x + e <= z,
-            c_all - cc[nr] @ x <= z,
-            c.fetch_ms * cp.sum(x) - problem.hidden_fetch_ms <= e,
-            cp.sum(x) <= problem.free_slots,
+            g0 + fetched_gpu - moved_gpu + e <= z,
+            c_all - fetched_cpu + moved_cpu <= z,
+            c.fetch_ms * n_fetched - problem.hidden_fetch_ms <= e,
         ]
+        if x is not None:
+            cons.append(n_fetched <= problem.free_slots)
         prob = cp.Problem(cp.Minimize(z), cons)
         prob.solve(solver=cp.HIGHS, mip_rel_gap=0.0, mip_abs_gap=0.0)
         if prob.status != cp.OPTIMAL:
             raise RuntimeError(f"balancer: cvxpy/HiGHS ended with {prob.status}")
         fetch = np.zeros(problem.num_experts, dtype=bool)
-        fetch[np.flatnonzero(nr)] = np.asarray(x.value) > 0.5
-        return evaluate(problem, fetch)
-
-
-def _evaluate_with_resident_cpu(problem: BalanceProblem, fetch: np.ndarray,
-                                to_cpu: np.ndarray) -> Placement:
-    """Like `evaluate`, but residents marked in `to_cpu` run on the CPU (MILP option only)."""
-    base = evaluate(problem, fetch)
-    if not to_cpu.any():
-        return base
-    c = problem.costs
-    moved = problem.tokens[to_cpu]
-    gpu = base.gpu_ms - (c.gpu_fixed_ms * moved.size + c.gpu_per_token_ms * int(moved.sum()))
-    cpu = base.cpu_ms + c.cpu_fixed_ms * moved.size + c.cpu_per_token_ms * int(moved.sum())
-    return Placement(fetch=base.fetch, on_cpu=base.on_cpu | to_cpu, makespan_ms=max(gpu, cpu),
-                     gpu_ms=gpu, cpu_ms=cpu)
+        if nx:
+            fetch[np.flatnonzero(nr)] = np.asarray(x.value) > 0.5
+        to_cpu = np.zeros(problem.num_experts, dtype=bool)
+        if y is not None:
+            to_cpu[np.flatnonzero(res)] = np.asarray(y.value) > 0.5
+        return evaluate(problem, fetch, to_cpu)
 
 
 def random_problem(rng: np.random.Generator, *, adversarial: bool = False,

@@ -25,16 +25,23 @@ REAL = ExpertCosts(gpu_fixed_ms=0.005, gpu_per_token_ms=0.0003, cpu_fixed_ms=0.4
 
 
 def brute_force(p: BalanceProblem) -> tuple[float, int]:
-    """(optimal makespan, fewest fetches reaching it) by enumerating every fetch set."""
+    """(optimal makespan, fewest fetches reaching it) by enumerating every fetch set (and every
+    set of residents moved to the CPU when the problem allows it)."""
     nr = np.flatnonzero(~p.resident)
+    res = np.flatnonzero(p.resident) if p.allow_resident_cpu else np.zeros(0, dtype=int)
+    moves = [()] + [c for q in range(1, res.size + 1)
+                    for c in itertools.combinations(res.tolist(), q)]
     best = (np.inf, 0)
     for m in range(min(p.free_slots, nr.size) + 1):
         for chosen in itertools.combinations(nr.tolist(), m):
             f = np.zeros(p.num_experts, dtype=bool)
             f[list(chosen)] = True
-            mk = max(branch_times(p, f))
-            if mk < best[0] - 1e-12 * abs(mk):
-                best = (mk, m)
+            for mv in moves:
+                r = np.zeros(p.num_experts, dtype=bool)
+                r[list(mv)] = True
+                mk = max(branch_times(p, f, r))
+                if mk < best[0] - 1e-12 * abs(mk):
+                    best = (mk, m)
     return best
 
 
@@ -42,10 +49,12 @@ def assert_valid(p: BalanceProblem, pl: Placement) -> None:
     """Every routed expert placed exactly once, budget kept, reported times recomputable."""
     assert pl.fetch.shape == pl.on_cpu.shape == p.tokens.shape
     assert not np.any(pl.fetch & p.resident)
-    assert not np.any(pl.on_cpu & (p.resident | pl.fetch))
+    assert not np.any(pl.on_cpu & pl.fetch)
     assert np.all(p.resident | pl.fetch | pl.on_cpu)
+    moved = pl.on_cpu & p.resident
+    assert p.allow_resident_cpu or not moved.any()
     assert pl.num_fetched <= p.free_slots
-    gpu, cpu = branch_times(p, pl.fetch)
+    gpu, cpu = branch_times(p, pl.fetch, moved)
     assert pl.gpu_ms == pytest.approx(gpu, rel=1e-12, abs=1e-15)
     assert pl.cpu_ms == pytest.approx(cpu, rel=1e-12, abs=1e-15)
     assert pl.makespan_ms == max(pl.gpu_ms, pl.cpu_ms)
@@ -78,6 +87,10 @@ def test_exact_equals_brute_force_and_prefers_fewer_fetches():
                            num_tokens=int(rng.integers(1, 6)))
         if np.count_nonzero(~p.resident) > 10:
             continue
+        if checked % 3 == 0:
+            if p.num_experts > 10:
+                continue
+            p = wide(p)
         mk, m = brute_force(p)
         a = exact.solve(p)
         assert a.makespan_ms == pytest.approx(mk, rel=1e-12, abs=1e-15)
@@ -94,38 +107,57 @@ def test_cvxpy_formulation_agrees_with_highspy():
     cv, milp = CvxpyBalancer(), MilpBalancer()
     for i in range(8):
         p = random_problem(rng, adversarial=i % 2 == 1, num_experts=32)
+        if i % 4 == 0:
+            p = wide(p)
         a, b = cv.solve(p), milp.solve(p)
         assert_valid(p, a)
         assert a.makespan_ms == pytest.approx(b.makespan_ms, rel=1e-9)
 
 
-def test_moving_residents_to_cpu_gains_at_most_the_resident_device_time():
+def wide(p: BalanceProblem) -> BalanceProblem:
+    return BalanceProblem(p.tokens, p.resident, p.free_slots, p.costs, p.hidden_fetch_ms,
+                          allow_resident_cpu=True)
+
+
+def test_exact_equals_highs_with_residents_allowed_on_cpu():
     pytest.importorskip("highspy")
     from moespac_vllm.balancer import MilpBalancer
 
-    rng = np.random.default_rng(11)
-    fixed, free = MilpBalancer(), MilpBalancer(allow_resident_cpu=True)
-    for _ in range(20):
-        p = random_problem(rng, num_experts=64)
-        a, b = fixed.solve(p), free.solve(p)
+    rng = np.random.default_rng(99)
+    exact, milp = ExactBalancer(), MilpBalancer()
+    moved = 0
+    for i in range(150):
+        p = wide(random_problem(rng, adversarial=i % 3 == 2))
+        a, b = exact.solve(p), milp.solve(p)
         assert_valid(p, a)
-        assert b.makespan_ms <= a.makespan_ms * (1 + 1e-9)
+        assert_valid(p, b)
+        assert abs(a.makespan_ms - b.makespan_ms) <= 1e-9 * max(abs(b.makespan_ms), 1e-300), i
+        moved += bool(np.any(a.on_cpu & p.resident))
+    assert moved >= 5  # the option is exercised
+
+
+def test_moving_residents_to_cpu_gains_at_most_the_resident_device_time():
+    rng = np.random.default_rng(11)
+    exact = ExactBalancer()
+    for _ in range(60):
+        p = random_problem(rng, num_experts=64)
+        a, b = exact.solve(p), exact.solve(wide(p))
+        assert b.makespan_ms <= a.makespan_ms * (1 + 1e-12)
         resident_gpu_ms = branch_times(p, np.zeros(p.num_experts, dtype=bool))[0]
         assert a.makespan_ms - b.makespan_ms <= resident_gpu_ms * (1 + 1e-9) + 1e-12
 
 
-def test_milp_with_resident_option_beats_fixed_when_device_is_slow():
-    pytest.importorskip("highspy")
-    from moespac_vllm.balancer import MilpBalancer
-
+def test_residents_go_to_cpu_when_the_device_is_slow_and_only_if_allowed():
     slow_gpu = ExpertCosts(gpu_fixed_ms=1.0, gpu_per_token_ms=0.0, cpu_fixed_ms=0.1,
                            cpu_per_token_ms=0.0, fetch_ms=0.0)
     p = BalanceProblem(np.array([1, 1, 1, 1]), np.ones(4, dtype=bool), 0, slow_gpu)
-    a = MilpBalancer().solve(p)
-    b = MilpBalancer(allow_resident_cpu=True).solve(p)
-    assert a.makespan_ms == pytest.approx(4.0)
+    a = ExactBalancer().solve(p)
+    b = ExactBalancer().solve(wide(p))
+    assert a.makespan_ms == pytest.approx(4.0) and not a.on_cpu.any()
     assert b.makespan_ms == pytest.approx(0.4)  # all four residents on the CPU
     assert b.on_cpu.all()
+    with pytest.raises(ValueError, match="^resident_cpu"):
+        evaluate(p, np.zeros(4, dtype=bool), np.ones(4, dtype=bool))
 
 
 def test_fetches_when_cpu_is_the_bottleneck_and_stops_at_the_crossing():
@@ -195,6 +227,8 @@ def test_empty_layer():
         (dict(hidden_fetch_ms=-0.1), "hidden_fetch_ms"),
         (dict(hidden_fetch_ms=float("nan")), "hidden_fetch_ms"),
         (dict(costs=None), "costs"),
+        (dict(costs=ExpertCosts(0.0, 0.0, float("inf"), 0.0, 0.1)), "costs"),
+        (dict(allow_resident_cpu="yes"), "allow_resident_cpu"),
     ],
 )
 def test_bad_problem_names_field(kwargs, field):
@@ -221,7 +255,8 @@ def problems(draw):
     ms = st.floats(0.0, 2.0, allow_nan=False)
     costs = ExpertCosts(draw(ms), draw(st.floats(0.0, 0.1)), draw(ms), draw(st.floats(0.0, 0.1)),
                         draw(ms))
-    return BalanceProblem(tokens, resident, draw(st.integers(0, m + 2)), costs, draw(ms))
+    return BalanceProblem(tokens, resident, draw(st.integers(0, m + 2)), costs, draw(ms),
+                          allow_resident_cpu=draw(st.booleans()))
 
 
 @settings(max_examples=200, deadline=None)
