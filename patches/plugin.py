@@ -115,6 +115,7 @@ def register(environ: Mapping[str, str] | None = None) -> PluginState:
 
 
 def _register(environ: Mapping[str, str]) -> PluginState:
+    _ensure_log_handler(environ)
     version = vllm_version()
     verified = version in VERIFIED_VLLM_VERSIONS
     if not verified and not _allow_unverified(environ):
@@ -128,7 +129,6 @@ def _register(environ: Mapping[str, str]) -> PluginState:
         logger.warning("moespac: loading on unverified vLLM %s because %s=1", version,
                        ALLOW_UNVERIFIED_ENV)
 
-    _share_vllm_log_handlers()
     # Bad config raises here, which stops vLLM with our one-line ValueError naming the field.
     config = config_for(environ=environ)
     flag = _install_plugin_flag()
@@ -156,17 +156,22 @@ def _register(environ: Mapping[str, str]) -> PluginState:
     return st
 
 
-def _share_vllm_log_handlers() -> None:
-    """Send `moespac_vllm.*` log records through vLLM's handlers (same format, same level), so the
-    load line and the layer's stats lines appear in vLLM's output. Skipped when vLLM's logging is
-    off (VLLM_CONFIGURE_LOGGING=0) or the application configured our logger itself."""
+def _ensure_log_handler(environ: Mapping[str, str]) -> None:
+    """Give `moespac_vllm.*` loggers a handler like vLLM's (stdout, INFO, vLLM's level variable),
+    so the load line and the layer's stats lines are seen. vLLM configures only its own `vllm`
+    logger, and usually after plugins load. Skipped when the application configured our logger or
+    turned vLLM's logging configuration off (VLLM_CONFIGURE_LOGGING=0)."""
+    import sys
+
     pkg = logging.getLogger("moespac_vllm")
-    vllm_logger = logging.getLogger("vllm")
-    if pkg.handlers or not vllm_logger.handlers:
+    if pkg.handlers or environ.get("VLLM_CONFIGURE_LOGGING", "1").strip() == "0":
         return
-    for h in vllm_logger.handlers:
-        pkg.addHandler(h)
-    pkg.setLevel(vllm_logger.level)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s",
+                                           datefmt="%m-%d %H:%M:%S"))
+    pkg.addHandler(handler)
+    level = environ.get("VLLM_LOGGING_LEVEL", "INFO").strip().upper()
+    pkg.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
     pkg.propagate = False
 
 
