@@ -371,7 +371,8 @@ def resolve_costs(spec: str, dims: ModelDims, device: torch.device, quick: bool,
 
         # Few CPU points: at Mixtral dims one CPU expert pass takes ~0.1-1 s.
         cal = calibrate(dims, device="cuda" if device.type == "cuda" else "cpu",
-                        tokens=QUICK_TOKENS, reps=3 if quick else 6, cpu_experts=2,
+                        tokens=QUICK_TOKENS, reps=3 if quick else 6,
+                        cpu_experts=2 if quick else None,
                         cpu_path=cpu_path)
         return cal.expert_costs(), cal.summary()
     from moespac_vllm.cost_model import get_profile  # the core issue's profiles
