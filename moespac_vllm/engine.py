@@ -112,6 +112,7 @@ FAITHFUL_ESTIMATOR = EstimatorConfig(utility_cap=5, theta_up=5, theta_down=1)
 FAITHFUL_THRESHOLD = 1  # the reference code's fixed `threshold`
 SPAC_DEFAULT_ESTIMATOR = EstimatorConfig(theta_scale=ThetaScale.WINDOW)
 PREFETCH_IDLE_ONLY = True
+SPAC_PREFETCH_MIN_LEVEL = 0.0  # spac prefetches experts whose score (level + recency) exceeds it
 RECENCY_DECAY = 0.5  # spac: EMA of "routed in this window", the tie-break inside a level
 HYBRIMOE_DECAY = 0.5  # weight of the past in HybriMoE's score (an EMA of activations; [I])
 STATIC_WARMUP_STEPS = 16  # steps over which `static` observes frequencies before freezing
@@ -491,7 +492,9 @@ class ExpertEngine:
         resident of strictly lower score. With `deadline`, only copies that can land before the
         layer starts next step are issued (a late copy only delays on-demand fetches)."""
         table = self.tables[layer]
-        candidates = np.flatnonzero(score > 0)
+        floor = SPAC_PREFETCH_MIN_LEVEL if self.policy is Policy.SPAC else 0.0
+        candidates = np.flatnonzero(score > floor) if floor == 0.0 else np.flatnonzero(
+            score >= floor)
         if candidates.size == 0:
             return
         order = sorted(candidates.tolist(), key=lambda e: (-score[e], -tiebreak[e], e))

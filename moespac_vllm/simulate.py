@@ -468,7 +468,7 @@ def sweep_table(results: Sequence[SimResult]) -> str:
         " token · AR = plain decoding",
         "",
         "| ratio | slots | policy | k | tok/s | vs sd-lru | vs spac-faithful | ms/token vs "
-        "oracle-best-k | hit rate | stall ms/step | CPU ms/step | H2D GB | prefetch P/R |",
+        "oracle-best-k | hit rate | stall ms/step | CPU ms/step | H2D MB/token | prefetch P/R |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_ratio: dict[float, dict[str, SimResult]] = {}
@@ -494,7 +494,7 @@ def sweep_table(results: Sequence[SimResult]) -> str:
                 f"| {ratio:g} | {r.num_slots} | {name} | {kdesc(r)} | {r.tokens_per_s:.2f} | "
                 f"{rel(sd)} | "
                 f"{rel(fa)} | {vs_orc} | {st.hit_rate:.3f} | {st.stall_ms / max(r.steps, 1):.1f} "
-                f"| {st.cpu_ms / max(r.steps, 1):.1f} | {st.h2d_bytes / 1e9:.2f} | "
+                f"| {st.cpu_ms / max(r.steps, 1):.1f} | {st.h2d_bytes / 1e6 / max(r.tokens, 1):.1f} | "
                 f"{st.prefetch_precision:.2f}/{st.prefetch_recall:.2f} |")
     return "\n".join(lines) + "\n"
 

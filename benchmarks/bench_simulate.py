@@ -1,0 +1,108 @@
+"""Policy sweep in the trace-driven simulator, and the issue #3 targets checked against it.
+
+    .venv/bin/python benchmarks/bench_simulate.py --out bench-out/simulate \
+        [--trace PATH_OR_synthetic[:N] ...] [--profile NAME ...] [--max-tokens N]
+
+Default: the real Mixtral-8x7B decode routing (shared/data/mixtral-8x7b-routing/
+humaneval_2_routing.jsonl, windows with MODELLED rejected drafts) and the SYNTHETIC Qwen3-30B-A3B
+-scale stream, each on `rtx4090-pcie4` and `h100-pcie5`. Per (trace, profile): every policy at
+cache ratios 0.1 / 0.17 / 0.25 / 0.5, plus spac with the adaptive draft length and the oracle at
+its best fixed k. Prints JSON lines (one per run, then one `target` line per checked target) tagged
+with the machine the simulation ran on; the times themselves are MODELLED by the cost profile.
+Writes the markdown table, the plot and the JSON lines per (trace, profile) under --out.
+
+Targets (issue #3): rtx4090-pcie4 at 0.17 and h100-pcie5 at 0.25: spac >= 1.42x sd-lru tok/s,
+>= 1.2x spac-faithful, ms/token <= 1.15x the oracle's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+from moespac_vllm import simulate as sim
+from moespac_vllm.config import Policy
+
+REPO = Path(__file__).resolve().parents[1]
+MIXTRAL = "mixtral-8x7b-routing/humaneval_2_routing.jsonl"
+TARGET_RATIO = {"rtx4090-pcie4": 0.17, "h100-pcie5": 0.25}
+
+
+def _data_dir() -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import shared_data_dir
+
+    d = shared_data_dir()
+    if d is None:
+        raise SystemExit("bench_simulate: shared data not found; set MOESPAC_DATA_DIR")
+    return d
+
+
+def _targets(results: list[sim.SimResult], profile: str) -> list[dict]:
+    ratio = TARGET_RATIO.get(profile)
+    if ratio is None:
+        return []
+    at = {r.policy: r for r in results if abs(r.cache_ratio - ratio) < 1e-9}
+    sd, fa = at[Policy.SD_LRU.value], at[Policy.SPAC_FAITHFUL.value]
+    orc = at.get(sim.ORACLE_BEST_LABEL, at[Policy.ORACLE.value])
+    out = []
+    for name in (Policy.SPAC.value, sim.ADAPTIVE_LABEL):
+        r = at[name]
+        ms_tok = r.time_ms / r.tokens
+        orc_ms = orc.time_ms / orc.tokens
+        out.append({
+            "target": f"{name} @ {profile} ratio {ratio}",
+            "vs_sd_lru": r.tokens_per_s / sd.tokens_per_s, "vs_sd_lru_goal": 1.42,
+            "vs_spac_faithful": r.tokens_per_s / fa.tokens_per_s, "vs_spac_faithful_goal": 1.2,
+            "ms_per_token_vs_oracle": ms_tok / orc_ms, "vs_oracle_goal": 1.15,
+            "oracle_k": orc.draft_tokens,
+            "met": bool(r.tokens_per_s >= 1.42 * sd.tokens_per_s
+                        and r.tokens_per_s >= 1.2 * fa.tokens_per_s and ms_tok <= 1.15 * orc_ms),
+        })
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", action="append", default=None)
+    ap.add_argument("--profile", action="append", default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--draft-tokens", type=int, default=sim.DEFAULT_DRAFT_TOKENS)
+    ap.add_argument("--acceptance", type=float, default=sim.DEFAULT_ACCEPTANCE)
+    args = ap.parse_args()
+    traces = args.trace or [str(_data_dir() / MIXTRAL), "synthetic"]
+    profiles = args.profile or ["rtx4090-pcie4", "h100-pcie5"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    host = {"device": "simulated (cost model)", "host": platform.node() or "unknown",
+            "cpu": platform.processor() or platform.machine(),
+            "command": "benchmarks/bench_simulate.py " + " ".join(sys.argv[1:])}
+    for spec in traces:
+        trace = sim.load_workload_trace(spec)
+        for profile in profiles:
+            t0 = time.perf_counter()
+            results = sim.sweep(trace, profile, draft_tokens=args.draft_tokens,
+                                acceptance=args.acceptance, max_tokens=args.max_tokens)
+            wall_s = time.perf_counter() - t0
+            stem = re.sub(r"[^A-Za-z0-9.]+", "-", f"{trace.meta.source}-{profile}").strip("-")
+            (out / f"{stem}.md").write_text(sim.sweep_table(results))
+            sim.sweep_plot(results, out / f"{stem}.png")
+            with open(out / f"{stem}.jsonl", "w") as f:
+                for r in results:
+                    line = json.dumps({**host, **r.as_dict()}, sort_keys=True)
+                    f.write(line + "\n")
+                    print(line)
+            for t in _targets(results, profile):
+                print(json.dumps({**host, "trace": trace.label, "profile": profile,
+                                  "sweep_wall_s": wall_s, **t}, sort_keys=True))
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
