@@ -396,7 +396,8 @@ def _solve_wide(problem: BalanceProblem, tok: list[int], res: list[int]) -> Plac
     reach = 1
     history = [reach]
     pieces: list[tuple[int, bool, int, int]] = []  # (shift, is_fetch, n, how many)
-    for is_fetch, counts, stride in ((True, nr_counts, sm), (False, r_counts, sk)):
+    # residents first: their pieces then shift the small (k, t) bitset, not the full one
+    for is_fetch, counts, stride in ((False, r_counts, sk), (True, nr_counts, sm)):
         for n, cnt in enumerate(counts):
             take = 1
             while cnt > 0:
