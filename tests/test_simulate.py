@@ -167,10 +167,10 @@ def test_cli_missing_trace_names_the_path(tmp_path, capsys):
 
 
 def test_cli_sweep_writes_table_plot_and_json_lines(tmp_path, capsys):
-    path = _ar_trace(24).save(tmp_path / "t.npz")
+    path = _ar_trace(12).save(tmp_path / "t.npz")
     out_dir = tmp_path / "sweep"
     rc, out, _ = _run(capsys, "--trace", str(path), "--profile", "h100-pcie5", "--sweep",
-                      "--out", str(out_dir), "--draft-tokens", "3")
+                      "--out", str(out_dir), "--draft-tokens", "2")
     assert rc == 0
     md = (out_dir / "sweep-h100-pcie5.md").read_text()
     png = (out_dir / "sweep-h100-pcie5.png").read_bytes()
