@@ -205,6 +205,8 @@ class Bench:
     cpu_path: Any
     cpu_name: str
     args: argparse.Namespace
+    profile: Any = None
+    step_times: dict[str, float] | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -242,6 +244,8 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
     cpu = TimedCpuExperts(b.cpu_path)
     layers = [OffloadedExperts(b.store, engine, layer, device, slots, mover, cpu_experts=cpu,
                                device_kernel=b.layer_kernel) for layer in range(dims.num_layers)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     bytes_before = mover.bytes_moved
     stall_before = mover.stall_ms
 
@@ -310,6 +314,9 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
         "fetched_experts": stats["fetched_experts"],
         "device_experts": stats["device_experts"],
         "cpu_experts": stats["cpu_experts"],
+        "slot_gb": slots.total_bytes / 1e9,
+        "peak_device_gb": (torch.cuda.max_memory_allocated(device) / 1e9
+                           if device.type == "cuda" else None),
         "prefetch_precision": stats["prefetch_precision"],
         "prefetch_recall": stats["prefetch_recall"],
         "draft_gb_per_token": b.stubs.w_draft.numel() * 2 / 1e9,
@@ -364,8 +371,11 @@ def resolve_cpu_path(device: torch.device, choice: str) -> tuple[Any, str]:
 
 
 def resolve_costs(spec: str, dims: ModelDims, device: torch.device, quick: bool,
-                  cpu_path: str) -> tuple[ExpertCosts, dict[str, Any]]:
-    """`calibrate`: measure here, now (moespac calibrate's code); else a cost_model profile."""
+                  cpu_path: str) -> tuple[ExpertCosts, Any, dict[str, Any]]:
+    """(costs the engine's balancer uses, the cost profile, what was measured). `calibrate`:
+    measure here, now (moespac calibrate's code); else a cost_model profile name or path."""
+    from moespac_vllm.cost_model import CostProfile, get_profile  # the core issue's profiles
+
     if spec == "calibrate":
         from moespac_vllm.calibrate import QUICK_TOKENS, calibrate
 
@@ -374,11 +384,50 @@ def resolve_costs(spec: str, dims: ModelDims, device: torch.device, quick: bool,
                         tokens=QUICK_TOKENS, reps=3 if quick else 6,
                         cpu_experts=2 if quick else None,
                         cpu_path=cpu_path)
-        return cal.expert_costs(), cal.summary()
-    from moespac_vllm.cost_model import get_profile  # the core issue's profiles
-
+        return cal.expert_costs(), CostProfile.from_calibration("harness", cal), cal.summary()
     profile = get_profile(spec)
-    return profile.expert_costs(dims), {"profile": spec}
+    return profile.expert_costs(dims), profile, {"profile": spec}
+
+
+def measure_step_times(b: Bench, reps: int = 10) -> dict[str, float]:
+    """Median ms of the non-expert pieces of a step on this device (what the simulator is given
+    so that modelled and measured runs share everything but the expert path)."""
+    import statistics
+
+    dims, device = b.dims, b.device
+    x = torch.randn(1, dims.hidden_size, device=device, dtype=torch.bfloat16)
+    H = dims.hidden_size
+
+    def timed(fn: Any) -> float:
+        out = []
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(out)
+
+    return {
+        "draft_ms_per_token": timed(b.stubs.draft_token),
+        "dense_ms_per_layer": timed(lambda: F.rms_norm(x + b.stubs.attention(0, x), (H,))),
+        "lm_head_ms": timed(lambda: b.stubs.lm_head(x)),
+    }
+
+
+def simulated(b: Bench, name: str, ratio: float, tokens: int) -> float | None:
+    """tok/s the trace-driven simulator predicts for the same trace, policy, ratio, windows and
+    non-expert times, with the calibrated expert costs (None for all-resident: the simulator
+    starts cold, this run preloads)."""
+    if name == "all-resident" or b.profile is None or b.step_times is None:
+        return None
+    from moespac_vllm.simulate import StepTimes, simulate
+
+    times = StepTimes(**b.step_times)
+    r = simulate(b.trace, name, ratio, b.profile, draft_tokens=b.args.draft_tokens,
+                 acceptance=b.args.acceptance, seed=b.args.seed, times=times,
+                 max_tokens=max(1, tokens))
+    return r.tokens_per_s
 
 
 def warm_up(b: Bench) -> None:
@@ -498,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             store = random_store(dims, device, torch.bfloat16, args.distinct_layers, args.seed)
             stubs = DenseStubs(dims, device, torch.bfloat16, int(draft_gb * 1e9), args.tiny,
                                args.seed)
-            costs, cal = resolve_costs(args.profile, dims, device, args.tiny, args.cpu_path)
+            costs, profile, cal = resolve_costs(args.profile, dims, device, args.tiny,
+                                                args.cpu_path)
             kernel, layer_kernel, kernel_name = resolve_kernel(device, args.kernel)
             cpu_path, cpu_name = resolve_cpu_path(device, args.cpu_path)
             b = Bench(trace=trace, ar_work=autoregressive_workload(trace),
@@ -506,12 +556,14 @@ def main(argv: list[str] | None = None) -> int:
                                                    args.seed),
                       dims=dims, device=device, store=store, stubs=stubs, costs=costs,
                       kernel=kernel, layer_kernel=layer_kernel, kernel_name=kernel_name,
-                      cpu_path=cpu_path,
+                      cpu_path=cpu_path, profile=profile,
                       cpu_name=cpu_name, args=args)
             warm_up(b)
+            b.step_times = measure_step_times(b)
             setup = {"bench": "gpu_decode_setup", "trace": trace.label, "setup_s":
                      time.perf_counter() - t0, "host_store_gb": store.total_bytes / 1e9,
                      "dense_stub_gb": stubs.bytes / 1e9, "calibration": cal,
+                     "step_times_ms": b.step_times,
                      "device": device_name(device), "command": args.command}
             print(json.dumps(setup), flush=True)
             sink.write(json.dumps(setup) + "\n")
@@ -519,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             plan += [(p, r) for r in ratios for p in policies if p != "all-resident"]
             for name, ratio in plan:
                 row = run_policy(b, name, ratio)
+                row["sim_tokens_per_s"] = simulated(b, name, ratio, row["tokens"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 sink.write(json.dumps(row) + "\n")
@@ -539,12 +592,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| trace | policy | ratio | slots | tok/s | hit | GB moved | stall ms | CPU ms | steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| trace | policy | ratio | slots | tok/s | sim tok/s | hit | GB moved | stall ms | "
+             "CPU ms | steps |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['trace'].split(':', 1)[-1][:28]} | {r['policy']} | {r['budget_ratio']:g} | "
-            f"{r['slots_per_layer']} | {r['tokens_per_s']:.1f} | {r['hit_rate']:.3f} | "
+            f"{r['slots_per_layer']} | {r['tokens_per_s']:.1f} | "
+            f"{'-' if r.get('sim_tokens_per_s') is None else format(r['sim_tokens_per_s'], '.1f')}"
+            f" | {r['hit_rate']:.3f} | "
             f"{r['gb_moved']:.2f} | {r['stall_ms']:.0f} | {r['cpu_ms']:.0f} | {r['steps']} |")
     return "\n".join(lines)
 
