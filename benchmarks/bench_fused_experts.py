@@ -9,6 +9,13 @@ bytes of the distinct slots touched over the graph time (GB/s; decode is bound b
 `--sweep` adds a few tile configurations. Without CUDA: the reference only at the same shapes, and
 the kernel under TRITON_INTERPRET=1 at a tiny shape if that variable is set; every line says so.
 
+Real routing (`--windows W.npz`, made here by `--export-windows W.npz --trace <Mixtral JSONL>`,
+since the data does not travel to the GPU machine): windows of W consecutive decode tokens of one
+layer of the real Mixtral-8x7B trace (the target routing a 1+k verify window sees when all drafts
+are accepted), replayed at Mixtral dims (H=4096, I=14336, E=8=S, K=2, bf16) through one captured
+CUDA graph per W; also the measured pinned host->device copy rate, i.e. the PCIe cost of fetching
+one expert instead of computing it where it is.
+
 Self-contained for the lent GPU machine (no vLLM, no cvxpy/highspy, works from an uninstalled
 checkout). Prints one JSON object per line, tagged with the device and the command.
 """
@@ -65,6 +72,112 @@ def _graph_ms(inputs, config, iters: int = 50) -> float:
     return times[len(times) // 2]
 
 
+MIXTRAL_H, MIXTRAL_I, MIXTRAL_E, MIXTRAL_K = 4096, 14336, 8, 2
+WINDOW_SIZES = (1, 4, 8)
+
+
+def export_windows(trace_path: Path, out: Path, per_size: int = 256, seed: int = 0) -> dict:
+    """Sample `per_size` (layer, start) windows of W consecutive decode tokens per W from a real
+    trace; save ids/weights as int16/f32 [n, W, K] per W. Needs moespac_vllm.trace (runs here)."""
+    import numpy as np
+
+    from moespac_vllm.trace import load_trace
+
+    tr = load_trace(trace_path)
+    if tr.topk_weights is None:
+        raise ValueError(f"trace: {trace_path} has no routing weights")
+    rng = np.random.default_rng(seed)
+    arrays, N, L = {}, tr.num_tokens, tr.dims.num_layers
+    for W in WINDOW_SIZES:
+        starts = rng.integers(0, N - W + 1, per_size)
+        layers = rng.integers(0, L, per_size)
+        idx = starts[:, None] + np.arange(W)[None, :]
+        arrays[f"ids_w{W}"] = tr.topk_ids[idx, layers[:, None]].astype(np.int16)
+        arrays[f"weights_w{W}"] = tr.topk_weights[idx, layers[:, None]].astype(np.float32)
+    np.savez_compressed(out, source=str(trace_path.name), **arrays)
+    return {k: v.shape for k, v in arrays.items()}
+
+
+def h2d_gbps(nbytes: int = 1 << 30) -> float:
+    """Pinned host -> device copy rate (the PCIe link as torch sees it)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / sorted(times)[2] / 1e9
+
+
+def run_windows(path: Path, emit, iters_ref: int = 3) -> None:
+    """Replay real routing windows at Mixtral dims, all 8 experts resident (S = E)."""
+    import numpy as np
+
+    data = np.load(path)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H_, I_ = MIXTRAL_H, MIXTRAL_I
+    w13 = (torch.randn(MIXTRAL_E, 2 * I_, H_, device="cuda", generator=g, dtype=torch.bfloat16)
+           / H_ ** 0.5)
+    w2 = (torch.randn(MIXTRAL_E, H_, I_, device="cuda", generator=g, dtype=torch.bfloat16)
+          / I_ ** 0.5)
+    expert_gb = 3 * H_ * I_ * 2 / 1e9
+    link = h2d_gbps()
+    emit({"face": "pcie", "h2d_gbps": link, "expert_gb": expert_gb,
+          "fetch_ms_per_expert": expert_gb / link * 1e3, "dims": "mixtral-8x7b"})
+    for W in WINDOW_SIZES:
+        ids_all = torch.from_numpy(data[f"ids_w{W}"].astype(np.int32)).cuda()
+        wts_all = torch.from_numpy(data[f"weights_w{W}"]).cuda()
+        x = torch.randn(W, H_, device="cuda", generator=g, dtype=torch.bfloat16)
+        ids, wts = ids_all[0].clone(), wts_all[0].clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fe.fused_experts(x, w13, w2, ids, wts, backend="triton")
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fe.fused_experts(x, w13, w2, ids, wts, backend="triton")
+        times, distinct, errs = [], [], []
+        for n in range(ids_all.shape[0]):
+            ids.copy_(ids_all[n])
+            wts.copy_(wts_all[n])
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            distinct.append(int(torch.unique(ids_all[n]).numel()))
+            if n < iters_ref:
+                ref = fe.fused_experts_reference(x, w13, w2, ids, wts).float()
+                errs.append(float((out.float() - ref).norm() / ref.norm()))
+        ref_t = []
+        for n in range(iters_ref):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fe.fused_experts_reference(x, w13, w2, ids_all[n], wts_all[n])
+            torch.cuda.synchronize()
+            ref_t.append((time.perf_counter() - t0) * 1e3)
+        t = np.array(times)
+        d = np.array(distinct)
+        emit({"face": "triton", "mode": "graph", "routing": f"real: {data['source']}",
+              "dims": "mixtral-8x7b", "window_tokens": W, "windows": len(times),
+              "mean_distinct_experts": float(d.mean()), "mean_ms": float(t.mean()),
+              "median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
+              "weight_gbps": float((d * expert_gb).sum() / (t.sum() / 1e3)),
+              "ms_per_distinct_expert": float(t.sum() / d.sum()),
+              "reference_eager_ms_median": float(np.median(ref_t)),
+              "fetch_ms_if_all_fetched": float(d.mean() * expert_gb / link * 1e3),
+              "max_rel_err_vs_reference": max(errs)})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="JSON lines only (default: also a table)")
@@ -72,7 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
     ap.add_argument("--slots", type=int, default=128)
     ap.add_argument("--plot", type=Path, default=None, help="write kernel-vs-reference plot here")
+    ap.add_argument("--trace", type=Path, default=None, help="Mixtral routing JSONL (export)")
+    ap.add_argument("--export-windows", type=Path, default=None,
+                    help="write real routing windows from --trace here, then exit")
+    ap.add_argument("--windows", type=Path, default=None,
+                    help="replay these real routing windows (GPU) instead of random routing")
     args = ap.parse_args(argv)
+    if args.export_windows is not None:
+        if args.trace is None:
+            raise ValueError("trace: --export-windows needs --trace <Mixtral routing JSONL>")
+        print(json.dumps({"exported": str(args.export_windows),
+                          "shapes": {k: list(v) for k, v in
+                                     export_windows(args.trace, args.export_windows).items()}}))
+        return 0
     if args.slots < K:
         raise ValueError(f"slots: must be >= top-k {K}, got {args.slots}")
 
@@ -87,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {"bench": "fused_experts", "device": device, "command": command, **row}
         rows.append(row)
         print(json.dumps(row), flush=True)
+
+    if args.windows is not None:
+        if not cuda:
+            raise ValueError("windows: replaying real routing windows needs a CUDA GPU")
+        run_windows(args.windows, emit)
+        return 0
 
     configs = {"default": fe.DEFAULT_CONFIG}
     if args.sweep and cuda:

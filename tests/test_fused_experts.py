@@ -233,8 +233,24 @@ def interpreted(tmp_path_factory):
         [sys.executable, "-c", _CHILD, str(d / "cases.pt"), str(d / "out.pt"), str(REPO)],
         env=env, capture_output=True, text=True, timeout=300,
     )
+    if proc.returncode != 0 and _interpreter_breaks_on_numpy() and (
+            "only 0-dimensional arrays can be converted" in proc.stderr):
+        pytest.skip("Triton < 3.9's interpreter calls int() on 1-element arrays in range(), "
+                    "which NumPy >= 2.4 refuses (triton-lang/triton#9171)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cases, torch.load(d / "out.pt")
+
+
+def _interpreter_breaks_on_numpy() -> bool:
+    """Triton 3.6 + NumPy 2.5 (the lent GPU machine's image) is such a pair; Triton 3.9 is fixed."""
+    import numpy as np
+    import triton
+
+    def ver(v: str) -> tuple[int, int]:
+        major, minor = v.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+    return ver(triton.__version__) < (3, 9) and ver(np.__version__) >= (2, 4)
 
 
 @pytest.mark.interpret
