@@ -59,6 +59,17 @@ def test_all_resident_never_misses_or_copies(tiny_run):
     r = next(x for x in lines if x.get("policy") == "all-resident")
     assert r["hit_rate"] == 1.0 and r["gb_moved"] == 0.0 and r["cpu_experts"] == 0
     assert r["slots_per_layer"] == 8
+    assert r["sim_tokens_per_s"] is None  # the simulator starts cold; this run preloads
+
+
+def test_each_measured_run_carries_the_simulators_prediction(tiny_run):
+    _, lines = tiny_run
+    setup = next(x for x in lines if x["bench"] == "gpu_decode_setup")
+    assert set(setup["step_times_ms"]) == {"draft_ms_per_token", "dense_ms_per_layer",
+                                           "lm_head_ms"}
+    for r in lines:
+        if r["bench"] == "gpu_decode" and r["policy"] != "all-resident":
+            assert r["sim_tokens_per_s"] > 0
 
 
 def test_policies_really_took_their_paths(tiny_run):
