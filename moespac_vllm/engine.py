@@ -62,7 +62,7 @@ import numpy as np
 from moespac_vllm.cache import EvictionOrder, SlotTable
 from moespac_vllm.config import EstimatorConfig, MoESpacConfig, Policy, ThetaScale
 from moespac_vllm.cost_model import ExpertCosts
-from moespac_vllm.stats import EngineStats
+from moespac_vllm.stats import EngineStats, StatsWriter, format_log_line
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.trace import ModelDims
 
@@ -189,6 +189,7 @@ class ExpertEngine:
         self._gap_ms = 0.0  # end_step -> next begin_step (the draft phase), last step
         self._layer_offset_ms = np.zeros(L, dtype=np.float64)  # begin_step -> plan_layer(l)
         self._window_ids: list[np.ndarray | None] = [None] * L  # last decode/verify routing
+        self._writer: StatsWriter | None = None  # opened at the first report (stats_file)
 
     # ---- oracle ------------------------------------------------------------------------------
     def set_future(self, future_counts: np.ndarray) -> None:
@@ -471,6 +472,8 @@ class ExpertEngine:
             self._c["tokens"] += int(num_accepted) + requests
         else:
             self._c["tokens"] += requests
+        if self._c["steps"] % self.config.stats.stats_interval_steps == 0:
+            self._report()
         if not self.config.prefetch:
             return
         L = self.dims.num_layers
@@ -616,6 +619,22 @@ class ExpertEngine:
         self._stall_ms += float(stall_ms)
         self._cpu_ms += float(cpu_ms)
         self._gpu_ms += float(gpu_ms)
+
+    def _report(self) -> None:
+        """Every `stats_interval_steps`: the log line, and a JSON line to `stats_file` if set."""
+        st = self.stats()
+        logger.info(format_log_line(st))
+        path = self.config.stats.stats_file
+        if path is not None:
+            if self._writer is None:
+                self._writer = StatsWriter(path)
+            self._writer.write(st, policy=self.policy.value, num_slots=self.num_slots)
+
+    def close(self) -> None:
+        """Flush and close the stats file (if any)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def stats(self) -> EngineStats:
         c = self._c

@@ -133,3 +133,4 @@ def test_invariants_hold_under_any_operation_sequence(slots, order, ops, raw_sco
             if n > 0:
                 assert t.is_pinned(x)
         assert len(t.residents()) <= slots
+

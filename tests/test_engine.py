@@ -248,3 +248,27 @@ def test_every_pair_once_and_budget_never_exceeded(policy, ratio, tokens, seed, 
     _drive(engine, routing, speculative=policy is not Policy.LRU, clock=clock)
     s = engine.stats()
     assert s.hits + s.misses == s.device_experts + s.cpu_experts
+
+
+def test_stats_lines_are_written_every_interval(tmp_path):
+    import json
+
+    path = tmp_path / "stats.jsonl"
+    engine, clock, _ = _engine(Policy.LRU, stats_file=str(path), stats_interval_steps=5)
+    rng = np.random.default_rng(6)
+    _drive(engine, _routing(rng, 12, 1), speculative=False, clock=clock)
+    engine.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [d["steps"] for d in lines] == [5, 10]
+    assert lines[-1]["policy"] == "lru" and 0.0 <= lines[-1]["hit_rate"] <= 1.0
+    assert lines[-1]["hits"] + lines[-1]["misses"] == lines[-1]["device_experts"] + \
+        lines[-1]["cpu_experts"]
+
+
+def test_stats_log_line_and_derived_rates():
+    from moespac_vllm.stats import EngineStats, format_log_line
+
+    s = EngineStats(hits=3, misses=1, prefetch_used=2, prefetch_wasted=2, prefetch_late=1)
+    assert s.hit_rate == 0.75 and s.prefetch_precision == 0.5 and s.prefetch_recall == 1.0
+    line = format_log_line(s)
+    assert "hit rate: 75.0%" in line and "\n" not in line
