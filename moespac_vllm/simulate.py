@@ -188,9 +188,22 @@ class SimResult:
 SYNTHETIC_STEPS = 384  # default length of the synthetic Qwen3-scale stream (tokens)
 
 
-def load_workload_trace(spec: str, seed: int = 0) -> Trace:
+def default_data_dir() -> Path | None:
+    """`$MOESPAC_DATA_DIR`, else `shared/data` beside the checkout (as tests/conftest.py)."""
+    import os
+
+    env = os.environ.get("MOESPAC_DATA_DIR")
+    for c in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data"]:
+        if c.is_dir():
+            return c
+    return None
+
+
+def load_workload_trace(spec: str, seed: int = 0, data_dir: str | Path | None = None) -> Trace:
     """`--trace`: a path (npz or Mixtral JSONL, auto-detected) or `synthetic[:TOKENS]`, the
-    synthetic Qwen3-30B-A3B-scale plain-decode stream (labelled synthetic)."""
+    synthetic Qwen3-30B-A3B-scale plain-decode stream (labelled synthetic), calibrated on the
+    OLMoE routing stats (popularity, cross-layer co-occurrence) and on the real Mixtral traces'
+    temporal reuse, both read from the shared data folder."""
     from moespac_vllm.trace import load_trace, synthetic_trace
 
     if spec.startswith("synthetic"):
@@ -199,7 +212,13 @@ def load_workload_trace(spec: str, seed: int = 0) -> Trace:
             steps = int(n) if n else SYNTHETIC_STEPS
         except ValueError:
             raise ValueError(f"trace: 'synthetic:N' needs an integer N, got {spec!r}") from None
-        return synthetic_trace(num_steps=steps, k=0, seed=seed)
+        d = Path(data_dir) if data_dir is not None else default_data_dir()
+        if d is None or not d.is_dir():
+            raise ValueError("trace: the synthetic trace is calibrated on shared/data; set "
+                             "MOESPAC_DATA_DIR")
+        return synthetic_trace(num_steps=steps, k=0, seed=seed,
+                               stats=d / "olmoe-mixtral-routing-stats",
+                               reuse=d / "mixtral-8x7b-routing" / "humaneval_2_routing.jsonl")
     return load_trace(spec)
 
 
