@@ -19,6 +19,7 @@ alpaca, sharegpt. Nothing is copied into the repository.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import time
@@ -306,6 +307,8 @@ def result_record(req: GenerateRequest, res: GenerateResult,
         "acceptance_rate": None if acc is None else round(acc.rate, 4),
         "mean_accepted_length": None if acc is None else round(acc.mean_accepted_length, 4),
         "plugin": res.plugin_line,
+        # identical outputs plugin on vs off are the contract: compare this across runs
+        "output_sha256": hashlib.sha256(json.dumps(res.output_token_ids).encode()).hexdigest(),
     }
 
 
