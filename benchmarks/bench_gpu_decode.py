@@ -62,7 +62,8 @@ from moespac_vllm.simulate import autoregressive_workload, speculative_workload
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.trace import ModelDims, StepKind, Trace, load_trace
 
-POLICIES = ("all-resident", "lru", "static", "sd-lru", "spac")
+POLICIES = ("all-resident", "lru", "static", "sd-lru", "spac")  # the default set
+EXTRA_POLICIES = ("spac-faithful", "lfu", "hybrimoe")  # on request (--policies)
 RATIOS = (0.1, 0.25, 0.5)
 TINY_H, TINY_I = 64, 32
 # Non-expert shapes per model family ([I] for the generic case): q and o are H x q_dim, k and v
@@ -459,7 +460,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         latest = {(r["policy"], r["budget_ratio"]): r for r in rows
                   if r["trace"].split(":", 1)[-1] == tr}  # a re-run replaces its point
         mine = list(latest.values())
-        for name in POLICIES:
+        for name in POLICIES + EXTRA_POLICIES:
             pts = sorted((r["budget_ratio"], r["tokens_per_s"]) for r in mine
                          if r["policy"] == name)
             if not pts:
@@ -522,8 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for p in policies:
-        if p not in POLICIES:
-            raise ValueError(f"policies: unknown {p!r}; expected some of {', '.join(POLICIES)}")
+        if p not in POLICIES + EXTRA_POLICIES:
+            raise ValueError(f"policies: unknown {p!r}; expected some of "
+                             f"{', '.join(POLICIES + EXTRA_POLICIES)}")
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     has_cuda = torch.cuda.is_available()
     if args.device == "cuda" and not has_cuda:
