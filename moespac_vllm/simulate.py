@@ -343,7 +343,7 @@ def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMov
         p = 0
         while p < n:
             k = k_max if steps == 0 else engine.choose_draft_tokens(
-                acceptance, times.draft_ms_per_token, overhead, k_max)
+                acceptance, times.draft_ms_per_token, overhead, k_max, k_min=0)
             ks.append(k)
             k_eff = min(k, n - 1 - p)
             a = 0
@@ -378,8 +378,8 @@ def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: An
         from moespac_vllm.cost_model import get_profile
 
         profile = get_profile(profile)
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise ValueError(f"draft_tokens: must be an integer >= 1, got {draft_tokens!r}")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+        raise ValueError(f"draft_tokens: must be an integer >= 0, got {draft_tokens!r}")
     if adaptive_draft and policy is not Policy.SPAC:
         raise ValueError(f"adaptive_draft: only a switch on spac, not {policy.value}")
     if adaptive_draft and not isinstance(acceptance, float):
@@ -443,7 +443,7 @@ def step_times(profile: Any, dims: ModelDims) -> StepTimes:
 # ---- sweep ---------------------------------------------------------------------------------------
 ADAPTIVE_LABEL = "spac+adaptive-k"
 ORACLE_BEST_LABEL = "oracle-best-k"
-ORACLE_KS = (1, 2, 4, 8)
+ORACLE_KS = (0, 1, 2, 4, 8)
 
 
 def sweep(trace: Trace, profile: Any, *, policies: Sequence[Policy] | None = None,
@@ -451,8 +451,9 @@ def sweep(trace: Trace, profile: Any, *, policies: Sequence[Policy] | None = Non
           **kw: Any) -> list[SimResult]:
     """Every policy at every ratio (same trace, profile, draft length and acceptance model).
     With `extras`, two more rows per ratio: `spac+adaptive-k` (spac with the per-step draft
-    length roofline, k <= draft_tokens) and `oracle-best-k` (the oracle at its best fixed k in
-    1, 2, 4, 8 up to draft_tokens: the bound for a policy that may also choose k)."""
+    length roofline, 0 <= k <= draft_tokens) and `oracle-best-k` (the oracle at its best fixed k
+    in 0, 1, 2, 4, 8 up to draft_tokens: the bound for a policy that may also choose k; k = 0 is
+    plain decoding)."""
     if isinstance(profile, str):
         from moespac_vllm.cost_model import get_profile
 

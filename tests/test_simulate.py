@@ -150,7 +150,7 @@ def test_cli_prints_one_json_object_with_the_documented_keys(tmp_path, capsys):
     (["--cache-ratio", "1.5"], "cache_ratio"),
     (["--policy", "fifo"], "policy"),
     (["--profile", "nope"], "profile"),
-    (["--draft-tokens", "0"], "draft_tokens"),
+    (["--draft-tokens", "-1"], "draft_tokens"),
     (["--acceptance", "2"], "acceptance"),
     (["--sweep"], "out"),
 ])
