@@ -44,12 +44,25 @@ Decisions that are ours ([I], documented so they can be argued with):
 - On-demand policies never compute on the CPU, except when a layer routes to more experts than it
   has slots: the overflow (the fewest-token experts) runs on the CPU, since one plan cannot reuse a
   slot twice.
-- Prefill / mixed forwards use on-demand fetch for every policy, do not move utility levels and do
-  not count in the hit statistics (MOESPAC.md §1: SpAc hooks are off during prefill).
-- `spac` prefetch (end_step) targets, per layer, the S experts with the highest (level, last
-  count); a newcomer may replace a resident only if the resident's level is strictly lower (the
-  reference's "below the threshold" rule with the newcomer's level as threshold). Copies are issued
-  layer by layer, so the link finishes early layers first (they are needed first).
+- Prefill / mixed forwards use on-demand fetch for every policy but `static` (whose placement is
+  frozen: CPU), do not move utility levels and do not count in the hit statistics (MOESPAC.md §1:
+  SpAc hooks are off during prefill).
+- `spac` scores an expert as level + a recency fraction in [0, 1) (an EMA of "routed in the last
+  windows"): levels decide, recency breaks ties instead of the reference's lowest id. With the
+  config's estimator left at the reference defaults, spac scales θ_up with the window
+  (`ThetaScale.WINDOW`) so short windows still move levels.
+- `spac` prefetch (end_step) targets, per layer, the S best-scored experts; a newcomer may replace
+  a resident only if the resident's score is strictly lower (the reference's "below the threshold"
+  rule with the newcomer's score as threshold). Copies are issued layer by layer and only while
+  they can land before the draft phase ends (the link is idle then): measured in the simulator, a
+  prefetch that spills into the verification pass delays that pass's on-demand fetches more than
+  its ~50-65% precision saves (Mixtral, rtx4090-pcie4, ratio 0.17, k = 1: 3.19-3.57 tok/s spilling
+  vs 3.64 idle-only). hybrimoe and the oracle may spill up to their layer's expected start.
+- On-demand fetches queue behind prefetches on the one copy link: when the engine's own model of
+  the link says it is busy, the balancer's fetching placement is compared, with that backlog
+  added, against fetching nothing.
+- `choose_draft_tokens` (adaptive draft length, simulator switch on spac): the k maximising
+  expected tokens per modelled step time (`draft_roofline`); k = 0 turns speculation off.
 """
 from __future__ import annotations
 
@@ -283,7 +296,7 @@ class ExpertEngine:
         device = list(ready)
         wait: list[int] = []  # LOADING copies the device branch waits for
         fetch: list[int] = []  # new on-demand copies
-        if not decoding or self.policy in _ON_DEMAND:
+        if (not decoding and self.policy is not Policy.STATIC) or self.policy in _ON_DEMAND:
             wait, fetch = self._on_demand(layer, counts, loading, absent)
         elif self.policy in _BALANCED:
             wait, fetch, to_cpu = self._balance(layer, counts, ready, loading, absent)
