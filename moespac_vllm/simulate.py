@@ -415,9 +415,12 @@ def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: An
         elapsed, steps, draft_ms = run_engine(engine, work, clock, mover, times, speculative)
         mean_k = float(draft_tokens) if speculative else 0.0
     stats = engine.stats()
+    meta = work.meta
+    if adaptive_draft and "rejected_draft_routing" not in meta.modelled:
+        meta = replace(meta, modelled=meta.modelled + ("rejected_draft_routing",))
     return SimResult(
         policy=policy.value, cache_ratio=float(cache_ratio), num_slots=engine.num_slots,
-        profile=getattr(profile, "name", str(profile)), trace=trace.label,
+        profile=getattr(profile, "name", str(profile)), trace=meta.label,
         synthetic=bool(trace.meta.synthetic), modelled=True, speculative=speculative,
         draft_tokens=draft_tokens if speculative else 0, adaptive_draft=adaptive_draft,
         mean_draft_tokens=mean_k,

@@ -119,7 +119,10 @@ def test_real_mixtral_trace_is_labelled_and_modelled(data_dir):
     trace = sim.load_workload_trace(str(path))
     r = sim.simulate(trace, "spac", 0.25, "h100-pcie5", max_tokens=40)
     d = r.as_dict()
-    assert d["trace"].startswith("real") and d["modelled"] is True and d["synthetic"] is False
+    assert d["trace"].startswith("real+modelled(") and "rejected_draft" in d["trace"]
+    assert d["modelled"] is True and d["synthetic"] is False
+    plain = sim.simulate(trace, "lru", 0.25, "h100-pcie5", max_tokens=40)
+    assert plain.trace.startswith("real:")  # plain decoding replays recorded routing only
     assert r.tokens == 40 and r.tokens_per_s > 0
 
 
