@@ -130,7 +130,9 @@ def run_windows(path: Path, emit, iters_ref: int = 3) -> None:
     link = h2d_gbps()
     emit({"face": "pcie", "h2d_gbps": link, "expert_gb": expert_gb,
           "fetch_ms_per_expert": expert_gb / link * 1e3, "dims": "mixtral-8x7b"})
-    for W in WINDOW_SIZES:
+    paths = {"sorted": fe.replace_config(fe.DEFAULT_CONFIG, gemv_max_tokens=0),
+             "per_pair": fe.replace_config(fe.DEFAULT_CONFIG, gemv_max_tokens=1 << 20)}
+    for (W, (path, cfg)) in ((w, p) for w in WINDOW_SIZES for p in paths.items()):
         ids_all = torch.from_numpy(data[f"ids_w{W}"].astype(np.int32)).cuda()
         wts_all = torch.from_numpy(data[f"weights_w{W}"]).cuda()
         x = torch.randn(W, H_, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -139,11 +141,11 @@ def run_windows(path: Path, emit, iters_ref: int = 3) -> None:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):
-                fe.fused_experts(x, w13, w2, ids, wts, backend="triton")
+                fe.fused_experts(x, w13, w2, ids, wts, backend="triton", config=cfg)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = fe.fused_experts(x, w13, w2, ids, wts, backend="triton")
+            out = fe.fused_experts(x, w13, w2, ids, wts, backend="triton", config=cfg)
         times, distinct, errs = [], [], []
         for n in range(ids_all.shape[0]):
             ids.copy_(ids_all[n])
@@ -167,7 +169,8 @@ def run_windows(path: Path, emit, iters_ref: int = 3) -> None:
             ref_t.append((time.perf_counter() - t0) * 1e3)
         t = np.array(times)
         d = np.array(distinct)
-        emit({"face": "triton", "mode": "graph", "routing": f"real: {data['source']}",
+        emit({"face": "triton", "mode": "graph", "path": path,
+              "routing": f"real: {data['source']}",
               "dims": "mixtral-8x7b", "window_tokens": W, "windows": len(times),
               "mean_distinct_experts": float(d.mean()), "mean_ms": float(t.mean()),
               "median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
@@ -226,6 +229,18 @@ def main(argv: list[str] | None = None) -> int:
             "n32_k256": fe.KernelConfig(16, 32, 64, 256, 4, 2),
             "n16_k128": fe.KernelConfig(16, 16, 32, 128, 4, 3),
             "n64_k128_w8": fe.KernelConfig(16, 64, 128, 128, 8, 3),
+        })
+        base = fe.replace_config(fe.DEFAULT_CONFIG, gemv_max_tokens=1 << 20)
+        configs.update({
+            "sorted": fe.replace_config(fe.DEFAULT_CONFIG, gemv_max_tokens=0),
+            "gemv_n16_k256_w4": base,
+            "gemv_n8_k512_w4": fe.replace_config(base, gemv_block_n_gate_up=8,
+                                                 gemv_block_n_down=8, gemv_block_k=512),
+            "gemv_n32_k128_w4": fe.replace_config(base, gemv_block_n_gate_up=32,
+                                                  gemv_block_n_down=32, gemv_block_k=128),
+            "gemv_n16_k256_w8": fe.replace_config(base, num_warps=8),
+            "gemv_n8_k256_w2": fe.replace_config(base, gemv_block_n_gate_up=8,
+                                                 gemv_block_n_down=8, num_warps=2),
         })
 
     for dtype in ([torch.bfloat16] if cuda else [torch.bfloat16, torch.float32]):

@@ -40,13 +40,19 @@ Kernel structure (the known-good one of vLLM's fused_moe, reduced to decode), fo
 3. `_down_kernel`: the same against w2, scaled by the routing weight, one fp32 row per pair.
 4. `_sum_topk_kernel`: the in-order sum over k, skipped pairs never read, one cast.
 Pairs sharing a slot share its weight tiles; that is the point of the sort at T > 1.
+
+Per-pair path (`KernelConfig.gemv_max_tokens`, off by default until a GPU run has measured it
+against the sorted path): for T <= gemv_max_tokens, two launches and no sort:
+`_gemv_gate_up_kernel` per (pair, columns) and `_gemv_down_sum_kernel` per (token, columns), which
+runs the token's K pairs in order and so also does step 4. Each pair streams its own slot's rows:
+the same bytes as the sorted path when no two pairs share a slot (T=1), more otherwise.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -72,7 +78,8 @@ class Backend(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class KernelConfig:
-    """Tile sizes of both kernels. BLOCK_M >= 16 (tl.dot's minimum)."""
+    """Tile sizes. Sorted path: BLOCK_M >= 16 (tl.dot's minimum). Per-pair (GEMV) path, taken
+    when T <= gemv_max_tokens: gemv_block_n_* rows of a weight per program, gemv_block_k wide."""
 
     block_m: int = 16
     block_n_gate_up: int = 64
@@ -80,12 +87,22 @@ class KernelConfig:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    gemv_max_tokens: int = 0
+    gemv_block_n_gate_up: int = 16
+    gemv_block_n_down: int = 16
+    gemv_block_k: int = 256
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n_gate_up", "block_n_down", "block_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 16 or v & (v - 1):
                 raise ValueError(f"{name}: must be a power of two >= 16, got {v!r}")
+        for name in ("gemv_block_n_gate_up", "gemv_block_n_down", "gemv_block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 4 or v & (v - 1):
+                raise ValueError(f"{name}: must be a power of two >= 4, got {v!r}")
+        if not isinstance(self.gemv_max_tokens, int) or self.gemv_max_tokens < 0:
+            raise ValueError(f"gemv_max_tokens: must be an int >= 0, got {self.gemv_max_tokens!r}")
         if not isinstance(self.num_warps, int) or self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps: must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -93,11 +110,19 @@ class KernelConfig:
 
 
 # Decode defaults. BLOCK_N 32 on the gate/up side doubles the programs at T=1 (8 pairs -> 8 blocks
-# x I/32 columns); the down side has H >> I columns already.
+# x I/32 columns); the down side has H >> I columns already. On an H100 (Qwen3 dims, bf16, CUDA
+# graph) these were within 5 % of the best of 5 tile sets at every T in 1..32 (benchmarks/README).
+# gemv_max_tokens stays 0: the per-pair path compiles for sm_90 and matches the reference under the
+# interpreter, but has not been timed on a GPU yet (`bench_fused_experts.py --sweep` times it).
 DEFAULT_CONFIG = KernelConfig(block_m=16, block_n_gate_up=32, block_n_down=64, block_k=128,
                               num_warps=4, num_stages=3)
 INTERPRET_CONFIG = KernelConfig(block_m=16, block_n_gate_up=16, block_n_down=16, block_k=16,
                                 num_warps=1, num_stages=1)
+
+
+def replace_config(config: KernelConfig, **changes: int) -> KernelConfig:
+    """A copy of `config` with some tiles changed (validated again)."""
+    return replace(config, **changes)
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -379,6 +404,77 @@ if triton is not None:
         tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 
+    @triton.jit
+    def _gemv_gate_up_kernel(
+        hidden_ptr, w13_ptr, act_ptr, ids_ptr,
+        top_k, H, I,
+        stride_ht, stride_hh, stride_ws, stride_wn, stride_wk, stride_ap, stride_an,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Per-pair path, one (pair, BLOCK_N columns) per program: no sort, no tl.dot (M=1).
+        Each pair streams its slot's rows itself, which at T=1 is every slot exactly once."""
+        pair = tl.program_id(0)
+        slot = tl.load(ids_ptr + pair).to(tl.int64)
+        if slot < 0:
+            return
+        tok = pair // top_k
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = hidden_ptr + tok.to(tl.int64) * stride_ht + offs_k * stride_hh
+        g_ptrs = w13_ptr + slot * stride_ws + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        u_ptrs = g_ptrs + I * stride_wn
+        acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(H, BLOCK_K)):
+            k_ok = offs_k < H - kb * BLOCK_K
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            m = n_ok[:, None] & k_ok[None, :]
+            g = tl.load(g_ptrs, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(u_ptrs, mask=m, other=0.0).to(tl.float32)
+            acc_g += tl.sum(g * x[None, :], axis=1)
+            acc_u += tl.sum(u * x[None, :], axis=1)
+            x_ptrs += BLOCK_K * stride_hh
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(act_ptr + pair.to(tl.int64) * stride_ap + offs_n * stride_an,
+                 act.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _gemv_down_sum_kernel(
+        act_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr,
+        top_k, H, I,
+        stride_ap, stride_an, stride_ws, stride_wn, stride_wk, stride_ot, stride_oh,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Per-pair path, down GEMM and the sum over k in one: a (token, BLOCK_N columns) program
+        runs its K pairs in order k = 0..K-1, scales each by its weight, adds, casts once."""
+        t = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        offs_k = tl.arange(0, BLOCK_K)
+        out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k in range(0, top_k):
+            pair = t * top_k + k
+            slot = tl.load(ids_ptr + pair).to(tl.int64)
+            if slot >= 0:
+                a_ptrs = act_ptr + pair.to(tl.int64) * stride_ap + offs_k * stride_an
+                b_ptrs = (w2_ptr + slot * stride_ws + offs_n[:, None] * stride_wn
+                          + offs_k[None, :] * stride_wk)
+                y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for kb in range(0, tl.cdiv(I, BLOCK_K)):
+                    k_ok = offs_k < I - kb * BLOCK_K
+                    a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+                    b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                    y += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
+                    a_ptrs += BLOCK_K * stride_an
+                    b_ptrs += BLOCK_K * stride_wk
+                out += y * tl.load(weights_ptr + pair)
+        tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n * stride_oh,
+                 out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 # Above this many (token, k) pairs the one-program align kernel's O(P^2) compares cost more than
 # the ~35 small torch launches of `_align_pairs_by_slot` (prefill); below it, one launch wins.
 ALIGN_KERNEL_MAX_PAIRS = 2048
@@ -427,6 +523,8 @@ def _fused_experts_triton(
     if P == 0:
         return torch.zeros(T, H, dtype=hidden.dtype, device=hidden.device)
     interp = interpreter_active()
+    if T <= config.gemv_max_tokens:
+        return _fused_experts_gemv(hidden, w13, w2, slot_ids, weights, config, T, H, I, K)
     # Decode launches 4 kernels (align, gate/up, down, sum over k): at T=1 on an H100 the ~45
     # small torch ops this replaced cost more than the two GEMM kernels.
     sorted_pairs, block_slot = align_pairs_by_slot(
@@ -460,6 +558,29 @@ def _fused_experts_triton(
     out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
     block_h = 256 if not interp else 32
     _sum_topk_kernel[(T, triton.cdiv(H, block_h))](out_pairs, ids_flat, out, K, H, BLOCK_H=block_h)
+    return out
+
+
+def _fused_experts_gemv(hidden, w13, w2, slot_ids, weights, config, T, H, I, K):
+    """Two launches, no sort and no per-pair output buffer: the tiny-T path."""
+    P = T * K
+    act = torch.empty(P, I, dtype=hidden.dtype, device=hidden.device)
+    out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
+    ids_flat = slot_ids.reshape(-1).contiguous()
+    w_flat = weights.reshape(-1).to(torch.float32).contiguous()
+    launch = {} if interpreter_active() else {"num_warps": config.num_warps}
+    _gemv_gate_up_kernel[(P, triton.cdiv(I, config.gemv_block_n_gate_up))](
+        hidden, w13, act, ids_flat, K, H, I,
+        hidden.stride(0), hidden.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+        act.stride(0), act.stride(1),
+        BLOCK_N=config.gemv_block_n_gate_up, BLOCK_K=config.gemv_block_k, **launch,
+    )
+    _gemv_down_sum_kernel[(T, triton.cdiv(H, config.gemv_block_n_down))](
+        act, w2, out, ids_flat, w_flat, K, H, I,
+        act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_N=config.gemv_block_n_down, BLOCK_K=config.gemv_block_k, **launch,
+    )
     return out
 
 

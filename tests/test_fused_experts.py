@@ -141,7 +141,8 @@ def test_auto_on_cpu_runs_the_reference():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("block_m", 8), ("block_k", 48), ("num_warps", 3), ("num_stages", 0)],
+    [("block_m", 8), ("block_k", 48), ("num_warps", 3), ("num_stages", 0),
+     ("gemv_block_k", 2), ("gemv_max_tokens", -1)],
 )
 def test_kernel_config_rejects_bad_tiles(field, value):
     with pytest.raises(ValueError, match=f"^{field}"):
@@ -194,6 +195,9 @@ def _interpret_cases() -> dict[str, tuple[torch.Tensor, ...]]:
     ids[:, 2] = ids[:, 0]
     ids[3] = ids[0]
     cases["duplicate_slots"] = (x, w13, w2, ids, wts)
+    # The per-pair (GEMV) path on the same inputs: the launcher takes it for T <= gemv_max_tokens.
+    for name in ("fp32", "bf16", "odd_dims", "negative_ids", "all_negative", "duplicate_slots"):
+        cases[f"gemv_{name}"] = cases[name]
     return cases
 
 
@@ -213,7 +217,10 @@ except ModuleNotFoundError:
     from kernels import fused_experts as fe
 assert fe.interpreter_active(), "TRITON_INTERPRET=1 did not reach the kernel module"
 cases = torch.load(sys.argv[1])
-outs = {k: fe.fused_experts(*v, backend="triton") for k, v in cases.items() if k != "align"}
+gemv = fe.KernelConfig(16, 16, 16, 16, 1, 1, gemv_max_tokens=1 << 20, gemv_block_n_gate_up=8,
+                      gemv_block_n_down=8, gemv_block_k=16)
+outs = {k: fe.fused_experts(*v, backend="triton", config=gemv if k.startswith("gemv_") else None)
+        for k, v in cases.items() if k != "align"}
 outs["align"] = [fe.align_pairs_by_slot(ids, s, bm, use_kernel=True)
                  for ids, s, bm in cases["align"]]
 torch.save(outs, sys.argv[2])
@@ -264,9 +271,9 @@ def test_interpreted_kernel_matches_reference(interpreted, name):
     # rounding of the activation that order can flip (one ulp, propagated through w2).
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[want.dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
-    if name == "all_negative":
+    if name.endswith("all_negative"):
         assert torch.all(got == 0)
-    if name == "negative_ids":
+    if name.endswith("negative_ids"):
         assert torch.all(got[2] == 0)
 
 
@@ -280,6 +287,48 @@ def test_interpreted_align_kernel_gives_the_torch_layout(interpreted):
         assert torch.equal(pairs_k, pairs_t) and torch.equal(slots_k, slots_t), (ids.shape, S, bm)
 
 
+# ---- every kernel lowers to Hopper machine code, no GPU needed ------------------------------
+def _hopper_signatures() -> list[tuple[object, list[str], dict, dict]]:
+    bf, i32 = "*bf16", "i32"
+    sorted_c = {"BLOCK_M": 16, "UPCAST": False, "IEEE": False}
+    return [
+        (fe._gate_up_kernel, [bf, bf, bf, "*i32", "*i32"] + [i32] * 11,
+         {**sorted_c, "BLOCK_N": 32, "BLOCK_K": 128}, {"num_warps": 4, "num_stages": 3}),
+        (fe._down_kernel, [bf, bf, "*fp32", "*fp32", "*i32", "*i32"] + [i32] * 10,
+         {**sorted_c, "BLOCK_N": 64, "BLOCK_K": 128}, {"num_warps": 4, "num_stages": 3}),
+        (fe._align_kernel, ["*i32"] * 4 + [i32] * 3, {"BLOCK_M": 16, "CHUNK": 64}, {}),
+        (fe._sum_topk_kernel, ["*fp32", "*i32", bf, i32, i32], {"BLOCK_H": 256}, {}),
+        (fe._gemv_gate_up_kernel, [bf, bf, bf, "*i32"] + [i32] * 10,
+         {"BLOCK_N": 16, "BLOCK_K": 256}, {"num_warps": 4}),
+        (fe._gemv_down_sum_kernel, [bf, bf, bf, "*i32", "*fp32"] + [i32] * 10,
+         {"BLOCK_N": 16, "BLOCK_K": 256}, {"num_warps": 4}),
+    ]
+
+
+def test_every_kernel_compiles_for_hopper_sm90():
+    """Triton's ahead-of-time compile to an sm_90 cubin with its bundled ptxas: catches kernels
+    that only the interpreter accepts (the interpreter runs Python, not the compiler)."""
+    triton = pytest.importorskip("triton")
+    if fe.interpreter_active():
+        pytest.skip("this process runs the interpreter")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton build ships no ptxas")
+    for kernel, types, constexprs, options in _hopper_signatures():
+        names = [a for a in kernel.arg_names if a not in constexprs]
+        assert len(names) == len(types), kernel.arg_names
+        sig = dict(zip(names, types)) | {k: "constexpr" for k in constexprs}
+        src = ASTSource(fn=kernel, signature=sig,
+                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        assert len(compiled.asm["cubin"]) > 0
+
+
 # ---- the kernel on a GPU at Qwen3-30B-A3B shapes ---------------------------------------------
 QWEN3_H, QWEN3_I, QWEN3_K = 2048, 768, 8
 
@@ -288,12 +337,17 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
 
 
+SORTED = fe.replace_config(fe.DEFAULT_CONFIG, gemv_max_tokens=0)
+PER_PAIR = fe.replace_config(fe.DEFAULT_CONFIG, gemv_max_tokens=1 << 20)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 2, 8, 32])
 @pytest.mark.parametrize("S", [16, 128])
-def test_kernel_matches_reference_on_gpu_bf16(T, S):
+@pytest.mark.parametrize("path", ["sorted", "per_pair"])
+def test_kernel_matches_reference_on_gpu_bf16(T, S, path):
     args = fe.make_inputs(T, QWEN3_K, QWEN3_H, QWEN3_I, S, torch.bfloat16, "cuda", seed=T + S)
-    got = fe.fused_experts(*args, backend="triton")
+    got = fe.fused_experts(*args, backend="triton", config=SORTED if path == "sorted" else PER_PAIR)
     want = fe.fused_experts_reference(*args)
     assert got.dtype == torch.bfloat16 and got.shape == (T, QWEN3_H)
     assert _rel_err(got, want) < 1e-2
@@ -301,35 +355,43 @@ def test_kernel_matches_reference_on_gpu_bf16(T, S):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.float32, 1e-5)])
-def test_kernel_matches_reference_on_gpu_other_dtypes(dtype, tol):
+@pytest.mark.parametrize("path", ["sorted", "per_pair"])
+def test_kernel_matches_reference_on_gpu_other_dtypes(dtype, tol, path):
     args = fe.make_inputs(8, QWEN3_K, QWEN3_H, QWEN3_I, 64, dtype, "cuda", seed=5)
-    assert _rel_err(fe.fused_experts(*args, backend="triton"), fe.fused_experts_reference(*args)) < tol
+    cfg = SORTED if path == "sorted" else PER_PAIR
+    got = fe.fused_experts(*args, backend="triton", config=cfg)
+    assert _rel_err(got, fe.fused_experts_reference(*args)) < tol
 
 
 @pytest.mark.gpu
-def test_kernel_skips_negative_and_sums_duplicates_on_gpu():
+@pytest.mark.parametrize("path", ["sorted", "per_pair"])
+def test_kernel_skips_negative_and_sums_duplicates_on_gpu(path):
+    cfg = SORTED if path == "sorted" else PER_PAIR
     x, w13, w2, ids, wts = fe.make_inputs(16, QWEN3_K, QWEN3_H, QWEN3_I, 32, torch.bfloat16,
                                           "cuda", seed=7)
     ids[:, 3] = -1
     ids[5, :] = -1
     ids[:, 7] = ids[:, 0]
-    got = fe.fused_experts(x, w13, w2, ids, wts, backend="triton")
+    got = fe.fused_experts(x, w13, w2, ids, wts, backend="triton", config=cfg)
     want = fe.fused_experts_reference(x, w13, w2, ids, wts)
     assert torch.all(got[5] == 0)
     assert _rel_err(got, want) < 1e-2
-    zeros = fe.fused_experts(x, w13, w2, torch.full_like(ids, -1), wts, backend="triton")
+    zeros = fe.fused_experts(x, w13, w2, torch.full_like(ids, -1), wts, backend="triton",
+                             config=cfg)
     assert torch.all(zeros == 0)
 
 
 @pytest.mark.gpu
-def test_kernel_reads_only_the_slots_it_is_given_on_gpu():
+@pytest.mark.parametrize("path", ["sorted", "per_pair"])
+def test_kernel_reads_only_the_slots_it_is_given_on_gpu(path):
     # Poisoning every slot nobody routes to must not change the output.
+    cfg = SORTED if path == "sorted" else PER_PAIR
     x, w13, w2, ids, wts = fe.make_inputs(4, QWEN3_K, QWEN3_H, QWEN3_I, 64, torch.bfloat16,
                                           "cuda", seed=9)
-    a = fe.fused_experts(x, w13, w2, ids, wts, backend="triton")
+    a = fe.fused_experts(x, w13, w2, ids, wts, backend="triton", config=cfg)
     unused = torch.ones(64, dtype=torch.bool, device="cuda")
     unused[ids.reshape(-1).long()] = False
     w13[unused] = math.nan
     w2[unused] = math.nan
-    b = fe.fused_experts(x, w13, w2, ids, wts, backend="triton")
+    b = fe.fused_experts(x, w13, w2, ids, wts, backend="triton", config=cfg)
     assert torch.equal(a, b)
