@@ -109,7 +109,9 @@ class SimMover:
         self.loads += 1
 
     def ready_at(self, layer: int, slot: int) -> float:
-        return self._done.get((layer, slot), -math.inf)
+        """When the last load into (layer, slot) lands; +inf if none is recorded (never loaded,
+        or cancelled: the slot holds no valid data)."""
+        return self._done.get((layer, slot), math.inf)
 
     def is_ready(self, layer: int, slot: int) -> bool:
         return self.clock.now_ms() >= self.ready_at(layer, slot)

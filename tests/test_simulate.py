@@ -44,6 +44,7 @@ def test_sim_mover_serialises_copies_and_cancel_moves_the_queue_up():
     assert mover.ready_at(1, 0) == 4.0 and mover.bytes_moved == 20
     clock.t_ms = 4.0
     assert mover.is_ready(0, 0) and mover.is_ready(1, 0) and not mover.cancel(1, 0)
+    assert not mover.is_ready(0, 1) and not mover.is_ready(2, 0)  # cancelled / never loaded
 
 
 def test_full_cache_hits_everything_after_warm_up_and_moves_nothing_more():
