@@ -1,0 +1,124 @@
+"""Setups the offloaded layer does not support are refused with one clear error each.
+
+Checked against vLLM's own config objects (FusedMoEConfig / FusedMoEParallelConfig /
+CompilationConfig / VllmConfig, a FusedMoEMethodBase subclass standing for a quantized method), and
+the version gate through the plugin's register path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+
+vllm = pytest.importorskip("vllm")
+
+from vllm.config import CompilationConfig, VllmConfig  # noqa: E402
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation  # noqa: E402
+from vllm.model_executor.layers.fused_moe.config import (  # noqa: E402
+    FusedMoEConfig,
+    FusedMoEParallelConfig,
+    RoutingMethodType,
+)
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import (  # noqa: E402
+    FusedMoEMethodBase,
+)
+
+from moespac_vllm.patches import routed_experts  # noqa: E402
+
+
+def _parallel(**over) -> FusedMoEParallelConfig:
+    base = dict(tp_size=1, pcp_size=1, dp_size=1, ep_size=1, tp_rank=0, pcp_rank=0, dp_rank=0,
+                ep_rank=0, sp_size=1, use_ep=False, all2all_backend="allgather_reducescatter",
+                enable_eplb=False)
+    base.update(over)
+    return FusedMoEParallelConfig(**base)
+
+
+def _moe(parallel: FusedMoEParallelConfig | None = None, **over) -> FusedMoEConfig:
+    kw = dict(num_experts=16, experts_per_token=4, hidden_dim=128, intermediate_size=64,
+              num_local_experts=16, num_logical_experts=16, activation=MoEActivation.SILU,
+              device="cpu", routing_method=RoutingMethodType.Renormalize,
+              moe_parallel_config=parallel or _parallel(), in_dtype=torch.float32)
+    kw.update(over)
+    return FusedMoEConfig(**kw)
+
+
+class _Int4MoEMethod(FusedMoEMethodBase):
+    """Stands for any quantized MoE method (what resolve_quant_method returns for a GPTQ/AWQ/FP8
+    checkpoint): a FusedMoEMethodBase that is not the unquantized one."""
+
+    def create_weights(self, *a, **k):  # pragma: no cover - never called
+        raise NotImplementedError
+
+    def get_fused_moe_quant_config(self, layer):  # pragma: no cover
+        return None
+
+
+def test_supported_setup_passes():
+    routed_experts.check_supported(None, _moe())
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(use_ep=True, ep_size=2, tp_size=1, dp_size=2), "expert parallelism"),
+    (dict(enable_eplb=True), "EPLB"),
+    (dict(dp_size=2), "data parallelism"),
+])
+def test_parallel_setups_are_refused(over, match):
+    with pytest.raises(ValueError, match=match):
+        routed_experts.check_supported(None, _moe(_parallel(**over)))
+
+
+def test_quantized_moe_weights_are_refused():
+    moe = _moe()
+    with pytest.raises(ValueError, match="quantized MoE weights .*_Int4MoEMethod"):
+        routed_experts.check_supported(None, moe, quant_method=_Int4MoEMethod(moe))
+
+
+def test_biased_and_non_silu_experts_are_refused():
+    with pytest.raises(ValueError, match="biases"):
+        routed_experts.check_supported(None, _moe(has_bias=True))
+    with pytest.raises(ValueError, match="activation"):
+        routed_experts.check_supported(None, _moe(activation=MoEActivation.GELU))
+
+
+class _EngineView:
+    """The two parts of a VllmConfig the check reads. A whole VllmConfig cannot be used here: on
+    this CPU platform its post-init resets cudagraph_mode to NONE (no CUDA graphs on CPU)."""
+
+    def __init__(self, enforce_eager: bool = False, **cc) -> None:
+        self.model_config = type("ModelConfigView", (), {"enforce_eager": enforce_eager})()
+        self.compilation_config = CompilationConfig(**cc)
+
+
+@pytest.mark.parametrize("mode", ["FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"])
+def test_full_cuda_graphs_are_refused(mode):
+    with pytest.raises(ValueError, match="FULL CUDA graphs"):
+        routed_experts.check_cudagraph_mode(_EngineView(cudagraph_mode=mode))
+
+
+def test_piecewise_needs_the_moe_op_as_split_point():
+    with pytest.raises(ValueError, match="split point"):
+        routed_experts.check_cudagraph_mode(
+            _EngineView(cudagraph_mode="PIECEWISE", splitting_ops=["vllm::unified_attention"]))
+    routed_experts.check_cudagraph_mode(_EngineView(
+        cudagraph_mode="PIECEWISE",
+        splitting_ops=["vllm::unified_attention", "vllm::moe_forward",
+                       "vllm::moe_forward_shared"]))
+
+
+def test_no_cuda_graphs_pass():
+    routed_experts.check_cudagraph_mode(_EngineView(cudagraph_mode="NONE"))
+    routed_experts.check_cudagraph_mode(VllmConfig())  # this platform's own default
+
+
+def test_enforce_eager_passes_whatever_the_graph_mode():
+    routed_experts.check_cudagraph_mode(_EngineView(enforce_eager=True, cudagraph_mode="FULL"))
+
+
+def test_unverified_vllm_version_leaves_plugin_inert(monkeypatch):
+    from moespac_vllm.patches import plugin
+
+    monkeypatch.setattr(plugin, "vllm_version", lambda: "0.31.9")
+    st = plugin._register({})
+    assert not st.loaded and not st.layer_installed
+    assert "unverified vLLM version" in st.inert_reason
