@@ -27,6 +27,18 @@ Backends, i.e. how one expert's pairs are computed (`CpuBackend`):
   this module never imports vLLM): it prepacks each weight tensor once and runs every routed pair as
   a top-1 row, so per-pair outputs come back (rounded once to the dtype by the op).
 
+The glue's recipe for vLLM's op (measured fastest here: benchmarks/README.md), in patches/:
+
+    ops = torch.ops._C                                   # after `import vllm._C`
+    def prepack(w):
+        p = torch.empty_like(w); ops.prepack_moe_weight(w, p, "vec"); return p
+    def moe_op(out, x, w13p, w2p, tw, ti):
+        ops.cpu_fused_moe(out, x, w13p, w2p, None, None, tw, ti, False, "silu", "vec")
+    pool = CpuExpertPool(cfg.cpu_threads, "hook", PrepackedMoeOpHook(prepack, moe_op))
+
+The hook keeps one packed copy of every weight tensor it sees (host memory x2 for the layers the
+CPU serves); an ExpertStore that keeps only the packed layout would avoid that.
+
 Threads: PyTorch has one intra-op pool per process; `num_threads` sets it (process-wide,
 torch.set_num_threads) and the worker thread's GEMMs use it. A second worker would only split the
 same cores, so the pool has one.
