@@ -25,8 +25,13 @@ $(STAMP): setup.py
 models: setup
 	$(PY) -m moespac_vllm.cli make-tiny-model $(MODELS)/tiny-qwen3-moe --arch qwen3_moe --draft
 
+# Offline generation through vLLM with the plugin on and draft-model speculative decoding (k=3);
+# prints a few generations, tokens/s, acceptance and the plugin's stats line. Pass more flags with
+# DEMO_ARGS, e.g. make demo DEMO_ARGS='--moespac-config {"cache_ratio":0.5} --json'.
 demo: models
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m moespac_vllm.cli generate --model $(MODELS)/tiny-qwen3-moe $(DEMO_ARGS)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m moespac_vllm.cli generate \
+	  --model $(MODELS)/tiny-qwen3-moe --draft $(MODELS)/tiny-qwen3-moe/draft \
+	  --num-speculative-tokens 3 $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest --strict-markers -ra tests

@@ -55,6 +55,9 @@ class PluginState:
     config: dict[str, Any] = field(default_factory=dict)  # MoESpacConfig.to_flat() at register
     layer_installed: bool = False  # routed_experts.register(config) ran
     cli_flag_installed: bool = False  # `--plugin moespac` is accepted by vLLM's serve parser
+    # where `config` came from: "env" (MOESPAC_* only; an engine's --additional-config is applied
+    # when its layers are built) or "env+additional_config" (a VllmConfig was current)
+    config_source: str = "env"
 
     def summary(self) -> str:
         """The one-line load message (also the demo's stats line until the layer reports)."""
@@ -66,8 +69,10 @@ class PluginState:
                   else f"cache_ratio {c.get('cache_ratio') if c.get('cache_ratio') is not None else 'default 0.25'}")
         layer = "offloaded layer installed" if self.layer_installed else \
             "offloaded layer not installed yet"
+        source = ("from env; an engine's --additional-config applies when its layers are built"
+                  if self.config_source == "env" else "from env + --additional-config")
         return (f"moespac: plugin loaded (vLLM {self.vllm_version}, {budget}, policy "
-                f"{c.get('policy')}, balancer {c.get('balancer')}; {layer})")
+                f"{c.get('policy')}, balancer {c.get('balancer')} [{source}]; {layer})")
 
 
 _lock = threading.Lock()
@@ -130,7 +135,10 @@ def _register(environ: Mapping[str, str]) -> PluginState:
                        ALLOW_UNVERIFIED_ENV)
 
     # Bad config raises here, which stops vLLM with our one-line ValueError naming the field.
-    config = config_for(environ=environ)
+    from vllm.config import get_current_vllm_config_or_none
+
+    current = get_current_vllm_config_or_none()
+    config = config_for(current, environ=environ)
     flag = _install_plugin_flag()
 
     # ---- the offloaded layer's registration hook (issue #4: patches/routed_experts.py) --------
@@ -151,7 +159,8 @@ def _register(environ: Mapping[str, str]) -> PluginState:
 
     st = PluginState(loaded=True, vllm_version=version, verified=verified,
                      config=config.to_flat(), layer_installed=layer_installed,
-                     cli_flag_installed=flag)
+                     cli_flag_installed=flag,
+                     config_source="env" if current is None else "env+additional_config")
     logger.info("%s", st.summary())
     return st
 
@@ -192,7 +201,8 @@ def stats_line(vllm_config: Any | None = None) -> str:
     if vllm_config is not None and st.loaded:
         from dataclasses import replace
 
-        st = replace(st, config=config_for(vllm_config).to_flat())
+        st = replace(st, config=config_for(vllm_config).to_flat(),
+                     config_source="env+additional_config")
     return st.summary()
 
 

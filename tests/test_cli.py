@@ -133,3 +133,16 @@ def test_make_tiny_model_reports_built_then_cached(tmp_path, capsys):
     assert "built mixtral" in capsys.readouterr().out
     assert main(["make-tiny-model", str(out), "--arch", "mixtral"]) == 0
     assert "cached mixtral" in capsys.readouterr().out
+
+
+def test_readme_lists_every_config_key_and_the_serve_spellings():
+    from pathlib import Path
+
+    from moespac_vllm.config import FLAT_KEYS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [k for k in FLAT_KEYS if f"`{k}`" not in readme]
+    assert not missing, f"README.md does not document config keys: {missing}"
+    for spelling in ("moespac serve MODEL", "VLLM_PLUGINS=moespac vllm serve MODEL",
+                     "vllm serve MODEL --plugin moespac", "make demo", "make test"):
+        assert spelling in readme
