@@ -707,6 +707,11 @@ def random_problem(rng: np.random.Generator, *, adversarial: bool = False,
 
 def make_balancer(kind: BalancerKind) -> Balancer:
     """`exact` (hot path) or `milp` (HiGHS oracle). `FixedCpuBalancer` is built directly."""
+    if isinstance(kind, str) and not isinstance(kind, BalancerKind):
+        try:
+            kind = BalancerKind(kind.strip().lower())
+        except ValueError:
+            raise ValueError(f"balancer: unknown kind {kind!r}; expected exact or milp") from None
     if kind is BalancerKind.EXACT:
         return ExactBalancer()
     if kind is BalancerKind.MILP:

@@ -203,6 +203,9 @@ def test_fixed_cpu_balancer_is_the_reference_code_threshold_mode():
 
 def test_make_balancer_kinds():
     assert isinstance(make_balancer(BalancerKind.EXACT), ExactBalancer)
+    assert isinstance(make_balancer("exact"), ExactBalancer)
+    with pytest.raises(ValueError, match="^balancer"):
+        make_balancer("greedy")
     pytest.importorskip("highspy")
     from moespac_vllm.balancer import MilpBalancer
 
