@@ -194,3 +194,9 @@ def test_vllm_cpu_moe_op_through_the_hook_matches_the_reference():
     pairs = ce.PrepackedMoeOpHook(prepack, moe_op)(x, w13, w2, ids, wts)
     assert torch.all(pairs[2, 1:] == 0)
     assert _rel(ce.sum_over_topk(pairs), fe.fused_experts_reference(x, w13, w2, ids, wts)) < 2e-2
+
+
+def test_empty_batch_gives_an_empty_partial(pool):
+    x, w13, w2, ids, wts = _case()
+    fut = pool.submit(x[:0], w13, w2, ids[:0], wts[:0])
+    assert fut.result().shape == (0, 4, 64) and pool.wait(fut).shape == (0, 64)

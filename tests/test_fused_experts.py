@@ -395,3 +395,9 @@ def test_kernel_reads_only_the_slots_it_is_given_on_gpu(path):
     w2[unused] = math.nan
     b = fe.fused_experts(x, w13, w2, ids, wts, backend="triton", config=cfg)
     assert torch.equal(a, b)
+
+
+def test_empty_batch_gives_an_empty_output():
+    x, w13, w2, ids, wts = _case(2, 2, 16, 8, 4, dtype=torch.bfloat16)
+    out = fe.fused_experts(x[:0], w13, w2, ids[:0], wts[:0])
+    assert out.shape == (0, 16) and out.dtype == torch.bfloat16
