@@ -218,6 +218,8 @@ class CpuExpertPool:
                             CpuBackend.NATIVE: pair_outputs_native}.get(self.backend, hook)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="moespac-cpu-experts")
+        log.debug("CpuExpertPool: backend %s, %d torch threads", self.backend.value,
+                  self.num_threads)
 
     def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                ids: torch.Tensor, weights: torch.Tensor) -> Future:

@@ -49,7 +49,6 @@ the same bytes as the sorted path when no two pairs share a slot (T=1), more oth
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -64,8 +63,6 @@ try:  # triton is a declared dependency, but keep the reference usable without i
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
-
-log = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -422,7 +419,8 @@ if triton is not None:
         n_ok = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = hidden_ptr + tok.to(tl.int64) * stride_ht + offs_k * stride_hh
-        g_ptrs = w13_ptr + slot * stride_ws + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        g_ptrs = (w13_ptr + slot * stride_ws
+                  + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk)
         u_ptrs = g_ptrs + I * stride_wn
         acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
