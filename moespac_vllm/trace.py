@@ -159,6 +159,20 @@ def _as(arr: Any, dtype: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name}: cannot convert to {np.dtype(dtype)} ({e})") from None
 
 
+def _as_ids(arr: Any, dims: ModelDims, name: str) -> np.ndarray:
+    """Expert ids as int16 (int32 for E >= 2^15), range-checked BEFORE narrowing so that an
+    out-of-range id cannot wrap into a valid one."""
+    a = np.asarray(arr)
+    if a.dtype.kind not in "iu":
+        if a.size and a.dtype.kind == "f" and np.all(np.mod(a, 1) == 0):
+            a = a.astype(np.int64)
+        elif a.size:
+            raise ValueError(f"{name}: expert ids must be integers, got dtype {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= dims.num_experts):
+        raise ValueError(f"{name}: expert ids must lie in [0, {dims.num_experts})")
+    return _as(a, np.int16 if dims.num_experts < 2**15 else np.int32, name)
+
+
 def _check_offsets(name: str, offsets: np.ndarray, num_steps: int, total: int) -> None:
     if offsets.shape != (num_steps + 1,):
         raise ValueError(f"{name}: expected shape ({num_steps + 1},), got {offsets.shape}")
@@ -218,7 +232,7 @@ class Trace:
             seta(self, name, a)
         if self.num_accepted.size and self.num_accepted.min() < 0:
             raise ValueError("num_accepted: must be >= 0")
-        ids = _as(self.topk_ids, np.int16 if d.num_experts < 2**15 else np.int32, "topk_ids")
+        ids = _as_ids(self.topk_ids, d, "topk_ids")
         _check_ids("topk_ids", ids, d)
         seta(self, "topk_ids", ids)
         n = ids.shape[0]
@@ -247,7 +261,7 @@ class Trace:
         if has_draft:
             nd = None
             if self.draft_topk_ids is not None:
-                di = _as(self.draft_topk_ids, ids.dtype, "draft_topk_ids")
+                di = _as_ids(self.draft_topk_ids, d, "draft_topk_ids")
                 _check_ids("draft_topk_ids", di, d)
                 seta(self, "draft_topk_ids", di)
                 nd = di.shape[0]
@@ -500,6 +514,12 @@ class TraceRecorder:
         w = (np.stack([st["weights"][l] for l in range(L)], axis=1)
              if len(st["weights"]) == L else None)
         dids = dlg = None
+        for name, pending in (("draft_topk_ids", self._pending_draft_ids),
+                              ("draft_logits", self._pending_draft_logits)):
+            if pending and len(pending) != L:
+                missing = [l for l in range(L) if l not in pending]
+                self._pending_draft_ids, self._pending_draft_logits = {}, {}
+                raise ValueError(f"{name}: draft layers {missing[:5]} were not recorded")
         if self._pending_draft_ids:
             dids = np.stack([self._pending_draft_ids[l] for l in range(L)], axis=1)
         if self._pending_draft_logits:

@@ -101,6 +101,7 @@ def test_end_step_refuses_a_step_with_a_missing_layer() -> None:
 @pytest.mark.parametrize("field,value", [
     ("topk_ids", np.array([[[0, 6], [0, 1], [0, 1]]])),  # expert 6 of 6
     ("topk_ids", np.array([[[2, 2], [0, 1], [0, 1]]])),  # duplicate in one top-k
+    ("topk_ids", np.array([[[0, 65536], [0, 1], [0, 1]]])),  # would wrap to 0 in int16
     ("token_offsets", np.array([0, 2])),  # does not end at N = 1
     ("num_accepted", np.array([-1])),
 ])
@@ -111,6 +112,16 @@ def test_bad_arrays_raise_naming_the_field(field: str, value: np.ndarray) -> Non
     kw[field] = value
     with pytest.raises(ValueError, match=f"^{field}"):
         Trace(**kw)
+
+
+def test_a_partial_draft_signal_is_refused() -> None:
+    rec = TraceRecorder(SMALL, source="u")
+    rec.record_draft_layer(0, topk_ids=np.array([[0, 1]]))
+    rec.begin_step(StepKind.VERIFY)
+    for layer in range(3):
+        rec.record_layer(layer, np.array([[0, 1], [2, 3]]))
+    with pytest.raises(ValueError, match="^draft_topk_ids"):
+        rec.end_step(1)
 
 
 def test_counts_equal_a_brute_force_count() -> None:
