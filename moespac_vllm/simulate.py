@@ -538,9 +538,10 @@ def sweep_plot(results: Sequence[SimResult], path: str | Path) -> Path:
         by_policy.setdefault(r.policy, []).append(r)
     for name, rs in by_policy.items():
         rs = sorted(rs, key=lambda r: r.cache_ratio)
-        style = "-" if name in ("spac", "oracle") else "--"
+        ours = name in ("spac", ADAPTIVE_LABEL)
+        style = "-" if ours or name in ("oracle", ORACLE_BEST_LABEL) else "--"
         ax.plot([r.cache_ratio for r in rs], [r.tokens_per_s for r in rs], style, marker="o",
-                label=name, linewidth=2.5 if name == "spac" else 1.2)
+                label=name, linewidth=2.5 if ours else 1.2)
     first = results[0]
     ax.set_xlabel("expert cache ratio (device slots / experts)")
     ax.set_ylabel("decode tokens/s (modelled)")
