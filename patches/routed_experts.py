@@ -143,7 +143,10 @@ class _MonotonicClock:
 class OffloadRuntime:
     """Everything one offloaded target model shares across its MoE layers."""
 
+    _serials = iter(range(1 << 62))
+
     def __init__(self, config: MoESpacConfig, vllm_config: Any, device: torch.device) -> None:
+        self.serial = next(OffloadRuntime._serials)
         self.config = config
         self.vllm_config = vllm_config
         self.device = device
@@ -169,6 +172,7 @@ class OffloadRuntime:
         self._recorder: Any = None
         self._steps_since_log = 0
         self.decode_steps = 0
+        self.draft_prefetch_errors = 0
         self.lock = threading.Lock()
 
     # ---- construction -------------------------------------------------------------------------
@@ -354,7 +358,20 @@ class OffloadRuntime:
         # the draft has as many MoE layers as the target ([I]: a depth-proportional map).
         layer = draft_idx if Ld == L else round(draft_idx * (L - 1) / max(1, Ld - 1))
         ids = topk_ids.detach().to("cpu", torch.int64).numpy()
-        self.engine.observe_draft(layer, ids)
+        try:
+            self.engine.observe_draft(layer, ids)
+        except ValueError as e:
+            # engine.py (03c6046) can ask SlotTable.admit for a slot that its own
+            # can_admit check approved under a different score vector (predicted vs current
+            # levels) and raise. The draft signal only steers prefetch: losing one prefetch must
+            # not stop serving. Counted and logged, never silent.
+            if "no slot can be freed" not in str(e):
+                raise
+            self.draft_prefetch_errors += 1
+            if self.draft_prefetch_errors == 1:
+                logger.warning("moespac: draft-signal prefetch failed in the engine (%s); "
+                               "continuing without it for this call (counted in stats as "
+                               "draft_prefetch_errors)", e)
         if self._recorder is not None and Ld == L:
             self._draft_ids.setdefault(layer, []).append(ids)
 
@@ -372,6 +389,7 @@ class OffloadRuntime:
         d["slots_per_layer"] = self.slots.num_slots(0) if self.store.layers else 0
         d["num_experts"] = self.dims.num_experts if self.dims else 0
         d["decode_steps"] = self.decode_steps
+        d["draft_prefetch_errors"] = self.draft_prefetch_errors
         return d
 
     def save_trace(self) -> str | None:
@@ -393,7 +411,7 @@ class OffloadRuntime:
 
 
 # ---- registry of runtimes -----------------------------------------------------------------------
-_lock = threading.Lock()
+_lock = threading.RLock()
 _config: MoESpacConfig | None = None
 _runtimes: "weakref.WeakValueDictionary[int, OffloadRuntime]" = weakref.WeakValueDictionary()
 _latest: OffloadRuntime | None = None
@@ -504,10 +522,16 @@ class OffloadedRoutedExperts(RoutedExperts):
                                  f"({self.local_num_experts}/{self.global_num_experts}); expert "
                                  "parallel placements are not supported")
             self.moespac_index = rt.add_target_layer(self)
+            self.moespac_key = f"{rt.serial}:{self.moespac_index}"
+            _layers[self.moespac_key] = (weakref.ref(rt), self.moespac_index)
         elif rt is not None:
             self.moespac_index = rt.add_draft_layer(self)
+            self.moespac_key = f"{rt.serial}:draft:{self.moespac_index}"
+            _layers[self.moespac_key] = (weakref.ref(rt), self.moespac_index)
         else:
             self.moespac_index = -1
+            self.moespac_key = None
+        _ensure_ops()
 
     def _get_quant_method(self, prefix: str, quant_config: Any, moe_config: Any) -> Any:
         if _role(prefix) != "target":
@@ -523,15 +547,68 @@ class OffloadedRoutedExperts(RoutedExperts):
     def forward_modular(self, x: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor, shared_experts: Any = None,
                         shared_experts_input: torch.Tensor | None = None) -> Any:
-        rt = self.moespac_runtime
         if self.moespac_role == "target":
             # shared experts (if any) already ran in the runner: our method has no modular
             # kernel, so the runner computes them NO_OVERLAP before calling us.
-            return rt.forward(self.moespac_index, x, topk_weights, topk_ids)
-        if rt is not None and self.moespac_index >= 0:
-            rt.observe_draft(self.moespac_index, topk_ids)
+            return getattr(torch.ops.vllm, OP_NAME)(x, topk_weights, topk_ids,
+                                                    self.moespac_key)
+        if self.moespac_key is not None:
+            topk_ids = getattr(torch.ops.vllm, DRAFT_OP_NAME)(topk_ids, self.moespac_key)
         return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
                                        shared_experts_input)
+
+
+# ---- the layer as an opaque torch op -------------------------------------------------------------
+# On CPU vLLM calls the MoE runner directly (no `moe_forward` custom op) and compiles the model with
+# Dynamo (DYNAMO_TRACE_ONCE); tracing into the offloaded forward would either break the graph (host
+# sync, numpy) or, worse, freeze one expert placement into it. As a custom op it stays opaque and
+# runs eagerly on every call, like vLLM's own `moe_forward` on CUDA.
+_layers: dict[str, tuple[weakref.ReferenceType, int]] = {}
+DRAFT_OP_NAME = "moespac_observe_draft"
+
+
+def _runtime_of_key(layer_key: str) -> tuple[OffloadRuntime, int]:
+    ref, idx = _layers[layer_key]
+    rt = ref()
+    if rt is None:
+        raise RuntimeError(f"moespac: the runtime of layer {layer_key} is gone")
+    return rt, idx
+
+
+def _op_impl(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             layer_key: str) -> torch.Tensor:
+    rt, idx = _runtime_of_key(layer_key)
+    return rt.forward(idx, x, topk_weights, topk_ids)
+
+
+def _op_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             layer_key: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _draft_op_impl(topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
+    """Feed a draft layer's routing to the engine; returns a copy of the ids, which the stock
+    kernel then consumes, so a compiler can never drop this call as dead code."""
+    rt, idx = _runtime_of_key(layer_key)
+    rt.observe_draft(idx, topk_ids)
+    return topk_ids.clone()
+
+
+def _draft_op_fake(topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
+    return torch.empty_like(topk_ids)
+
+
+def _ensure_ops() -> None:
+    """Register both ops once per process, outside any traced code."""
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    with _lock:
+        if not hasattr(torch.ops.vllm, OP_NAME):
+            direct_register_custom_op(op_name=OP_NAME, op_func=_op_impl, mutates_args=[],
+                                      fake_impl=_op_fake)
+        if not hasattr(torch.ops.vllm, DRAFT_OP_NAME):
+            direct_register_custom_op(op_name=DRAFT_OP_NAME, op_func=_draft_op_impl,
+                                      mutates_args=[], fake_impl=_draft_op_fake)
 
 
 # ---- registration -------------------------------------------------------------------------------
@@ -552,6 +629,7 @@ def register(config: MoESpacConfig) -> None:
         from moespac_vllm.patches import spec_hook
 
         spec_hook.install()
+    _ensure_ops()
 
 
 def unregister() -> None:
