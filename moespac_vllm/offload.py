@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -321,6 +322,8 @@ class OffloadedExperts:
         self.device_kernel = device_kernel  # None: per-pair reference / Triton on CUDA
         self.counters = LayerCounters()
         self.last_plan: LayerPlan | None = None
+        self._cpu_ms = 0.0
+        self._gpu_ms = 0.0
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
@@ -335,8 +338,11 @@ class OffloadedExperts:
         plan = self.engine.plan_layer(self.layer, ids_np)
         self._check_plan(plan, ids_np)
         self.last_plan = plan
+        t0 = time.perf_counter()
         for _, slot in plan.fetches:
             self.mover.wait(self.layer, slot)
+        stall_ms = (time.perf_counter() - t0) * 1e3
+        self._cpu_ms = self._gpu_ms = 0.0
 
         T, K = ids_np.shape
         step = max(1, PAIR_BUFFER_MAX_ELEMS // max(1, K * hidden.shape[1]))
@@ -347,6 +353,9 @@ class OffloadedExperts:
                                            ids_np[i:i + step], plan, rows=slice(i, i + step))
                              for i in range(0, T, step)])
         self.engine.finish_layer(self.layer, ids_np)
+        record = getattr(self.engine, "record_timing", None)
+        if record is not None:
+            record(stall_ms=stall_ms, cpu_ms=self._cpu_ms, gpu_ms=self._gpu_ms)
 
         c = self.counters
         c.forwards += 1
@@ -367,23 +376,32 @@ class OffloadedExperts:
         cpu_mask = plan.cpu_mask[rows]
         slot_ids = plan.slot_ids[rows]
         cpu_future: Future | None = None
+        t0 = time.perf_counter()
         if cpu_mask.any():
             cpu_ids = torch.from_numpy(np.where(cpu_mask, ids_np, -1))
             cpu_future = self.cpu_experts.submit(
                 hidden.detach().to("cpu"), self.store.w13(self.layer), self.store.w2(self.layer),
                 cpu_ids, topk_weights.detach().to("cpu"))
+        t1 = time.perf_counter()
         dev_ids = torch.from_numpy(slot_ids.astype(np.int64)).to(self.device)
         kernel = self.device_kernel if self.device_kernel is not None else _device_kernel(hidden)
         w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
         if kernel is not None:  # a fused kernel returns the k-summed [T,H]
             out = kernel(hidden, w13, w2, dev_ids, topk_weights).float()
-            if cpu_future is not None:
-                out = out + sum_pairs(cpu_future.result()).to(out.device)
-            return out
-        pairs = pair_outputs(hidden, w13, w2, dev_ids, topk_weights)
-        if cpu_future is not None:
-            pairs = pairs + cpu_future.result().to(pairs.device)
-        return sum_pairs(pairs)
+        else:
+            out = pair_outputs(hidden, w13, w2, dev_ids, topk_weights)
+        t2 = time.perf_counter()
+        # host wall times: the CPU branch from submit to result (inline: its compute), the device
+        # branch from launch to return (on CUDA: launch time; on CPU: its compute)
+        cpu_part = cpu_future.result() if cpu_future is not None else None
+        t3 = time.perf_counter()
+        self._gpu_ms += (t2 - t1) * 1e3
+        self._cpu_ms += ((t1 - t0) + (t3 - t2)) * 1e3
+        if kernel is not None:
+            return out if cpu_part is None else out + sum_pairs(cpu_part).to(out.device)
+        if cpu_part is not None:
+            out = out + cpu_part.to(out.device)
+        return sum_pairs(out)
 
     def _check_plan(self, plan: LayerPlan, ids: np.ndarray) -> None:
         """The engine contract, checked cheaply on every forward: a broken plan would silently

@@ -218,7 +218,10 @@ class OffloadRuntime:
         else:
             self.mover = SyncMover(self.store, self.slots)
         num_slots = self.slots.num_slots(0)
-        self.engine = ExpertEngine(self.config, self.dims, costs, self.mover, _MonotonicClock(),
+        # The runtime reports (log line + stats_file), not the engine: it also knows the signal
+        # source and what really ran where. So the engine gets no stats file and no interval.
+        engine_config = self.config.replace(stats_file=None, stats_interval_steps=1 << 62)
+        self.engine = ExpertEngine(engine_config, self.dims, costs, self.mover, _MonotonicClock(),
                                    num_slots=num_slots)
         cpu_pool = None
         if self.device.type == "cuda":

@@ -307,5 +307,8 @@ def test_real_engine_with_deferred_mover_matches_reference(policy):
         engine.end_step(1 if step else 0)
     s = engine.stats()
     assert s.device_experts > 0 and s.cpu_experts + s.fetched_experts > 0
+    assert s.gpu_ms > 0 and s.stall_ms >= 0  # the layer reports its branch times
+    if policy != "lru":
+        assert s.cpu_ms > 0
     assert sum(m.counters.cpu_pairs for m in mods) + sum(m.counters.device_pairs for m in mods) \
         == 8 * K * L + 11 * 4 * K * L
