@@ -457,6 +457,16 @@ class TraceRecorder:
     def num_steps(self) -> int:
         return len(self._steps)
 
+    @property
+    def is_open(self) -> bool:
+        """True between `begin_step` and `end_step` / `abort_step`."""
+        return self._open is not None
+
+    def abort_step(self) -> None:
+        """Drop the open step (an aborted forward) without writing it; pending draft routing is
+        kept for the next step."""
+        self._open = None
+
     def add_step(self, kind: StepKind, topk_ids: np.ndarray, topk_weights: np.ndarray | None = None,
                  router_logits: np.ndarray | None = None, num_accepted: int = 0, seq_id: int = 0,
                  token_modelled: np.ndarray | None = None, draft_topk_ids: np.ndarray | None = None,

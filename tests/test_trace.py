@@ -90,6 +90,15 @@ def test_layerwise_recording_equals_whole_step_recording() -> None:
         np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
 
 
+def test_an_aborted_step_is_not_written() -> None:
+    rec = TraceRecorder(SMALL, source="u")
+    rec.begin_step(StepKind.DECODE)
+    rec.record_layer(0, np.array([[0, 1]]))
+    assert rec.is_open
+    rec.abort_step()
+    assert not rec.is_open and rec.build().num_steps == 0
+
+
 def test_end_step_refuses_a_step_with_a_missing_layer() -> None:
     rec = TraceRecorder(SMALL, source="u")
     rec.begin_step(StepKind.DECODE)
