@@ -163,8 +163,10 @@ def window_prediction(work: Trace, predictor: str) -> dict:
 
     return {"precision_mean": None if np.all(np.isnan(prec)) else float(np.nanmean(prec)),
             "recall_mean": float(np.nanmean(rec)), "accuracy_mean": float(np.nanmean(acc)),
-            "precision_pooled": float(tp.sum() / (tp.sum() + fp.sum())) if (tp + fp).sum() else None,
-            "precision_per_layer": r(prec), "recall_per_layer": r(rec), "accuracy_per_layer": r(acc),
+            "precision_pooled": (float(tp.sum() / (tp.sum() + fp.sum()))
+                                 if (tp + fp).sum() else None),
+            "precision_per_layer": r(prec), "recall_per_layer": r(rec),
+            "accuracy_per_layer": r(acc),
             "windows_scored": int(conf[0].sum() // e)}
 
 

@@ -7,7 +7,7 @@ the per-expert affine times the balancer and the engine consume:
     device ms(n) = expert_bytes / device_mem_gbps + device_expert_overhead_ms   (weight streaming)
                  + n * flops_per_token / device_tflops                          (compute)
     cpu ms(n)    = the same with the CPU's numbers
-    fetch ms     = expert_bytes / h2d_gbps + h2d_latency_ms                     (one expert, w13 + w2)
+    fetch ms     = expert_bytes / h2d_gbps + h2d_latency_ms          (one expert: w13 + w2)
 
 The sum of the streaming and the compute terms (rather than a roofline max) is the affine form the
 balancer needs; at the token counts of a verification window (<= ~32 per expert) the streaming term
@@ -127,7 +127,8 @@ class CostProfile:
         flops = dims.expert_flops_per_token
         return ExpertCosts(
             gpu_fixed_ms=nbytes / (self.device_mem_gbps * 1e6) + self.device_expert_overhead_ms,
-            gpu_per_token_ms=0.0 if self.device_tflops is None else flops / (self.device_tflops * 1e9),
+            gpu_per_token_ms=(0.0 if self.device_tflops is None
+                              else flops / (self.device_tflops * 1e9)),
             cpu_fixed_ms=nbytes / (self.cpu_mem_gbps * 1e6) + self.cpu_expert_overhead_ms,
             cpu_per_token_ms=0.0 if self.cpu_gflops is None else flops / (self.cpu_gflops * 1e6),
             fetch_ms=nbytes / (self.h2d_gbps * 1e6) + self.h2d_latency_ms,
@@ -153,7 +154,8 @@ class CostProfile:
 
     # ---- calibrated profiles ------------------------------------------------------------------
     @classmethod
-    def from_calibration(cls, name: str, cal: Any, *, base: CostProfile | None = None) -> CostProfile:
+    def from_calibration(cls, name: str, cal: Any, *,
+                         base: CostProfile | None = None) -> CostProfile:
         """A profile whose `expert_costs(cal.dims)` reproduces the measured affine fits exactly
         (rates back-solved with zero overheads) and scales by bytes / FLOPs to other dims.
         `cal`: a `calibrate.Calibration` (anything with dims, h2d_gbps, fetch_ms, device_fit,
@@ -171,7 +173,8 @@ class CostProfile:
 
         dev_bw = rate(cal.device_fit.fixed_ms, "device_fit")
         cpu_bw = rate(cal.cpu_fit.fixed_ms, "cpu_fit")
-        dev_tf = flops / cal.device_fit.per_token_ms / 1e9 if cal.device_fit.per_token_ms > 0 else None
+        dev_tf = (flops / cal.device_fit.per_token_ms / 1e9
+                  if cal.device_fit.per_token_ms > 0 else None)
         cpu_gf = flops / cal.cpu_fit.per_token_ms / 1e6 if cal.cpu_fit.per_token_ms > 0 else None
         draft = (base.draft_ms_per_token if base is not None
                  else PAPER_DRAFT_BYTES / (dev_bw * 1e6))
@@ -318,7 +321,8 @@ PROFILES: dict[str, CostProfile] = {
 }
 
 
-def get_profile(name_or_path: str | Path | CostProfile, device_name: str | None = None) -> CostProfile:
+def get_profile(name_or_path: str | Path | CostProfile,
+                device_name: str | None = None) -> CostProfile:
     """A named profile, a calibrated JSON (a path), or `auto` (by `device_name`: H100 /
     4090 / Orin; `rtx4090-pcie4`, the paper's machine, when nothing matches)."""
     if isinstance(name_or_path, CostProfile):

@@ -242,7 +242,8 @@ class Trace:
         if self.topk_weights is not None:
             w = _as(self.topk_weights, np.float32, "topk_weights")
             if w.shape != ids.shape:
-                raise ValueError(f"topk_weights: expected shape {list(ids.shape)}, got {list(w.shape)}")
+                raise ValueError(f"topk_weights: expected shape {list(ids.shape)}, "
+                                 f"got {list(w.shape)}")
             seta(self, "topk_weights", w)
         if self.router_logits is not None:
             lg = _as(self.router_logits, np.float16, "router_logits")
@@ -351,7 +352,8 @@ class Trace:
         if self.draft_offsets is not None:
             dtok = _gather_ranges(self.draft_offsets, idx)
             kw["draft_offsets"] = _offsets(np.diff(self.draft_offsets)[idx])
-            kw["draft_topk_ids"] = None if self.draft_topk_ids is None else self.draft_topk_ids[dtok]
+            kw["draft_topk_ids"] = (None if self.draft_topk_ids is None
+                                    else self.draft_topk_ids[dtok])
             kw["draft_logits"] = None if self.draft_logits is None else self.draft_logits[dtok]
         return Trace(
             dims=self.dims, meta=self.meta, kind=self.kind[idx], seq_id=self.seq_id[idx],
@@ -786,10 +788,12 @@ def windows_from_autoregressive(
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k: must be an integer >= 0, got {k!r}")
     if isinstance(acceptance, bool):
-        raise ValueError(f"acceptance: must be a float in [0, 1] or an int in [0, k], got {acceptance!r}")
+        raise ValueError("acceptance: must be a float in [0, 1] or an int in [0, k], "
+                         f"got {acceptance!r}")
     if isinstance(acceptance, int):
         if not 0 <= acceptance <= k:
-            raise ValueError(f"acceptance: fixed accepted count must be in [0, {k}], got {acceptance}")
+            raise ValueError(f"acceptance: fixed accepted count must be in [0, {k}], "
+                             f"got {acceptance}")
     elif isinstance(acceptance, float):
         if not 0.0 <= acceptance <= 1.0:
             raise ValueError(f"acceptance: probability must be in [0, 1], got {acceptance}")
@@ -1231,7 +1235,8 @@ def fit_synthetic(dims: ModelDims, targets: SyntheticTargets, seed: int = 0,
     r = np.random.default_rng([seed, 4])
     for _ in range(3):  # undo Plackett-Luce flattening and topic mixing of the marginals
         topics = r.integers(_TOPICS, size=sample_tokens)
-        got_shares = expert_shares(_sample_independent(build(sigma), sample_tokens, K, r, topics), E)
+        sample = _sample_independent(build(sigma), sample_tokens, K, r, topics)
+        got_shares = expert_shares(sample, E)
         lp = lp + 0.8 * np.log(targets.shares / np.maximum(got_shares, 1e-9)).astype(np.float32)
     logits = build(sigma)
     # rho: lag-1 reuse R1 = rho + (1 - rho) * R0' where R0' is the reuse without copying

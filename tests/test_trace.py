@@ -1,4 +1,4 @@
-"""Trace format, readers (npz + the real Mixtral JSONL), verification windows, synthetic generator."""
+"""Trace format, readers (npz + real Mixtral JSONL), verification windows, synthetic generator."""
 from __future__ import annotations
 
 import json
@@ -44,8 +44,8 @@ def _decode_trace(n_per_seq: tuple[int, ...] = (40, 25), seed: int = 0,
     for sid, n in enumerate(n_per_seq):
         ids = _random_ids(rng, n, dims)
         for t in range(n):
-            rec.add_step(StepKind.DECODE, ids[t:t + 1], rng.random((1, dims.num_layers, dims.top_k)),
-                         seq_id=sid)
+            w = rng.random((1, dims.num_layers, dims.top_k))
+            rec.add_step(StepKind.DECODE, ids[t:t + 1], w, seq_id=sid)
     return rec.build()
 
 
