@@ -122,3 +122,36 @@ def test_unverified_vllm_version_leaves_plugin_inert(monkeypatch):
     st = plugin._register({})
     assert not st.loaded and not st.layer_installed
     assert "unverified vLLM version" in st.inert_reason
+
+
+# ---- the step hook's translation of vLLM's public scheduler output (patches/spec_hook.py) -------
+def _sched(tokens: dict[str, int], spec: dict[str, list[int]] | None = None):
+    import dataclasses
+
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    return dataclasses.replace(SchedulerOutput.make_empty(), num_scheduled_tokens=tokens,
+                               total_num_scheduled_tokens=sum(tokens.values()),
+                               scheduled_spec_decode_tokens=spec or {})
+
+
+def test_step_context_phases_from_scheduler_output():
+    from moespac_vllm.patches.spec_hook import step_context_from
+    from moespac_vllm.step_context import Phase
+
+    assert step_context_from(_sched({}), 0) is None
+    ctx = step_context_from(_sched({"a": 17, "b": 5}), 3)
+    assert (ctx.phase, ctx.num_tokens, ctx.tokens_per_request, ctx.step) == \
+        (Phase.PREFILL, 22, (17, 5), 3)
+    assert step_context_from(_sched({"a": 1, "b": 1}), 0).phase is Phase.DECODE
+    ctx = step_context_from(_sched({"a": 4, "b": 4}, {"a": [1, 2, 3], "b": [4, 5, 6]}), 0)
+    assert ctx.phase is Phase.VERIFY and ctx.num_draft_tokens == 3 and ctx.is_speculative
+    assert step_context_from(_sched({"a": 4, "b": 30}, {"a": [1, 2, 3]}), 0).phase is Phase.MIXED
+
+
+def test_accepted_tokens_from_sampled_ids():
+    from moespac_vllm.patches.spec_hook import accepted_tokens
+
+    assert accepted_tokens(torch.tensor([[5, 6, -1, -1], [7, 8, 9, 10], [3, -1, -1, -1]])) == 4
+    assert accepted_tokens([[5, 6], [7], []]) == 1
+    assert accepted_tokens(None) == 0
