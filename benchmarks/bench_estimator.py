@@ -178,10 +178,14 @@ def run_window_prediction(emit, trace: Trace, what: str, seed: int = 0) -> list[
     for k in (0, 3, 8):
         for acceptance in (("all",) if k == 0 else ("all", 0.7)):
             acc = k if acceptance == "all" else acceptance
-            work = windows_from_autoregressive(trace, k, acc, seed=seed, draft_agreement=0.9)
+            # the same windows (same seed); only `window+draft` reads the modelled draft signal,
+            # so only its rows carry the draft_routing label
+            plain = windows_from_autoregressive(trace, k, acc, seed=seed)
+            drafted = windows_from_autoregressive(trace, k, acc, seed=seed, draft_agreement=0.9)
             for predictor in WINDOW_PREDICTORS:
                 if predictor == "window+draft" and k == 0:
                     continue
+                work = drafted if predictor == "window+draft" else plain
                 res = window_prediction(work, predictor)
                 row = {"routing": what, "trace": work.label, "synthetic": work.meta.synthetic,
                        "window_tokens": k + 1, "acceptance": acceptance, "predictor": predictor,
