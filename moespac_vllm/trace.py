@@ -1120,7 +1120,8 @@ def synthetic_targets(dims: ModelDims, seed: int = 0, stats: str | Path | None =
         src_lift = (lag - r0[:, None]) / (1.0 - r0[:, None])
         lifts = _depth_interp(np.clip(src_lift, 0.0, 1.0),
                               np.linspace(0.0, 1.0, tr.dims.num_layers), L)
-        sources["reuse"] = (f"lag-1 lift measured on {tr.label} ({tr.num_tokens} tokens), "
+        sources["reuse"] = (f"lag-1..4 lifts measured on {tr.label} ({tr.num_tokens} tokens;"
+                            " lag 1 fitted), "
                             "interpolated over depth")
     return SyntheticTargets(shares=shares, reuse_lift=lifts[:, 0], reuse_lift_lags=lifts,
                             nmi_pairs=nmi_pairs, sources=sources)
