@@ -1027,8 +1027,9 @@ def rank_pair_counts(ids_a: np.ndarray, ids_b: np.ndarray, num_experts: int) -> 
 #                    and re-applied at the synthetic model's own independent baseline R0.
 _TOPICS = 16
 _TOPIC_STAY = 0.5
-_OLMOE_LAYERS = (0, 7, 15)
-_OLMOE_NUM_LAYERS = 16
+_STATS_LAYERS = (0, 7, 15)  # the layers the routing-stats files keep
+# MoE layers of the model each stats file came from (OLMoE-1B-7B: 16, Mixtral-8x7B: 32)
+_STATS_MODEL_LAYERS = {"olmoe": 16, "mixtral": 32}
 
 
 @dataclass(frozen=True, slots=True)
@@ -1083,13 +1084,17 @@ def synthetic_targets(dims: ModelDims, seed: int = 0, stats: str | Path | None =
     rng = np.random.default_rng([seed, 1])
     L, E = dims.num_layers, dims.num_experts
     sources: dict[str, Any] = {}
-    src_depths = np.array(_OLMOE_LAYERS, float) / (_OLMOE_NUM_LAYERS - 1)
     nmi_pairs: tuple[tuple[int, int, float], ...] = ()
     if stats is None:
         shares = np.full((L, E), 1.0 / E)
         sources["popularity"] = "uniform (no stats given or found)"
     else:
         path = _stats_file(stats)
+        model_layers = [n for key, n in _STATS_MODEL_LAYERS.items() if key in path.name.lower()]
+        if len(model_layers) != 1:
+            raise ValueError(f"stats: cannot tell the source model of {path.name} (expected "
+                             f"a name containing one of {sorted(_STATS_MODEL_LAYERS)})")
+        src_depths = np.array(_STATS_LAYERS, float) / (model_layers[0] - 1)
         with np.load(path, allow_pickle=False) as z:
             key = f"expert_counts__{domain}"
             if key not in z.files:
@@ -1104,7 +1109,8 @@ def synthetic_targets(dims: ModelDims, seed: int = 0, stats: str | Path | None =
             shares[l] = shares[l][rng.permutation(E)]
         la = [int(round(d * (L - 1))) for d in src_depths]
         nmi_pairs = tuple((la[i], la[i + 1], crosslayer_nmi(cross[i])) for i in range(2))
-        sources["popularity"] = f"{path.name}:{key} layers {_OLMOE_LAYERS} interpolated over depth"
+        sources["popularity"] = (f"{path.name}:{key} layers {_STATS_LAYERS} of "
+                                 f"{model_layers[0]}, interpolated over depth")
         sources["cooccurrence"] = f"{path.name}:expert_counts_crosslayer__{domain} (0->7, 7->15)"
     if reuse is None:
         lifts = np.zeros((L, 4))
