@@ -822,6 +822,7 @@ def windows_from_autoregressive(
     sizes: list[int] = []
     draft_src: list[np.ndarray] = []
     draft_sizes: list[int] = []
+    any_rejected = False
 
     # requests in order of first appearance; prefill steps keep their place before decode
     order: list[int] = []
@@ -855,6 +856,7 @@ def windows_from_autoregressive(
             mod = np.zeros(k_eff + 1, bool)
             pert = np.zeros(k_eff + 1, bool)
             if acc < k_eff:
+                any_rejected = True
                 mod[acc + 1:] = True
                 if rejected == "resample":
                     pool = np.concatenate([toks[:p], toks[p + k_eff + 1:]])
@@ -882,7 +884,7 @@ def windows_from_autoregressive(
         ids[pert_mask] = _replace_members(rows, m, E, rng).reshape(-1, *ids.shape[1:])
     modelled = list(trace.meta.modelled)
     tok_modelled = np.concatenate(modelled_rows) if modelled_rows else np.zeros(0, bool)
-    if tok_modelled.any() and "rejected_draft_routing" not in modelled:
+    if any_rejected and "rejected_draft_routing" not in modelled:
         modelled.append("rejected_draft_routing")
     offsets = _offsets(np.array(sizes, np.int64))
     kw: dict[str, Any] = {}
@@ -896,7 +898,8 @@ def windows_from_autoregressive(
         dids = _replace_members(dids, m, E, rng).reshape(-1, trace.dims.num_layers,
                                                           trace.dims.top_k)
         kw = {"draft_offsets": _offsets(np.array(draft_sizes, np.int64)), "draft_topk_ids": dids}
-        modelled.append("draft_routing")
+        if "draft_routing" not in modelled:
+            modelled.append("draft_routing")
     notes = dict(trace.meta.notes)
     notes["windows"] = {"k": k, "acceptance": acceptance, "seed": seed, "rejected": rejected,
                         "perturb_prob": perturb_prob if rejected == "perturb" else None,

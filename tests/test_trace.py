@@ -205,6 +205,10 @@ def test_reads_prefill_and_decode_and_labels_filled_rows(data_dir: Path) -> None
     assert tr.token_modelled.sum() == tr.meta.notes["filled"]["0"]["tokens_with_a_filled_row"]
     first = [r for r in rows if r["layer"] == 3 and r["token_pos"] == 0][0]
     assert tr.topk_ids[0, 3].tolist() == first["experts"]
+    # exact windows keep the filled-row label and add no rejected-draft label
+    w = windows_from_autoregressive(tr, k=3, acceptance=3)
+    assert w.meta.modelled == ("missing_rows_filled",)
+    assert w.kind[0] == StepKind.PREFILL and w.tokens_per_step[0] == 135
 
 
 # ---- verification windows -------------------------------------------------------------------
