@@ -409,3 +409,12 @@ def test_synthetic_windows_are_deterministic_per_seed(data_dir: Path) -> None:
     np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
     assert a.has_draft and np.any(a.kind == StepKind.VERIFY)
     assert a.label.startswith("synthetic:")
+
+
+def test_synthetic_requests_are_separate_streams(data_dir: Path) -> None:
+    tr = synthetic_trace(QWEN3_30B_A3B, num_steps=40, k=0, seed=2, num_requests=2,
+                         stats=data_dir / "olmoe-mixtral-routing-stats", reuse=0.2)
+    assert sorted(np.unique(tr.seq_id).tolist()) == [0, 1]
+    assert (tr.seq_id == 0).sum() == (tr.seq_id == 1).sum() == 20
+    with pytest.raises(ValueError, match="^num_requests"):
+        synthetic_trace(QWEN3_30B_A3B, num_steps=4, num_requests=0, stats=None, reuse=None)
