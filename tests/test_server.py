@@ -1,0 +1,179 @@
+"""`moespac serve` on loopback: 50 greedy requests at concurrency 4 to /v1/completions and
+/v1/chat/completions all answer 200 with the same text as offline greedy generation (plugin on, the
+same config), and the server shuts down cleanly when its PID gets SIGTERM.
+
+The offline reference runs in a child process (tests/test_e2e_offload.py's pattern): plugin on,
+`LLM.generate` for the completion prompts and `LLM.chat` for the chat ones."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_TOKENS = 16
+N_REQUESTS = 50
+CONCURRENCY = 4
+MOESPAC = {"cache_ratio": 0.5}
+ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4",
+               "--seed", "0"]
+
+
+def _prompts() -> list[str]:
+    words = ("import", "def", "value", "return", "list", "for", "print", "class", "self", "data")
+    return [" ".join(words[(i + j * j) % len(words)] for j in range(2 + (i * 5) % 30))
+            for i in range(N_REQUESTS // 2)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children_of(pid: int) -> set[int]:
+    """All descendants of pid (from /proc), to check none outlives the server."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(d.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = set(), {pid}
+    while frontier:
+        nxt = {c for c, p in parent.items() if p in frontier} - out
+        out |= nxt
+        frontier = nxt
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {"error": e.read().decode(errors="replace")}
+
+
+def offline(model: str) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+              kv_cache_memory_bytes=64 << 20, max_num_seqs=4,
+              additional_config={"moespac": MOESPAC})
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    comp = [o.outputs[0].text for o in llm.generate(_prompts(), sp, use_tqdm=False)]
+    chat = [o.outputs[0].text for o in llm.chat([[{"role": "user", "content": p}]
+                                                 for p in _prompts()], sp, use_tqdm=False)]
+    return {"completions": comp, "chat": chat}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from moespac_vllm.tiny_model import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3_moe",
+                               draft=False).target)
+
+
+def test_serve_answers_like_offline_and_stops_cleanly(tiny_model, tmp_path):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_PLUGINS="moespac")
+    env.pop("MOESPAC_CONFIG", None)
+    ref_proc = subprocess.Popen([sys.executable, __file__, tiny_model], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    server_env = dict(os.environ)
+    server_env.pop("MOESPAC_CONFIG", None)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moespac"), "serve", tiny_model, "--port", str(port),
+         "--additional-config", json.dumps({"moespac": MOESPAC}), *ENGINE_ARGS],
+        cwd=REPO, env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy in 300 s"
+            time.sleep(1)
+
+        prompts = _prompts()
+        jobs = [("completions", i, {"model": tiny_model, "prompt": p, "max_tokens": MAX_TOKENS,
+                                    "temperature": 0.0})
+                for i, p in enumerate(prompts)]
+        jobs += [("chat", i, {"model": tiny_model, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                              "messages": [{"role": "user", "content": p}]})
+                 for i, p in enumerate(prompts)]
+        assert len(jobs) == N_REQUESTS
+
+        def call(job):
+            kind, i, body = job
+            path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
+            status, out = _post(base + path, body)
+            if status != 200:
+                return kind, i, status, out
+            choice = out["choices"][0]
+            text = choice["text"] if kind == "completions" else choice["message"]["content"]
+            return kind, i, status, text
+
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            answers = list(pool.map(call, jobs))
+        bad = [(k, i, s, o) for k, i, s, o in answers if s != 200]
+        assert not bad, bad[:3]
+
+        stdout, stderr = ref_proc.communicate(timeout=600)
+        assert ref_proc.returncode == 0, stderr[-4000:]
+        ref = json.loads([ln for ln in stdout.splitlines() if ln.startswith("{")][-1])
+        diff = [(k, i) for k, i, _, text in answers if text != ref[k][i]]
+        assert not diff, f"{len(diff)} answers differ from offline greedy, e.g. {diff[:3]}"
+    finally:
+        kids = _children_of(server.pid)
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+            log.close()
+            if ref_proc.poll() is None:
+                ref_proc.kill()
+    assert code in (0, -signal.SIGTERM), (tmp_path / "server.log").read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [k for k in kids if _alive(k)], "server children outlived it"
+
+
+if __name__ == "__main__":
+    print(json.dumps(offline(sys.argv[1])), flush=True)
