@@ -177,8 +177,17 @@ class OffloadRuntime:
 
     # ---- construction -------------------------------------------------------------------------
     def add_target_layer(self, layer: OffloadedRoutedExperts) -> int:
+        """The layer's MoE index: its rank among this model's MoE layers. vLLM builds layers in
+        model order; the transformer index from the prefix (`model.layers.N.mlp.experts`) is kept
+        to check that order (dense layers in between, e.g. DeepSeek's first_k_dense, are fine)."""
         if self.engine is not None:
             raise RuntimeError("moespac: a MoE layer was built after the model started running")
+        number = _layer_number(layer.layer_name)
+        if self.layers and number is not None and self.layers[-1].moespac_model_layer is not None \
+                and number <= self.layers[-1].moespac_model_layer:
+            raise RuntimeError(f"moespac: MoE layer {layer.layer_name} was built after layer "
+                               f"{self.layers[-1].layer_name}; the engine needs model order")
+        layer.moespac_model_layer = number
         self.layers.append(layer)
         return len(self.layers) - 1
 
@@ -244,6 +253,8 @@ class OffloadRuntime:
                                      "")),
                 "spec_method": self.spec_method or "none",
                 "num_spec_tokens": self.num_spec_tokens})
+        logger.info("moespac: MoE layers (transformer index): %s",
+                    [layer.moespac_model_layer for layer in self.layers])
         logger.info(
             "moespac: offloading %d MoE layers x %d experts (%.1f MB/expert): %d slots/layer "
             "(%.1f MB on %s), host store %.1f MB, policy %s, costs %s, signal %s",
@@ -465,6 +476,15 @@ def stats_line() -> str:
 
 
 # ---- the layer ----------------------------------------------------------------------------------
+def _layer_number(layer_name: str) -> int | None:
+    """N of `...layers.N...` (vLLM's layer naming), None if the prefix has no such part."""
+    parts = layer_name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "h", "blocks") and b.isdigit():
+            return int(b)
+    return None
+
+
 def _role(layer_name: str) -> str:
     return "draft" if layer_name.startswith(DRAFT_PREFIX) else "target"
 
