@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import platform
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default="humaneval,spec-bench")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=16,
+                    help="vLLM batch limit; 1 records one request per verification window")
     ap.add_argument("--check-greedy", action="store_true",
                     help="also decode without SD and compare the greedy texts")
     ap.add_argument("--plugin", action="store_true",
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     max_pos = json.loads((target / "config.json").read_text())["max_position_embeddings"]
     max_len = min(1024, max_pos)
     common = dict(model=str(target), dtype="bfloat16", max_model_len=max_len, seed=0,
-                  disable_log_stats=False, max_num_seqs=16)
+                  disable_log_stats=False, max_num_seqs=args.max_num_seqs)
     extra = {"additional_config": {"moespac": moespac}} if moespac else {}
     llm = LLM(**common, **extra, speculative_config={"method": "draft_model", "model": str(draft),
                                             "num_speculative_tokens": args.k})
@@ -131,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         after = spec_counters(llm)
         d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        # Tiny models repeat themselves, which inflates acceptance: report how repetitive the
+        # continuations are (distinct 4-grams / all 4-grams, pooled over prompts).
+        grams = [tuple(o.outputs[0].token_ids[i:i + 4]) for o in outs
+                 for i in range(len(o.outputs[0].token_ids) - 3)]
         texts[name] = (prompts, [o.outputs[0].token_ids for o in outs])
         drafted = d.get("spec_decode_num_draft_tokens", 0)
         acc = d.get("spec_decode_num_accepted_tokens", 0)
@@ -145,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             "accepted_per_position": [round(d.get(f"pos{i}", 0) / drafts, 4) if drafts else None
                                       for i in range(args.k)],
             "mean_accepted_length": round(1 + acc / drafts, 3) if drafts else None,
-            "generated_tokens": gen, "wall_s": round(wall, 2),
+            "generated_tokens": gen,
+            "distinct_4gram_ratio": round(len(set(grams)) / len(grams), 4) if grams else None,
+            "max_num_seqs": args.max_num_seqs, "wall_s": round(wall, 2),
+            # per prompt, so runs with and without the plugin can be compared text for text
+            "output_sha256": [hashlib.sha256(str(list(o.outputs[0].token_ids)).encode())
+                              .hexdigest()[:12] for o in outs],
             "tokens_per_s": round(gen / wall, 1)})
     if moespac and moespac.get("record_trace"):
         # The runner does not close the plugin's runtime at exit, so save the trace here.

@@ -100,9 +100,10 @@ def summarize(name: str, streams: list[np.ndarray], num_experts: int, top_k: int
 
 
 def hf_streams(model_dir: Path | None, config_dir: Path, prompts: list[str], max_new: int,
-               seed: int) -> list[np.ndarray]:
-    """Per prompt, the [n, L, K] routing of the greedy continuation. model_dir None: random
-    weights (seeded) with the trained model's config."""
+               seed: int, teacher_forced: bool = False) -> list[np.ndarray]:
+    """Per prompt, the [n, L, K] routing of the greedy continuation (or, teacher_forced, of every
+    token of the given text). model_dir None: random weights (seeded) with the trained model's
+    config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -119,9 +120,12 @@ def hf_streams(model_dir: Path | None, config_dir: Path, prompts: list[str], max
     with torch.no_grad():
         for p in prompts:
             ids = tok(p, return_tensors="pt")["input_ids"][:, -384:]
-            gen = model.generate(ids, max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            n0 = ids.shape[1]
+            if teacher_forced:
+                gen, n0 = ids, 1
+            else:
+                gen = model.generate(ids, max_new_tokens=max_new, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+                n0 = ids.shape[1]
             if gen.shape[1] - n0 < 8:
                 continue
             fwd = model(input_ids=gen, output_router_logits=True)
@@ -130,6 +134,42 @@ def hf_streams(model_dir: Path | None, config_dir: Path, prompts: list[str], max
                          .topk(k, dim=-1).indices for rl in fwd.router_logits]
             out.append(torch.stack(per_layer, dim=1).numpy().astype(np.int16))
     return out
+
+
+def estimator_on_traces(paths: list[str], d: Path, common: dict) -> list[dict]:
+    """The utility estimator's per-layer hot/cold prediction (bench_estimator.window_prediction)
+    on recorded speculative traces, and on Mixtral's decode trace cut into exact k=3 windows."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_estimator import window_prediction
+
+    from moespac_vllm.trace import StepKind, windows_from_autoregressive
+
+    works = []
+    for p in paths:
+        t = load_trace(p)
+        verify = t.kind == StepKind.VERIFY
+        acc = t.num_accepted[verify]
+        works.append((f"recorded {Path(p).name}", t, {
+            "verify_steps": int(verify.sum()),
+            "mean_window_tokens": round(float(t.tokens_per_step[verify].mean()), 3)
+            if verify.any() else None,
+            "mean_accepted": round(float(acc.mean()), 3) if acc.size else None,
+            "has_draft_routing": t.has_draft}))
+    mix = load_trace(d / "mixtral-8x7b-routing" / "humaneval_2_routing.jsonl")
+    works.append(("mixtral humaneval_2 k=3 exact windows", windows_from_autoregressive(mix, 3, 3),
+                  {}))
+    rows = []
+    for name, work, info in works:
+        for predictor in ("previous", "fixed", "window", "window+draft", "all_hot"):
+            if predictor == "window+draft" and not work.has_draft:
+                continue
+            res = window_prediction(work, predictor)
+            rows.append({**common, "bench": "trained_routing_estimator", "trace": name,
+                         "label": work.label, "E": work.dims.num_experts,
+                         "top_k": work.dims.top_k, "predictor": predictor, **info,
+                         **{k: (round(v, 4) if isinstance(v, float) else v)
+                            for k, v in res.items()}})
+    return rows
 
 
 def device_name() -> str:
@@ -141,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("trained", help="output folder of `moespac train-tiny`")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--sd-trace", action="append", default=[], metavar="PATH",
+                    help="a speculative trace recorded in vLLM (bench_acceptance.py "
+                    "--moespac-config record_trace): score the utility estimator's hot/cold "
+                    "prediction per layer on its real verification windows, next to Mixtral's "
+                    "k=3 windows (repeatable)")
+    ap.add_argument("--skip-models", action="store_true",
+                    help="only the --sd-trace evaluation (no decoding of the two models)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"
                                               / "trained_routing.jsonl"))
     ap.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "trained_routing.png"))
@@ -150,19 +197,35 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{trained} holds no checkpoint: run `moespac train-tiny {trained}`")
     d = data_dir()
     with gzip.open(d / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
-        prompts = [json.loads(line)["prompt"] for line in f][: args.num_prompts]
+        rows_he = [json.loads(line) for line in f][: args.num_prompts]
+    prompts = [r["prompt"] for r in rows_he]
+    # Real held-out code (prompt + canonical solution), read teacher-forced: the routing of
+    # diverse text, free of the repetition loops tiny models fall into when decoding greedily.
+    texts = [r["prompt"] + r["canonical_solution"] for r in rows_he]
     cfg = json.loads((trained / "config.json").read_text())
     e, k = cfg.get("num_experts", cfg.get("num_local_experts")), cfg["num_experts_per_tok"]
     command = " ".join([Path(sys.executable).name, *sys.argv])
     common = {"bench": "trained_routing", "device": device_name(), "command": command}
     rows, shares = [], {}
+    if args.sd_trace:
+        est_rows = estimator_on_traces(args.sd_trace, d, common)
+        with open(args.results, "a") as f:
+            for r in est_rows:
+                print(json.dumps(r))
+                f.write(json.dumps(r) + "\n")
+        if args.skip_models:
+            return 0
     for name, mdir in (("trained", trained), ("random_weights", None)):
-        streams = hf_streams(mdir, trained, prompts, args.max_new_tokens, seed=0)
-        row, sh = summarize(f"{name} qwen3_moe E{e} K{k}", streams, e, k,
-                            {**common, "prompts": f"humaneval[:{len(streams)}] greedy "
-                             f"{args.max_new_tokens} new tokens"})
-        rows.append(row)
-        shares[row["source"]] = sh
+        for tf in (False, True):
+            streams = hf_streams(mdir, trained, texts if tf else prompts, args.max_new_tokens,
+                                 seed=0, teacher_forced=tf)
+            how = ("teacher-forced prompt+canonical_solution" if tf else
+                   f"greedy {args.max_new_tokens} new tokens")
+            row, sh = summarize(f"{name} qwen3_moe E{e} K{k} {'text' if tf else 'greedy'}",
+                                streams, e, k,
+                                {**common, "prompts": f"humaneval[:{len(streams)}] {how}"})
+            rows.append(row)
+            shares[row["source"]] = sh
     tr = load_trace(d / "mixtral-8x7b-routing" / "humaneval_2_routing.jsonl")
     from moespac_vllm.trace import _ar_streams  # per-request decode streams, trace.py's helper
 

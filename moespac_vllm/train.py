@@ -67,6 +67,10 @@ class TrainConfig:
     steps: int = 240  # target optimizer steps (16 x 256 tokens each)
     draft_steps: int = 120
     distil: bool = False  # draft learns the target's distribution instead of the corpus
+    # With distil: prompts (half a block of training text) whose greedy target continuation
+    # (the other half) makes up half of the draft's batches, so the draft also learns what the
+    # target does on its own outputs, which is what speculative decoding verifies.
+    greedy_distil_prompts: int = 384
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 2e-3
@@ -108,7 +112,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
-        for name in ("seed", "draft_steps", "warmup_steps", "moe_draft_bits"):
+        for name in ("seed", "draft_steps", "warmup_steps", "moe_draft_bits",
+                     "greedy_distil_prompts"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: must be a non-negative integer, got {v!r}")
@@ -140,7 +145,7 @@ SMOKE = dict(corpus_max_bytes=300_000, steps=30, draft_steps=20, batch_size=8, s
              vocab_size=512, num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=1,
              head_dim=32, num_experts=8, top_k=2, moe_intermediate_size=32, draft_layers=1,
              draft_hidden_size=64, draft_intermediate_size=128, checkpoint_every=10,
-             eval_blocks=8, warmup_steps=5, max_position_embeddings=512)
+             eval_blocks=8, warmup_steps=5, max_position_embeddings=512, greedy_distil_prompts=8)
 
 
 # ---- corpus ---------------------------------------------------------------------------------------
@@ -567,11 +572,54 @@ def _save_hf(model, tokenizer, path: Path) -> None:
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-def cache_key(cfg: TrainConfig, fingerprint: str) -> str:
-    blob = json.dumps({"cfg": dataclasses.asdict(cfg), "corpus": fingerprint,
+# Fields that change only the drafts: a new value retrains the drafts around the saved target.
+DRAFT_FIELDS = frozenset({"draft_steps", "distil", "draft_lr", "draft_layers", "draft_hidden_size",
+                          "draft_intermediate_size", "greedy_distil_prompts", "moe_draft_bits"})
+
+
+def cache_key(cfg: TrainConfig | dict[str, Any], fingerprint: str, target_only: bool = False) -> str:
+    d = dataclasses.asdict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg)
+    if target_only:
+        d = {k: v for k, v in d.items() if k not in DRAFT_FIELDS}
+    blob = json.dumps({"cfg": d, "corpus": fingerprint,
                        "format": TRAIN_FORMAT_VERSION, "torch": torch.__version__.split("+")[0]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reusable_target(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
+    """training.json of a finished run in `out` whose target this config would train again."""
+    try:
+        rec = json.loads((out / "training.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if rec.get("status") != "done" or not (out / "config.json").is_file():
+        return None
+    if cache_key(rec["config"], rec["corpus"]["fingerprint"], target_only=True) != cache_key(
+            cfg, fingerprint, target_only=True):
+        return None
+    return rec
+
+
+@torch.no_grad()
+def greedy_blocks(target, blocks: torch.Tensor, num_prompts: int, seed: int,
+                  batch_size: int = 32) -> torch.Tensor:
+    """[num_prompts, T]: the first T/2 tokens of seeded training blocks, then the target's greedy
+    continuation (T/2 tokens; stop tokens suppressed so every row is full)."""
+    T = blocks.shape[1]
+    half = T // 2
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+    rows = torch.randperm(blocks.shape[0], generator=g)[:num_prompts]
+    prompts = blocks[rows, :half]
+    target.eval()
+    out = []
+    for i in range(0, prompts.shape[0], batch_size):
+        p = prompts[i:i + batch_size]
+        gen = target.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=T - half,
+                              min_new_tokens=T - half, do_sample=False,
+                              pad_token_id=target.config.pad_token_id)
+        out.append(gen[:, :T])
+    return torch.cat(out)
 
 
 def cached_result(out: Path, key: str) -> dict[str, Any] | None:
@@ -607,6 +655,7 @@ def train_tiny(out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     if cached is not None:
         log.info("train-tiny: %s is up to date (key %s)", out, key)
         return cached
+    reused = reusable_target(out, cfg, fingerprint)
     work = out.with_name(out.name + ".work")
     if (work / "key").exists() and (work / "key").read_text() != key:
         shutil.rmtree(work)  # a different config's leftovers must not be resumed
@@ -617,9 +666,12 @@ def train_tiny(out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     # folder so a resumed run skips them.
     tok_dir = work / "tokenizer"
     t0 = time.perf_counter()
-    if not (tok_dir / "tokenizer.json").exists():
-        save_tokenizer(build_tokenizer([d.text for d in train_docs], cfg.vocab_size), tok_dir)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    if reused is not None:  # the target's own tokenizer
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    else:
+        if not (tok_dir / "tokenizer.json").exists():
+            save_tokenizer(build_tokenizer([d.text for d in train_docs], cfg.vocab_size), tok_dir)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     ids_path = work / "tokens.pt"
     if ids_path.exists():
         ids = torch.load(ids_path)
@@ -640,22 +692,45 @@ def train_tiny(out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     # The first is also the pad token.
     stop_ids = [tokenizer.convert_tokens_to_ids(DOC_SEPARATOR), tokenizer.eos_token_id]
 
-    torch.manual_seed(cfg.seed)
-    target = Qwen3MoeForCausalLM(target_config(cfg, stop_ids))
-    experts_impl = _fast_experts(target)
-    target_rec = train_loop(target, target_loss(target, cfg.router_aux_loss_coef), train_blocks,
-                            steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, lr=cfg.lr,
-                            warmup=cfg.warmup_steps, ckpt=work / "target.ckpt",
-                            checkpoint_every=cfg.checkpoint_every, desc="target",
-                            bf16=cfg.bf16_autocast)
+    if reused is not None:
+        # Only draft options changed: keep the saved (bf16) target and retrain the drafts.
+        log.info("train-tiny: reusing the target in %s (key %s)", out, reused["key"])
+        target = Qwen3MoeForCausalLM.from_pretrained(out, dtype=torch.float32)
+        experts_impl = _fast_experts(target)
+        target_rec = {k: v for k, v in reused["target"].items()
+                      if k not in ("dir", "params", "expert_params")}
+        target_rec["reused_from_key"] = reused["key"]
+    else:
+        torch.manual_seed(cfg.seed)
+        target = Qwen3MoeForCausalLM(target_config(cfg, stop_ids))
+        experts_impl = _fast_experts(target)
+        target_rec = train_loop(target, target_loss(target, cfg.router_aux_loss_coef),
+                                train_blocks, steps=cfg.steps, batch_size=cfg.batch_size,
+                                seed=cfg.seed, lr=cfg.lr, warmup=cfg.warmup_steps,
+                                ckpt=work / "target.ckpt", checkpoint_every=cfg.checkpoint_every,
+                                desc="target", bf16=cfg.bf16_autocast)
 
     torch.manual_seed(cfg.seed + 1)
     draft = Qwen3ForCausalLM(draft_config(cfg, stop_ids))
     draft_rec: dict[str, Any] = {"steps": 0, "wall_s": 0.0}
+    draft_blocks, greedy_s = train_blocks, 0.0
+    if cfg.draft_steps and cfg.distil and cfg.greedy_distil_prompts:
+        t0 = time.perf_counter()
+        gpath = work / "greedy.pt"
+        if gpath.exists():
+            greedy = torch.load(gpath)
+        else:
+            with _autocast(cfg.bf16_autocast):
+                greedy = greedy_blocks(target, train_blocks, cfg.greedy_distil_prompts, cfg.seed)
+            _atomic_save(greedy, gpath)
+        # Half of the draft's batches come from the target's greedy continuations.
+        reps = max(train_blocks.shape[0] // greedy.shape[0], 1)
+        draft_blocks = torch.cat([train_blocks, greedy.repeat(reps, 1)])
+        greedy_s = time.perf_counter() - t0
     if cfg.draft_steps:
         target.eval()
         draft_rec = train_loop(draft, draft_loss(draft, target if cfg.distil else None),
-                               train_blocks, steps=cfg.draft_steps, batch_size=cfg.batch_size,
+                               draft_blocks, steps=cfg.draft_steps, batch_size=cfg.batch_size,
                                seed=cfg.seed + 1, lr=cfg.draft_lr, warmup=cfg.warmup_steps,
                                ckpt=work / "draft.ckpt", checkpoint_every=cfg.checkpoint_every,
                                desc="draft" + (" (distil)" if cfg.distil else ""),
@@ -703,7 +778,7 @@ def train_tiny(out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
         "heldout_loss_nats": heldout,
         # Training phases include the wall time of earlier (resumed) runs.
         "wall_s": {"tokenize": round(tokenize_s, 1), "target": target_rec["wall_s"],
-                   "draft": draft_rec["wall_s"], "eval_and_save": round(eval_s, 1),
+                   "greedy_generation": round(greedy_s, 1), "draft": draft_rec["wall_s"], "eval_and_save": round(eval_s, 1),
                    "total_this_call": round(time.perf_counter() - t_start, 1)},
         "torch_threads": torch.get_num_threads(),
         "training_numerics": {"bf16_autocast": cfg.bf16_autocast, "experts": experts_impl},

@@ -19,7 +19,8 @@ MICRO = dict(corpus_max_bytes=60_000, steps=12, draft_steps=8, batch_size=4, seq
              vocab_size=320, num_layers=2, hidden_size=32, num_heads=1, num_kv_heads=1,
              head_dim=32, num_experts=4, top_k=2, moe_intermediate_size=16, draft_layers=1,
              draft_hidden_size=32, draft_intermediate_size=32, checkpoint_every=4, eval_blocks=4,
-             warmup_steps=2, lr=1e-2, draft_lr=1e-2, max_position_embeddings=128)
+             warmup_steps=2, lr=1e-2, draft_lr=1e-2, max_position_embeddings=128,
+             greedy_distil_prompts=8)
 
 
 def _corpus(path: Path, rows: int = 400) -> Path:
@@ -165,6 +166,37 @@ def test_second_call_with_same_arguments_is_cached(trained):
     assert again == rec
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
     assert time.perf_counter() - t0 < first_s / 2
+
+
+def test_changing_only_draft_options_keeps_the_trained_target(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out, cfg, rec, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(out, copy)
+    again = train.train_tiny(copy, cfg.replace(draft_steps=cfg.draft_steps + 2))
+    assert again["target"]["reused_from_key"] == rec["key"]
+    assert again["draft"]["steps"] == cfg.draft_steps + 2
+    before, after = load_file(out / "model.safetensors"), load_file(copy / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_greedy_blocks_continue_the_prompt_with_the_targets_argmax():
+    from transformers import Qwen3MoeForCausalLM
+
+    cfg = TrainConfig(**MICRO)
+    torch.manual_seed(0)
+    target = Qwen3MoeForCausalLM(train.target_config(cfg, 0))
+    blocks = torch.randint(1, cfg.vocab_size, (10, cfg.seq_len))
+    g = train.greedy_blocks(target, blocks, 3, seed=0, batch_size=2)
+    assert g.shape == (3, cfg.seq_len)
+    half = cfg.seq_len // 2
+    assert any(torch.equal(g[0, :half], b[:half]) for b in blocks)
+    with torch.no_grad():
+        nxt = target(input_ids=g[:, :half]).logits[:, -1].argmax(-1)
+    assert torch.equal(nxt, g[:, half])
 
 
 def test_refuses_to_overwrite_a_folder_that_holds_something_else(tmp_path):
