@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # vLLM import + config objects: ~20 s alone, more under load
 
 vllm = pytest.importorskip("vllm")
 
