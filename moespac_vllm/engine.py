@@ -394,11 +394,14 @@ class ExpertEngine:
             deadline += self._layer_offset_ms[layer]
         return max(self.clock.now_ms(), self._link_free_ms) + self.costs.fetch_ms <= deadline
 
-    def _admit(self, layer: int, expert: int, demand: bool, threshold: float | None = None
-               ) -> int:
+    def _admit(self, layer: int, expert: int, demand: bool, threshold: float | None = None,
+               scores: np.ndarray | None = None) -> int:
+        """`scores`: the array the caller's `can_admit` check used (prefetch from draft routing
+        ranks by provisional levels); admitting by another array could find no victim."""
         table = self.tables[layer]
-        slot, evicted = table.admit(expert, self._scores(layer), threshold,
-                                    self._belady_key(layer))
+        if scores is None:
+            scores = self._scores(layer)
+        slot, evicted = table.admit(expert, scores, threshold, self._belady_key(layer))
         if evicted >= 0 and evicted in self._prefetched[layer]:
             self._prefetched[layer].discard(evicted)
             self._c["prefetch_wasted"] += 1
@@ -448,7 +451,8 @@ class ExpertEngine:
                 continue
             if not table.can_admit(levels, FAITHFUL_THRESHOLD):
                 break
-            slot = self._admit(layer, e, demand=False, threshold=FAITHFUL_THRESHOLD)
+            slot = self._admit(layer, e, demand=False, threshold=FAITHFUL_THRESHOLD,
+                               scores=levels)
             self._load(layer, e, slot)
 
     def observe_draft(self, layer: int, signal: np.ndarray) -> None:
@@ -522,7 +526,7 @@ class ExpertEngine:
             if deadline and not self._fits_deadline(
                     layer, idle_only=PREFETCH_IDLE_ONLY and self.policy is Policy.SPAC):
                 break
-            slot = self._admit(layer, e, demand=False, threshold=score[e])
+            slot = self._admit(layer, e, demand=False, threshold=score[e], scores=score)
             self._load(layer, e, slot)
 
     def _oracle_prefetch(self) -> None:

@@ -172,7 +172,6 @@ class OffloadRuntime:
         self._recorder: Any = None
         self._steps_since_log = 0
         self.decode_steps = 0
-        self.draft_prefetch_errors = 0
         self.lock = threading.Lock()
 
     # ---- construction -------------------------------------------------------------------------
@@ -372,20 +371,7 @@ class OffloadRuntime:
         # the draft has as many MoE layers as the target ([I]: a depth-proportional map).
         layer = draft_idx if Ld == L else round(draft_idx * (L - 1) / max(1, Ld - 1))
         ids = topk_ids.detach().to("cpu", torch.int64).numpy()
-        try:
-            self.engine.observe_draft(layer, ids)
-        except ValueError as e:
-            # engine.py (03c6046) can ask SlotTable.admit for a slot that its own
-            # can_admit check approved under a different score vector (predicted vs current
-            # levels) and raise. The draft signal only steers prefetch: losing one prefetch must
-            # not stop serving. Counted and logged, never silent.
-            if "no slot can be freed" not in str(e):
-                raise
-            self.draft_prefetch_errors += 1
-            if self.draft_prefetch_errors == 1:
-                logger.warning("moespac: draft-signal prefetch failed in the engine (%s); "
-                               "continuing without it for this call (counted in stats as "
-                               "draft_prefetch_errors)", e)
+        self.engine.observe_draft(layer, ids)
         if self._recorder is not None and Ld == L:
             self._draft_ids.setdefault(layer, []).append(ids)
 
@@ -403,7 +389,6 @@ class OffloadRuntime:
         d["slots_per_layer"] = self.slots.num_slots(0) if self.store.layers else 0
         d["num_experts"] = self.dims.num_experts if self.dims else 0
         d["decode_steps"] = self.decode_steps
-        d["draft_prefetch_errors"] = self.draft_prefetch_errors
         return d
 
     def save_trace(self) -> str | None:

@@ -272,3 +272,28 @@ def test_stats_log_line_and_derived_rates():
     assert s.hit_rate == 0.75 and s.prefetch_precision == 0.5 and s.prefetch_recall == 1.0
     line = format_log_line(s)
     assert "hit rate: 75.0%" in line and "\n" not in line
+
+
+def test_draft_prefetch_displaces_a_resident_the_draft_predicts_cold():
+    """Regression: prefetch from draft routing checks victims by the provisional levels; admitting
+    by the committed ones found no victim and raised ("no slot can be freed")."""
+    cheap_fetch = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.01, cpu_fixed_ms=1.0,
+                              cpu_per_token_ms=0.1, fetch_ms=0.01)
+    engine, clock, mover = _engine(Policy.SPAC, ratio=0.25, estimator_source="draft",
+                                   costs=cheap_fetch)
+    window = np.tile(np.array([[0, 1]]), (9, 1))
+    for step in range(1):
+        engine.begin_step(StepContext(step=step, phase=Phase.VERIFY, num_tokens=9,
+                                      tokens_per_request=(9,), num_draft_tokens=8))
+        for layer in range(DIMS.num_layers):
+            engine.plan_layer(layer, window)
+            engine.finish_layer(layer, window)
+        engine.end_step(8)
+    table = engine.tables[0]
+    assert table.slot_of(0) >= 0 and table.slot_of(1) >= 0
+    assert engine.estimator.levels[0][[0, 1]].min() >= 1
+    # the draft says the next window routes to experts 6 and 7 only
+    engine.observe_draft(0, np.tile(np.array([[6, 7]]), (9, 1)))
+    predicted = engine.estimator.predicted_levels(0)
+    assert predicted[6] > predicted[0]
+    assert table.slot_of(6) >= 0 or table.slot_of(7) >= 0
