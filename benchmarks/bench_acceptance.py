@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         drafts = d.get("spec_decode_num_drafts", 0)
         rows.append({
             "bench": "acceptance", "device": device_name(), "command": command,
-            "target": str(target), "draft": args.draft, "distil": meta.get("draft", {}).get("distil"),
-            "plugin": args.plugin, "moespac": moespac, "dataset": name, "num_prompts": len(prompts), "k": args.k,
+            "target": str(target), "draft": args.draft,
+            "distil": meta.get("draft", {}).get("distil"), "plugin": args.plugin,
+            "moespac": moespac, "dataset": name, "num_prompts": len(prompts), "k": args.k,
             "max_tokens": args.max_tokens, "drafts": int(drafts), "draft_tokens": int(drafted),
             "accepted_tokens": int(acc),
             "acceptance_rate": round(acc / drafted, 4) if drafted else None,

@@ -65,7 +65,7 @@ class TrainConfig:
     corpus_max_bytes: int = 6_000_000
     seed: int = 0
     steps: int = 240  # target optimizer steps (16 x 256 tokens each)
-    draft_steps: int = 120
+    draft_steps: int = 300  # 120: SD acceptance 0.14-0.57, 300: 0.57-0.76 (benchmarks/README)
     distil: bool = False  # draft learns the target's distribution instead of the corpus
     # With distil: prompts (half a block of training text) whose greedy target continuation
     # (the other half) makes up half of the draft's batches, so the draft also learns what the
@@ -778,7 +778,8 @@ def train_tiny(out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
         "heldout_loss_nats": heldout,
         # Training phases include the wall time of earlier (resumed) runs.
         "wall_s": {"tokenize": round(tokenize_s, 1), "target": target_rec["wall_s"],
-                   "greedy_generation": round(greedy_s, 1), "draft": draft_rec["wall_s"], "eval_and_save": round(eval_s, 1),
+                   "greedy_generation": round(greedy_s, 1), "draft": draft_rec["wall_s"],
+                   "eval_and_save": round(eval_s, 1),
                    "total_this_call": round(time.perf_counter() - t_start, 1)},
         "torch_threads": torch.get_num_threads(),
         "training_numerics": {"bf16_autocast": cfg.bf16_autocast, "experts": experts_impl},
