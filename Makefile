@@ -27,11 +27,16 @@ models: setup
 
 # Offline generation through vLLM with the plugin on and draft-model speculative decoding (k=3);
 # prints a few generations, tokens/s, acceptance and the plugin's stats line. Pass more flags with
-# DEMO_ARGS, e.g. make demo DEMO_ARGS='--moespac-config {"cache_ratio":0.5} --json'.
+# DEMO_ARGS and settings through MOESPAC_* variables, e.g.
+#   MOESPAC_CACHE_RATIO=0.5 make demo DEMO_ARGS='--max-tokens 64 --json'
+# When `moespac train-tiny .models/trained-qwen3-moe --distil` has been run (about 25 min on 2
+# cores; never forced on a newcomer), the demo uses that trained pair instead of random weights.
+TRAINED := $(MODELS)/trained-qwen3-moe
 demo: models
+	@M=$$(test -f $(TRAINED)/training.json && echo $(TRAINED) || echo $(MODELS)/tiny-qwen3-moe); \
+	echo "demo model: $$M"; \
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m moespac_vllm.cli generate \
-	  --model $(MODELS)/tiny-qwen3-moe --draft $(MODELS)/tiny-qwen3-moe/draft \
-	  --num-speculative-tokens 3 $(DEMO_ARGS)
+	  --model $$M --draft $$M/draft --num-speculative-tokens 3 $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest --strict-markers -ra tests

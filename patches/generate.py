@@ -266,6 +266,10 @@ def run_generate(req: GenerateRequest, llm: Any | None = None) -> GenerateResult
         acc = Acceptance(after.num_drafts - before.num_drafts,
                          after.num_draft_tokens - before.num_draft_tokens,
                          after.num_accepted_tokens - before.num_accepted_tokens)
+    # The engine this call built ends with it: close the plugin's runtime now (final stats line,
+    # trace, stats file) so nothing prints after the caller's report. A caller's engine lives on:
+    # only write the trace recorded so far.
+    _finish_recording(close=llm is None)
     texts = tuple(o.outputs[0].text for o in outputs)
     ids = tuple(tuple(o.outputs[0].token_ids) for o in outputs)
     return GenerateResult(
@@ -274,6 +278,24 @@ def run_generate(req: GenerateRequest, llm: Any | None = None) -> GenerateResult
         plugin_line=plugin_line(getattr(engine.llm_engine, "vllm_config", None)),
         vllm_version=str(vllm_version),
     )
+
+
+def _finish_recording(close: bool) -> None:
+    """Save the routing recorded so far (`record_trace`); with `close`, end the runtime. (The
+    runtime also closes at interpreter exit, which is too late for output that must come last.)"""
+    import sys
+
+    if "moespac_vllm.patches.routed_experts" not in sys.modules:
+        return
+    from moespac_vllm.patches.routed_experts import latest_runtime
+
+    rt = latest_runtime()
+    if rt is None:
+        return
+    if close:
+        rt.close()
+    else:
+        rt.save_trace()
 
 
 def plugin_line(vllm_config: Any | None = None) -> str:

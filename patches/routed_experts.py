@@ -29,6 +29,8 @@ known), the step board, stats and the trace recorder. `spec_hook.py` drives its 
 """
 from __future__ import annotations
 
+import atexit
+
 import logging
 import threading
 import time
@@ -172,6 +174,7 @@ class OffloadRuntime:
         self._recorder: Any = None
         self._steps_since_log = 0
         self.decode_steps = 0
+        self._closed = False
         self.lock = threading.Lock()
 
     # ---- construction -------------------------------------------------------------------------
@@ -399,6 +402,11 @@ class OffloadRuntime:
         return str(self._recorder.save(self.config.stats.record_trace))
 
     def close(self) -> None:
+        """End the open step, report, save the trace, close the stats file. Runs once (also at
+        interpreter exit, so `moespac serve` and plain `vllm.LLM` users get their trace)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._open and self.engine is not None:
             self.end_step(0)
         if self.engine is not None:
@@ -447,6 +455,7 @@ def _new_runtime(vllm_config: Any) -> OffloadRuntime:
         rt.num_spec_tokens = int(spec.num_speculative_tokens or 0)
     _runtimes[id(vllm_config)] = rt
     _latest = rt
+    atexit.register(rt.close)
     return rt
 
 

@@ -19,12 +19,15 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[dict, str]]:
-    paths = make_tiny_model(tmp_path_factory.mktemp("e2e") / "tiny", "qwen3_moe", draft=True)
+    root = tmp_path_factory.mktemp("e2e")
+    paths = make_tiny_model(root / "tiny", "qwen3_moe", draft=True)
+    trace_path = str(root / "generate_trace.npz")
     common = [sys.executable, "-m", "moespac_vllm.cli", "generate", "--model", str(paths.target),
               "--draft", str(paths.draft), "--num-speculative-tokens", "3",
               "--max-tokens", str(MAX_TOKENS), "--num-prompts", "4", "--json"]
     argv = {
-        "on": [*common, "--moespac-config", '{"cache_ratio": 0.5}'],
+        "on": [*common, "--moespac-config",
+               json.dumps({"cache_ratio": 0.5, "record_trace": trace_path})],
         "off": [*common, "--no-plugin"],
     }
     env = {k: v for k, v in os.environ.items()
@@ -38,6 +41,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, str]]:
         assert p.returncode == 0, f"{k}: rc={p.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}"
         record = json.loads(stdout.strip().splitlines()[-1])
         out[k] = (record, stdout)
+    out["trace_path"] = trace_path
     return out
 
 
@@ -51,7 +55,7 @@ def test_prints_text_speed_acceptance_and_the_plugin_line(runs):
     # the tiny draft shares the target's embeddings: some draft tokens must be accepted
     assert record["acceptance_rate"] > 0.1
     assert record["mean_accepted_length"] > 1.0
-    assert record["moespac"] == {"cache_ratio": 0.5}
+    assert record["moespac"]["cache_ratio"] == 0.5
     assert record["plugin"] in stdout
     assert "plugin not loaded" not in record["plugin"]
     assert "moespac: plugin loaded (vLLM " in stdout  # the register() log line
@@ -65,3 +69,11 @@ def test_no_plugin_runs_stock_vllm(runs):
 
 def test_outputs_identical_with_and_without_the_plugin(runs):
     assert runs["on"][0]["output_sha256"] == runs["off"][0]["output_sha256"]
+
+
+def test_record_trace_is_written_by_generate(runs):
+    from moespac_vllm.trace import load_trace
+
+    trace = load_trace(runs["trace_path"])
+    assert trace.num_steps > 0
+    assert trace.dims.num_experts == 16
