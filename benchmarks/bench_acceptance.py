@@ -20,10 +20,11 @@ import gzip
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from moespac_vllm.calibrate import describe_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,14 +64,6 @@ def spec_counters(llm) -> dict[str, float]:
             for pos, v in enumerate(m.values):  # a Vector, one count per draft position
                 out[f"pos{pos}"] = out.get(f"pos{pos}", 0) + v
     return out
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu:{platform.processor() or platform.machine()}:{os.cpu_count()}cores"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         acc = d.get("spec_decode_num_accepted_tokens", 0)
         drafts = d.get("spec_decode_num_drafts", 0)
         rows.append({
-            "bench": "acceptance", "device": device_name(), "command": command,
+            "bench": "acceptance", "device": describe_device(), "command": command,
             "target": str(target), "draft": args.draft,
             "distil": meta.get("draft", {}).get("distil"), "plugin": args.plugin,
             "moespac": moespac, "dataset": name, "num_prompts": len(prompts), "k": args.k,

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moespac_vllm.calibrate import describe_device
 from moespac_vllm.balancer import (
     BalanceProblem,
     CvxpyBalancer,
@@ -48,16 +49,6 @@ from moespac_vllm.cost_model import PROFILES
 from moespac_vllm.trace import ModelDims
 
 REL_TOL = 1e-9
-
-
-def device_tag() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"cpu: {platform.processor() or platform.machine()}"
 
 
 def rel_gap(a: float, b: float) -> float:
@@ -157,7 +148,7 @@ def main() -> None:
     if args.instances < 1:
         raise SystemExit("--instances: must be >= 1")
 
-    base = {"device": device_tag(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+    base = {"device": describe_device(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "python": platform.python_version()}
 
     def emit(kind: str, **fields) -> None:

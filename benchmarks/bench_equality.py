@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from moespac_vllm.calibrate import describe_device
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -72,7 +73,7 @@ def main() -> None:
                 "cache_ratio": r, "prompts": len(stock),
                 "identical": sum(d is None for d in first_diff),
                 "first_differing_token": [d for d in first_diff if d is not None],
-                "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores",
+                "device": describe_device(),
                 "command": " ".join(["python", *sys.argv]),
             }))
 

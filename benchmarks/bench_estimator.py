@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from moespac_vllm.config import EstimatorConfig, ThetaScale
+from moespac_vllm.calibrate import describe_device
 from moespac_vllm.estimator import UtilityEstimator, counts_from_topk
 from moespac_vllm.trace import (
     QWEN3_30B_A3B,
@@ -61,16 +62,6 @@ from moespac_vllm.trace import (
     synthetic_trace,
     windows_from_autoregressive,
 )
-
-
-def device_tag() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"cpu: {platform.processor() or platform.machine()}"
 
 
 def load_mixtral(path: Path) -> list[list[np.ndarray]]:
@@ -241,7 +232,7 @@ def main() -> None:
                     help="skip the synthetic Qwen3-scale trace (its fit takes ~10 s)")
     ap.add_argument("--plot", type=Path, default=None, help="write a per-layer precision plot")
     args = ap.parse_args()
-    base = {"device": device_tag(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+    base = {"device": describe_device(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "python": platform.python_version()}
 
     def emit(kind: str, **fields) -> None:

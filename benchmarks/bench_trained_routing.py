@@ -27,7 +27,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from moespac_vllm.calibrate import describe_device  # noqa: E402
 from moespac_vllm.trace import expert_shares, independent_reuse, load_trace, reuse_curve  # noqa: E402
 
 
@@ -172,10 +172,6 @@ def estimator_on_traces(paths: list[str], d: Path, common: dict) -> list[dict]:
     return rows
 
 
-def device_name() -> str:
-    return f"cpu:{platform.processor() or platform.machine()}:{os.cpu_count()}cores"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trained", help="output folder of `moespac train-tiny`")
@@ -205,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = json.loads((trained / "config.json").read_text())
     e, k = cfg.get("num_experts", cfg.get("num_local_experts")), cfg["num_experts_per_tok"]
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    common = {"bench": "trained_routing", "device": device_name(), "command": command}
+    common = {"bench": "trained_routing", "device": describe_device(), "command": command}
     rows, shares = [], {}
     if args.sd_trace:
         est_rows = estimator_on_traces(args.sd_trace, d, common)

@@ -59,6 +59,7 @@ this module and use `ExactBalancer`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Protocol
@@ -245,6 +246,25 @@ class ExactBalancer:
                          makespan_ms=max(gpu, cpu), gpu_ms=gpu, cpu_ms=cpu)
 
 
+
+def _add_classes(reach: int, mask: int, stride: int, counts: Sequence[int], tag: bool,
+                 pieces: list[tuple[int, bool, int, int]], history: list[int]) -> int:
+    """OR each token-count class into the reachable bitset by binary splitting (pieces of 1, 2, 4,
+    ... experts of that class), recording each piece and the bitset after it for backtracking.
+    A piece of `take` experts with n tokens shifts by take * (stride + n)."""
+    for n, cnt in enumerate(counts):
+        take = 1
+        while cnt > 0:
+            if take > cnt:
+                take = cnt
+            shift = take * (stride + n)
+            reach = (reach | (reach << shift)) & mask
+            pieces.append((shift, tag, n, take))
+            history.append(reach)
+            cnt -= take
+            take <<= 1
+    return reach
+
 def _choose(class_counts: list[int], n_nr: int, v_nr: int, m_max: int, n_res: int, v_res: int,
             ag: float, bg: float, ac: float, bc: float, fms: float, hidden: float,
             ) -> tuple[int, int, dict[int, int]]:
@@ -278,18 +298,8 @@ def _choose(class_counts: list[int], n_nr: int, v_nr: int, m_max: int, n_res: in
     mask = (1 << ((m_max + 1) * stride)) - 1
     reach = 1
     history = [reach]
-    pieces: list[tuple[int, int, int]] = []  # (shift, n, how many experts)
-    for n, cnt in enumerate(class_counts):
-        take = 1
-        while cnt > 0:
-            if take > cnt:
-                take = cnt
-            shift = take * (stride + n)
-            reach = (reach | (reach << shift)) & mask
-            pieces.append((shift, n, take))
-            history.append(reach)
-            cnt -= take
-            take <<= 1
+    pieces: list[tuple[int, bool, int, int]] = []  # (shift, is_fetch, n, how many experts)
+    reach = _add_classes(reach, mask, stride, class_counts, True, pieces, history)
     row_mask = (1 << stride) - 1
 
     def best_for(m: int) -> tuple[float, int]:
@@ -357,7 +367,7 @@ def _choose(class_counts: list[int], n_nr: int, v_nr: int, m_max: int, n_res: in
     per_class: dict[int, int] = {}
     for i in range(len(pieces) - 1, -1, -1):
         if not (history[i] >> pos) & 1:
-            shift, n, take = pieces[i]
+            shift, _, n, take = pieces[i]
             pos -= shift
             per_class[n] = per_class.get(n, 0) + take
     if pos != 0:  # pragma: no cover - a bitset invariant, not an input error
@@ -400,17 +410,7 @@ def _solve_wide(problem: BalanceProblem, tok: list[int], res: list[int]) -> Plac
     pieces: list[tuple[int, bool, int, int]] = []  # (shift, is_fetch, n, how many)
     # residents first: their pieces then shift the small (k, t) bitset, not the full one
     for is_fetch, counts, stride in ((False, r_counts, sk), (True, nr_counts, sm)):
-        for n, cnt in enumerate(counts):
-            take = 1
-            while cnt > 0:
-                if take > cnt:
-                    take = cnt
-                shift = take * (stride + n)
-                reach = (reach | (reach << shift)) & mask
-                pieces.append((shift, is_fetch, n, take))
-                history.append(reach)
-                cnt -= take
-                take <<= 1
+        reach = _add_classes(reach, mask, stride, counts, is_fetch, pieces, history)
 
     # relaxation bound for every (m, k), vectorised
     asc_nr = np.repeat(np.arange(width), nr_counts)

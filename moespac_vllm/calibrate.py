@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,24 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOKENS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 QUICK_TOKENS: tuple[int, ...] = (1, 4, 16)
+
+
+
+def describe_device() -> str:
+    """What a run executed on, for the `device` field of benchmark JSON lines: the CUDA device's
+    name, else the CPU's model name and core count."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {name} ({os.cpu_count()} cores)"
 
 
 class DeviceKind(str, Enum):

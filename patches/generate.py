@@ -312,12 +312,9 @@ def plugin_line(vllm_config: Any | None = None) -> str:
 def result_record(req: GenerateRequest, res: GenerateResult,
                   command: list[str] | None = None) -> dict[str, Any]:
     """One JSON-serialisable record of a run (device, command, numbers) for benchmark tables."""
-    import platform
+    from moespac_vllm.calibrate import describe_device
 
-    import torch
-
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}")
+    device = describe_device()
     acc = res.acceptance
     return {
         "bench": "moespac-generate", "device": device, "vllm": res.vllm_version,
