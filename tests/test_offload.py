@@ -312,3 +312,93 @@ def test_real_engine_with_deferred_mover_matches_reference(policy):
         assert s.cpu_ms > 0
     assert sum(m.counters.cpu_pairs for m in mods) + sum(m.counters.device_pairs for m in mods) \
         == 8 * K * L + 11 * 4 * K * L
+
+
+# ---- host-fused mode: one kernel call over [store rows | slot rows] ------------------------------
+class CountingKernel:
+    """`kernels.fused_experts_reference` (the pure-torch HostFusedKernel), recording the rows each
+    call was given."""
+
+    def __init__(self) -> None:
+        from moespac_vllm.kernels.fused_experts import fused_experts_reference
+
+        self.ref = fused_experts_reference
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, hidden, w13, w2, rows, weights):
+        assert rows.dtype == torch.int32 and weights.dtype == torch.float32
+        self.rows.append(rows.clone())
+        return self.ref(hidden, w13, w2, rows, weights)
+
+
+def _host_fused_layer(E=8, H=32, inter=16, num_slots=3, share=0.5, dtype=torch.bfloat16):
+    store = ExpertStore()
+    store.add_layer(0, *_weights(E, H, inter, seed=5, dtype=dtype), spare_rows=num_slots)
+    slots = SlotCache("cpu")
+    slots.attach_layer(0, *store.spare(0))
+    mover = StoreCopyMover(store, slots)
+    kernel = CountingKernel()
+    layer = OffloadedExperts(store, FakeEngine(mover, num_slots, share), 0, "cpu", slots, mover,
+                             host_fused=kernel)
+    return store, slots, layer, kernel
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_host_fused_equals_one_call_over_the_store_in_bf16(share):
+    """Whatever the plan, the output is bit-identical to the same kernel over the store alone
+    (stock's single call): the row a pair reads changes where its weights live, not its value."""
+    store, slots, layer, kernel = _host_fused_layer(share=share)
+    w13, w2 = store.w13(0), store.w2(0)
+    for step in range(6):
+        x = torch.randn(5, 32, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        ids, w = _routing(5, 8, 2, seed=10 + step)
+        got = layer(x, ids, w)
+        want = kernel.ref(x, w13, w2, ids, w.float())
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want)
+    rows = torch.cat(kernel.rows)
+    if share > 0:  # device pairs really read the slot rows E..E+S-1
+        assert int(rows.max()) >= 8 and layer.counters.device_pairs > 0
+    if share < 1:
+        assert int(rows.min()) < 8 and layer.counters.cpu_pairs > 0
+
+
+def test_host_fused_reads_slot_contents():
+    """A slot holding the wrong weights changes the output: the slot rows are what device pairs
+    compute with, not a silent second copy of the store."""
+    store, slots, layer, _ = _host_fused_layer(share=1.0)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    ids, w = _routing(3, 8, 2, seed=1)
+    good = layer(x, ids, w)
+    slots.w13(0).mul_(2)
+    assert not torch.equal(layer(x, ids, w), good)
+
+
+def test_host_fused_requires_slots_in_the_spare_rows():
+    store = ExpertStore()
+    store.add_layer(0, *_weights(4, 16, 8, seed=0), spare_rows=2)
+    slots = SlotCache("cpu")
+    slots.add_layer(0, 2, store.w13(0), store.w2(0))  # separate buffers: not the spare rows
+    with pytest.raises(ValueError, match="spare rows"):
+        OffloadedExperts(store, None, 0, "cpu", slots, None, host_fused=CountingKernel())
+    with pytest.raises(ValueError, match="without spare rows"):
+        _store_without_spare().spare(0)
+
+
+def _store_without_spare():
+    store = ExpertStore()
+    store.add_layer(0, *_weights(4, 16, 8, seed=0))
+    return store
+
+
+def test_spare_rows_start_zeroed_and_store_rows_are_the_weights():
+    w13, w2 = _weights(4, 16, 8, seed=3)
+    store = ExpertStore()
+    store.add_layer(0, w13, w2, spare_rows=3)
+    assert torch.equal(store.w13(0), w13) and torch.equal(store.w2(0), w2)
+    s13, s2 = store.spare(0)
+    assert s13.shape == (3, 16, 16) and s2.shape == (3, 16, 8)
+    assert not s13.any() and not s2.any()
+    assert store.rows(0)[0].shape[0] == 7
+    with pytest.raises(ValueError, match="spare_rows"):
+        ExpertStore().add_layer(0, w13, w2, spare_rows=-1)
