@@ -202,6 +202,10 @@ class ExpertEngine:
         self._gap_ms = 0.0  # end_step -> next begin_step (the draft phase), last step
         self._layer_offset_ms = np.zeros(L, dtype=np.float64)  # begin_step -> plan_layer(l)
         self._window_ids: list[np.ndarray | None] = [None] * L  # last decode/verify routing
+        self._full: list[np.ndarray | None] = [None] * L  # resident_slots() once a layer is full
+        # fully resident layers' decode routing of this step, committed together at its end:
+        # (layer, counts [E], tokens)
+        self._stash: list[tuple[int, np.ndarray, int]] = []
         self._writer: StatsWriter | None = None  # opened at the first report (stats_file)
 
     # ---- oracle ------------------------------------------------------------------------------
@@ -228,6 +232,7 @@ class ExpertEngine:
 
     # ---- per step ----------------------------------------------------------------------------
     def begin_step(self, ctx: StepContext) -> None:
+        self._flush_resident()
         self._ctx = ctx
         if ctx.phase in (Phase.DECODE, Phase.VERIFY):
             self._step += 1
@@ -271,32 +276,43 @@ class ExpertEngine:
         counts = np.bincount(ids.ravel(), minlength=E)
         routed = np.flatnonzero(counts)
         table = self.tables[layer]
-        self._refresh(layer)
+        if table.num_loading:
+            self._refresh(layer)
         decoding = self._decoding()
         if decoding and self._begin_ms is not None:
             self._layer_offset_ms[layer] = self.clock.now_ms() - self._begin_ms
         if decoding:
             self._window_ids[layer] = ids
-        ready = [int(e) for e in routed if table.is_ready(int(e))]
-        loading = [int(e) for e in routed if table.is_loading(int(e))]
-        absent = [int(e) for e in routed if table.slot_of(int(e)) < 0]
-        for e in ready:
-            table.pin(e)
+        ready_mask = table.ready_mask()
+        loading: list[int] = []
+        absent: list[int] = []
+        if ready_mask[routed].all():  # the common case: every routed expert holds valid data
+            ready = routed.tolist()
+        else:
+            ready = [e for e in routed.tolist() if ready_mask[e]]
+            loading = [e for e in routed.tolist() if table.is_loading(e)]
+            absent = [e for e in routed.tolist() if table.slot_of(e) < 0]
+        table.pin_many(np.asarray(ready, dtype=np.int64))
         self._pinned[layer] = ready
         if decoding:
             c = self._c
             c["hits"] += len(ready)
             c["misses"] += len(loading) + len(absent)
             pre = self._prefetched[layer]
-            for e in ready:
-                if e in pre:
-                    pre.discard(e)
-                    c["prefetch_used"] += 1
+            if pre:
+                for e in ready:
+                    if e in pre:
+                        pre.discard(e)
+                        c["prefetch_used"] += 1
 
         device = list(ready)
         wait: list[int] = []  # LOADING copies the device branch waits for
         fetch: list[int] = []  # new on-demand copies
-        if (not decoding and self.policy is not Policy.STATIC) or self.policy in _ON_DEMAND:
+        # With no miss there is nothing to decide: the balancer's model never moves a resident to
+        # the CPU (allow_resident_cpu is off), and on-demand policies have nothing to fetch.
+        if not (loading or absent):
+            pass
+        elif (not decoding and self.policy is not Policy.STATIC) or self.policy in _ON_DEMAND:
             wait, fetch = self._on_demand(layer, counts, loading, absent)
         elif self.policy in _BALANCED:
             wait, fetch, to_cpu = self._balance(layer, counts, ready, loading, absent)
@@ -322,12 +338,15 @@ class ExpertEngine:
         device += wait + fetch
 
         slot_map = np.full(E, -1, dtype=np.int32)
-        for e in device:
-            slot_map[e] = table.slot_of(e)
+        dev = np.asarray(device, dtype=np.int64)
+        slot_map[dev] = table.slots_of(dev)
         slot_ids = slot_map[ids] if ids.size else np.zeros(ids.shape, dtype=np.int32)
         cpu_mask = slot_ids < 0
-        dev_set = set(device)
-        cpu = tuple(int(e) for e in routed if int(e) not in dev_set)
+        if len(device) == len(routed):
+            cpu: tuple[int, ...] = ()
+        else:
+            dev_set = set(device)
+            cpu = tuple(int(e) for e in routed if int(e) not in dev_set)
         if decoding:
             self._c["device_experts"] += len(device)
             self._c["cpu_experts"] += len(cpu)
@@ -418,15 +437,16 @@ class ExpertEngine:
         for e in self._pending[layer]:
             if table.is_loading(e) and self.mover.is_ready(layer, table.slot_of(e)):
                 table.mark_ready(e)
-        for e in self._pinned[layer]:
-            table.unpin(e)
+        table.unpin_many(np.asarray(self._pinned[layer], dtype=np.int64))
         self._pinned[layer] = []
         self._pending[layer] = []
         self._tick += 1
-        for e in np.flatnonzero(counts):
-            table.touch(int(e), self._tick)
-        if not self._decoding():
-            return
+        table.touch_many(np.flatnonzero(counts), self._tick)
+        if self._decoding():
+            self._commit_counts(layer, counts, ids)
+
+    def _commit_counts(self, layer: int, counts: np.ndarray, ids: np.ndarray) -> None:
+        """A decode/verify forward's routing of `layer` into the estimator and the scores."""
         self._last_counts[layer] = counts
         n_tokens = int(ids.shape[0]) if ids.ndim == 2 else 1
         if self.estimator is not None:
@@ -439,6 +459,75 @@ class ExpertEngine:
             self._score[layer] += counts
         if self.policy is Policy.SPAC_FAITHFUL and self.config.prefetch:
             self._faithful_prefetch(layer)
+
+    # ---- fully resident layers ----------------------------------------------------------------
+    def resident_slots(self, layer: int) -> np.ndarray | None:
+        """[E] int32, the slot of every expert, once `layer` has as many slots as experts and all
+        of them hold valid data; None before. From then on the layer's placement never changes
+        (no expert is left to admit, so none is ever evicted), so a caller may run its forwards
+        without `plan_layer` / `finish_layer` and report each with `note_resident_forward`."""
+        full = self._full[layer]
+        if full is not None:
+            return full
+        table = self.tables[layer]
+        E = self.dims.num_experts
+        if table.num_slots == E and table.num_loading == 0 and not self._pinned[layer] \
+                and table.ready_mask().all():
+            full = table.slots_of(np.arange(E)).astype(np.int32)
+            full.flags.writeable = False
+            self._full[layer] = full
+        return full
+
+    def note_resident_forward(self, layer: int, topk_ids: np.ndarray) -> int:
+        """`plan_layer` + `finish_layer` of a layer `resident_slots` returned slots for, minus what
+        cannot matter any more: no pins (nothing can be evicted) and no LRU/LFU touches (no victim
+        is ever chosen again). Hits, device experts, prefetch use, the estimator and the scores
+        advance exactly as on the planned path. Returns the number of routed experts."""
+        if self._full[layer] is None:
+            raise ValueError(f"layer: {layer} is not fully resident; use plan_layer")
+        ids = np.asarray(topk_ids)
+        E = self.dims.num_experts
+        counts = np.bincount(ids.ravel(), minlength=E)
+        routed = np.flatnonzero(counts)
+        if not self._decoding():
+            return int(routed.size)
+        c = self._c
+        c["hits"] += routed.size
+        c["device_experts"] += routed.size
+        pre = self._prefetched[layer]
+        if pre:
+            for e in routed.tolist():
+                if e in pre:
+                    pre.discard(e)
+                    c["prefetch_used"] += 1
+        if self._begin_ms is not None:
+            self._layer_offset_ms[layer] = self.clock.now_ms() - self._begin_ms
+        self._window_ids[layer] = ids
+        if any(x == layer for x, _, _ in self._stash):  # a second forward in one step
+            self._flush_resident()
+        self._stash.append((layer, counts, int(ids.shape[0]) if ids.ndim == 2 else 1))
+        return int(routed.size)
+
+    def _flush_resident(self) -> None:
+        """Commit the stashed routing of fully resident layers: what `_commit_counts` does per
+        layer, as a few array ops over all of them (measured: ~12 us less per layer and step than
+        committing each forward on its own; nothing reads these layers' levels or scores before
+        the step ends)."""
+        if not self._stash:
+            return
+        stash, self._stash = self._stash, []
+        layers = np.array([x for x, _, _ in stash], dtype=np.int64)
+        counts = np.stack([c for _, c, _ in stash])
+        self._last_counts[layers] = counts
+        if self.estimator is not None:
+            self.estimator.observe_many(layers, counts, [max(1, n) for _, _, n in stash])
+        if self.policy is Policy.HYBRIMOE:
+            self._score[layers] = HYBRIMOE_DECAY * self._score[layers] + (counts > 0)
+        elif self.policy is Policy.SPAC:
+            self._score[layers] = RECENCY_DECAY * self._score[layers] + (counts > 0)
+        elif self.policy is Policy.STATIC:
+            self._score[layers] += counts
+        # spac-faithful's per-layer prefetch has nothing to bring into a full layer
 
     def _faithful_prefetch(self, layer: int) -> None:
         """Reference code: enqueue level >= 1 experts; pop highest level first; a victim must score
@@ -460,6 +549,7 @@ class ExpertEngine:
         top-k ids [W, K] (int). Moves provisional levels; `spac` prefetches the newly hot experts."""
         if self.estimator is None:
             return
+        self._flush_resident()
         from moespac_vllm.estimator import counts_from_router_logits, counts_from_topk
 
         x = np.asarray(signal)
@@ -479,6 +569,7 @@ class ExpertEngine:
         if isinstance(num_accepted, bool) or not isinstance(num_accepted, (int, np.integer)) \
                 or num_accepted < 0:
             raise ValueError(f"num_accepted: must be a non-negative integer, got {num_accepted!r}")
+        self._flush_resident()
         if not self._decoding():
             return
         self._end_ms = self.clock.now_ms()
@@ -494,11 +585,12 @@ class ExpertEngine:
         if not self.config.prefetch:
             return
         L = self.dims.num_layers
+        open_layers = [layer for layer in range(L) if self._full[layer] is None]
         if self.policy is Policy.SPAC:
-            for layer in range(L):
+            for layer in open_layers:
                 self._prefetch_layer(layer, self._scores(layer), self._last_counts[layer])
         elif self.policy is Policy.HYBRIMOE:
-            for layer in range(L):
+            for layer in open_layers:
                 self._prefetch_layer(layer, self._score[layer], self._last_counts[layer])
         elif self.policy is Policy.ORACLE:
             self._oracle_prefetch()
@@ -515,8 +607,8 @@ class ExpertEngine:
         floor = SPAC_PREFETCH_MIN_LEVEL if self.policy is Policy.SPAC else 0.0
         candidates = np.flatnonzero(score > floor) if floor == 0.0 else np.flatnonzero(
             score >= floor)
-        if candidates.size == 0:
-            return
+        if candidates.size == 0 or (table.slots_of(candidates) >= 0).all():
+            return  # nothing to bring in (always so once a layer's experts all fit)
         order = sorted(candidates.tolist(), key=lambda e: (-score[e], -tiebreak[e], e))
         for e in order[: self.num_slots]:
             if table.slot_of(e) >= 0:

@@ -141,6 +141,43 @@ class UtilityEstimator:
             self._draft_tokens[layer] = 0
             self._draft_levels[layer] = None
 
+    def observe_many(self, layers: np.ndarray, counts: np.ndarray,
+                     num_tokens: np.ndarray | None = None) -> None:
+        """`observe` for several distinct layers at once (one window each): layers [n] int,
+        counts [n, E], num_tokens [n]. The same levels as n `observe` calls, in a few array ops
+        (the engine commits a step's fully resident layers this way)."""
+        lay = np.asarray(layers)
+        c = np.asarray(counts)
+        n = lay.shape[0] if lay.ndim == 1 else -1
+        if n < 0 or lay.dtype.kind not in "iu" or (n and (lay.min() < 0 or
+                                                         lay.max() >= self.num_layers)):
+            raise ValueError(f"layers: expected a 1-D integer array in [0, {self.num_layers})")
+        if np.unique(lay).size != n:
+            raise ValueError("layers: must be distinct (one window per layer)")
+        if c.shape != (n, self.num_experts) or c.dtype.kind not in "iu":
+            raise ValueError(f"counts: expected an integer array of shape ({n}, "
+                             f"{self.num_experts}), got {c.dtype} {c.shape}")
+        if n == 0:
+            return
+        if self.cfg.theta_scale is ThetaScale.FIXED:
+            theta = np.full((n, 1), self.cfg.theta_up, dtype=np.int64)
+        else:
+            if num_tokens is None or len(num_tokens) != n:
+                raise ValueError("num_tokens: one window size per layer is required when "
+                                 "theta_scale is 'window'")
+            theta = np.array([[self.theta_up_for(int(t))] for t in num_tokens], dtype=np.int64)
+        u = self._levels[lay]
+        d = c.astype(np.int64) - u
+        u += d >= theta
+        u -= d <= -self.cfg.theta_down
+        np.minimum(u, self.cfg.utility_cap, out=u)
+        self._levels[lay] = u
+        for layer in lay.tolist():
+            if self._draft_tokens[layer]:
+                self._draft_counts[layer].fill(0)
+                self._draft_tokens[layer] = 0
+                self._draft_levels[layer] = None
+
     def observe_draft(self, layer: int, counts: np.ndarray, num_tokens: int = 1) -> bool:
         """Add draft routing counts for the coming window of `layer` (call once per draft token,
         or once with all W). Returns False (and does nothing) when the source ignores drafts."""

@@ -85,7 +85,8 @@ def test_bad_arguments_name_the_field():
 
 
 _ops = st.lists(
-    st.tuples(st.sampled_from(["admit", "ready", "evict", "pin", "unpin", "touch"]),
+    st.tuples(st.sampled_from(["admit", "ready", "evict", "pin", "unpin", "touch", "pin_many",
+                               "unpin_many"]),
               st.integers(0, 11)),
     max_size=80,
 )
@@ -126,6 +127,16 @@ def test_invariants_hold_under_any_operation_sequence(slots, order, ops, raw_sco
                 pinned[e] -= 1
             elif op == "touch":
                 t.touch(e, tick)
+            elif op == "pin_many":  # the engine's fast path: a layer's routed experts at once
+                group = sorted(x for x in {e, (e + 5) % 12} if t.is_ready(x))
+                t.pin_many(np.array(group, dtype=np.int64))
+                for x in group:
+                    pinned[x] = pinned.get(x, 0) + 1
+            elif op == "unpin_many":
+                group = sorted(x for x in {e, (e + 5) % 12} if pinned.get(x, 0) > 0)
+                t.unpin_many(np.array(group, dtype=np.int64))
+                for x in group:
+                    pinned[x] -= 1
         finally:
             t.check()
         # pinned experts never leave
@@ -134,3 +145,23 @@ def test_invariants_hold_under_any_operation_sequence(slots, order, ops, raw_sco
                 assert t.is_pinned(x)
         assert len(t.residents()) <= slots
 
+
+
+def test_pin_many_refuses_a_loading_or_absent_expert_and_changes_nothing():
+    t = SlotTable(3, 6)
+    t.admit(0)
+    t.mark_ready(0)
+    t.admit(1)  # still LOADING
+    with pytest.raises(ValueError, match="expert: 1 is not ready"):
+        t.pin_many(np.array([0, 1]))
+    with pytest.raises(ValueError, match="expert: 4 is not ready"):
+        t.pin_many(np.array([0, 4]))
+    assert not t.is_pinned(0)
+    with pytest.raises(ValueError, match="pinned"):
+        t.unpin_many(np.array([0]))
+    t.pin_many(np.array([0]))
+    assert t.is_pinned(0) and t.ready_mask().tolist() == [True] + [False] * 5
+    assert t.num_loading == 1 and t.slots_of(np.array([0, 1, 2])).tolist()[2] == -1
+    t.unpin_many(np.array([0]))
+    assert not t.is_pinned(0)
+    t.check()

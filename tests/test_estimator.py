@@ -238,3 +238,34 @@ def test_window_scaling_beats_faithful_rule_on_k3_windows_of_real_mixtral_routin
     problems9 = _mixtral_windows(data_dir, 9)
     assert _mean_accuracy(problems9, 9, EstimatorConfig()) == _mean_accuracy(
         problems9, 9, EstimatorConfig(theta_scale=ThetaScale.WINDOW))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from([ThetaScale.FIXED, ThetaScale.WINDOW]))
+def test_observe_many_equals_one_observe_per_layer(seed, scale):
+    rng = np.random.default_rng(seed)
+    L, E = 5, 8
+    cfg = EstimatorConfig(theta_scale=scale)
+    one, many = UtilityEstimator(L, E, cfg), UtilityEstimator(L, E, cfg)
+    for _ in range(6):
+        layers = rng.permutation(L)[: rng.integers(0, L + 1)]
+        counts = rng.integers(0, 9, size=(layers.size, E))
+        ntok = rng.integers(1, 9, size=layers.size)
+        for layer in layers.tolist():
+            one.observe_draft(layer, counts[0] if counts.size else np.zeros(E, int))
+            many.observe_draft(layer, counts[0] if counts.size else np.zeros(E, int))
+        for i, layer in enumerate(layers.tolist()):
+            one.observe(layer, counts[i], num_tokens=int(ntok[i]))
+        many.observe_many(layers, counts, ntok)
+        assert np.array_equal(one.levels, many.levels)
+        assert all(one.has_draft_signal(x) == many.has_draft_signal(x) for x in range(L))
+
+
+def test_observe_many_refuses_repeated_layers_and_bad_shapes():
+    est = UtilityEstimator(3, 4)
+    with pytest.raises(ValueError, match="distinct"):
+        est.observe_many(np.array([1, 1]), np.zeros((2, 4), int), [1, 1])
+    with pytest.raises(ValueError, match="counts"):
+        est.observe_many(np.array([0]), np.zeros((1, 5), int), [1])
+    with pytest.raises(ValueError, match="layers"):
+        est.observe_many(np.array([3]), np.zeros((1, 4), int), [1])

@@ -402,3 +402,50 @@ def test_spare_rows_start_zeroed_and_store_rows_are_the_weights():
     assert store.rows(0)[0].shape[0] == 7
     with pytest.raises(ValueError, match="spare_rows"):
         ExpertStore().add_layer(0, w13, w2, spare_rows=-1)
+
+
+def test_full_layer_runs_without_a_plan_and_computes_the_same():
+    """With the real engine at cache_ratio 1.0, a layer whose experts are all resident takes the
+    plan-free path (no LayerPlan) and its output is still bit-identical to one call over the
+    store."""
+    from moespac_vllm.config import MoESpacConfig
+    from moespac_vllm.cost_model import ExpertCosts
+    from moespac_vllm.engine import ExpertEngine
+    from moespac_vllm.mover import SyncMover
+    from moespac_vllm.step_context import Phase, StepContext
+    from moespac_vllm.trace import ModelDims
+
+    E, H, inter = 8, 32, 16
+    store = ExpertStore()
+    store.add_layer(0, *_weights(E, H, inter, seed=9, dtype=torch.bfloat16), spare_rows=E)
+    slots = SlotCache("cpu")
+    slots.attach_layer(0, *store.spare(0))
+    mover = SyncMover(store, slots)
+    dims = ModelDims(num_layers=1, num_experts=E, top_k=2, hidden_size=H,
+                     intermediate_size=inter, dtype_bytes=2)
+    engine = ExpertEngine(MoESpacConfig().replace(cache_ratio=1.0), dims,
+                          ExpertCosts(0.01, 0.001, 0.1, 0.01, 0.05), mover, _Clock(), num_slots=E)
+    kernel = CountingKernel()
+    layer = OffloadedExperts(store, engine, 0, "cpu", slots, mover, host_fused=kernel)
+    planned = 0
+    for step in range(8):
+        engine.begin_step(StepContext(step, Phase.DECODE if step else Phase.PREFILL, 8, (8,), 0))
+        x = torch.randn(8, H, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        ids = torch.arange(16, dtype=torch.int32).reshape(8, 2) % E if step == 0 else \
+            _routing(8, E, 2, seed=step)[0]
+        w = _routing(8, E, 2, seed=step)[1]
+        got = layer(x, ids, w)
+        planned += layer.last_plan is not None
+        assert torch.equal(got, kernel.ref(x, store.w13(0), store.w2(0), ids, w.float()))
+        engine.end_step(0)
+    assert engine.resident_slots(0) is not None and planned == 1
+    assert int(torch.cat(kernel.rows).min()) >= E  # every pair read a slot row
+    assert layer.counters.cpu_pairs == 0 and layer.counters.forwards == 8
+    assert engine.stats().hits > 0 and engine.stats().misses == 0
+
+
+class _Clock:
+    def now_ms(self) -> float:
+        import time
+
+        return time.perf_counter() * 1e3
