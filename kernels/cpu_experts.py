@@ -54,6 +54,8 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
+from moespac_vllm.kernels.fused_experts import fused_experts_pairs, sum_over_topk
+
 log = logging.getLogger(__name__)
 
 # (hidden [T,H], w13 [E,2I,H], w2 [E,H,I], ids [T,K], weights [T,K]) -> fp32 [T,K,H]
@@ -114,18 +116,9 @@ def _groups(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 
 def pair_outputs_exact(hidden, w13, w2, ids, weights) -> torch.Tensor:
-    """The reference's arithmetic per pair: fp32 [T,K,H], zeros where ids < 0."""
-    T, H = hidden.shape
-    K = ids.shape[1]
-    I = w13.shape[1] // 2
-    out = torch.zeros(T * K, H, dtype=torch.float32)
-    w_flat = weights.reshape(-1).float()
-    for e, pairs in _groups(ids):
-        x = hidden[pairs // K].float()
-        gu = x @ w13[e].float().t()
-        act = (F.silu(gu[:, :I]) * gu[:, I:]).to(hidden.dtype)
-        out[pairs] = (act.float() @ w2[e].float().t()) * w_flat[pairs, None]
-    return out.view(T, K, H)
+    """The reference's arithmetic per pair: fp32 [T,K,H], zeros where ids < 0 (it is
+    `fused_experts_pairs`, the reference itself)."""
+    return fused_experts_pairs(hidden, w13, w2, ids, weights)
 
 
 def pair_outputs_native(hidden, w13, w2, ids, weights) -> torch.Tensor:
@@ -140,14 +133,6 @@ def pair_outputs_native(hidden, w13, w2, ids, weights) -> torch.Tensor:
         act = (F.silu(gu[:, :I]) * gu[:, I:]).to(hidden.dtype)
         out[pairs] = F.linear(act, w2[e]).float() * w_flat[pairs, None]
     return out.view(T, K, H)
-
-
-def sum_over_topk(pairs: torch.Tensor) -> torch.Tensor:
-    """[T,K,H] fp32 -> [T,H], adding k = 0..K-1 in order (the numerics contract's order)."""
-    out = pairs[:, 0].clone()
-    for k in range(1, pairs.shape[1]):
-        out += pairs[:, k]
-    return out
 
 
 class PrepackedMoeOpHook:

@@ -25,7 +25,7 @@ Numerics contract (shared by every face and by `cpu_experts.py`):
 2. the activation is rounded to the input dtype (as vLLM's fused_moe keeps its intermediate cache
    in the activation dtype), then the down GEMM accumulates in fp32;
 3. each pair's fp32 output is scaled by its routing weight (in fp32);
-4. pairs are summed over k in fp32 in the order k = 0, 1, ..., K-1 (`_sum_over_topk`), and the sum
+4. pairs are summed over k in fp32 in the order k = 0, 1, ..., K-1 (`sum_over_topk`), and the sum
    is rounded once to the input dtype.
 Faces differ only by the GEMMs' internal summation order (fp32 round-off).
 
@@ -163,7 +163,7 @@ def _check_inputs(
     return T, H, I, S, K
 
 
-def _sum_over_topk(pair_out: torch.Tensor) -> torch.Tensor:
+def sum_over_topk(pair_out: torch.Tensor) -> torch.Tensor:
     """[T, K, H] fp32 -> [T, H] fp32, adding k = 0..K-1 in order (the contract's summation order;
     torch's sum(dim) may reorder)."""
     out = pair_out[:, 0].clone()
@@ -173,16 +173,24 @@ def _sum_over_topk(pair_out: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the reference ----------------------------------------------------------------------------
-def fused_experts_reference(
+def fused_experts_pairs(
     hidden: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
     slot_ids: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Pure torch, the spec: one dense pass per distinct slot over the pairs routed to it."""
-    T, H, I, S, K = _check_inputs(hidden, w13, w2, slot_ids, weights)
+    """The reference before its k-sum: fp32 [T, K, H], pair (t, k) = weights[t,k] * expert
+    slot_ids[t,k] applied to hidden[t], exact zeros where slot_ids < 0. One dense pass per distinct
+    slot over the pairs routed to it, pairs in row-major order, so a pair's value does not depend
+    on which other pairs share the call (offload.py adds a device and a CPU buffer of these).
+    No input checks: callers on the hot path (offload.py) check once."""
+    T, H = hidden.shape
+    K = slot_ids.shape[1]
+    I = w13.shape[1] // 2
     pair_out = torch.zeros(T * K, H, dtype=torch.float32, device=hidden.device)
+    if T == 0:
+        return pair_out.view(T, K, H)
     flat = slot_ids.reshape(-1).long()
     w_flat = weights.reshape(-1).float()
     for s in torch.unique(flat[flat >= 0]).tolist():
@@ -192,7 +200,19 @@ def fused_experts_reference(
         act = (F.silu(gate_up[:, :I]) * gate_up[:, I:]).to(hidden.dtype)
         y = act.float() @ w2[s].float().t()
         pair_out[pairs] = y * w_flat[pairs, None]
-    return _sum_over_topk(pair_out.view(T, K, H)).to(hidden.dtype)
+    return pair_out.view(T, K, H)
+
+
+def fused_experts_reference(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Pure torch, the spec: `fused_experts_pairs`, summed over k in order, one cast."""
+    _check_inputs(hidden, w13, w2, slot_ids, weights)
+    return sum_over_topk(fused_experts_pairs(hidden, w13, w2, slot_ids, weights)).to(hidden.dtype)
 
 
 # ---- the Triton kernels ---------------------------------------------------------------------

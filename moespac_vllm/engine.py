@@ -447,18 +447,22 @@ class ExpertEngine:
 
     def _commit_counts(self, layer: int, counts: np.ndarray, ids: np.ndarray) -> None:
         """A decode/verify forward's routing of `layer` into the estimator and the scores."""
-        self._last_counts[layer] = counts
         n_tokens = int(ids.shape[0]) if ids.ndim == 2 else 1
-        if self.estimator is not None:
-            self.estimator.observe(layer, counts.astype(np.int64), num_tokens=max(1, n_tokens))
-        if self.policy is Policy.HYBRIMOE:
-            self._score[layer] = HYBRIMOE_DECAY * self._score[layer] + (counts > 0)
-        elif self.policy is Policy.SPAC:
-            self._score[layer] = RECENCY_DECAY * self._score[layer] + (counts > 0)
-        elif self.policy is Policy.STATIC:
-            self._score[layer] += counts
+        self._commit(np.array([layer]), counts[None], [n_tokens])
         if self.policy is Policy.SPAC_FAITHFUL and self.config.prefetch:
             self._faithful_prefetch(layer)
+
+    def _commit(self, layers: np.ndarray, counts: np.ndarray, n_tokens: list[int]) -> None:
+        """Windows of distinct `layers` (counts [n, E]) into the estimator and the scores."""
+        self._last_counts[layers] = counts
+        if self.estimator is not None:
+            self.estimator.observe_many(layers, counts, [max(1, n) for n in n_tokens])
+        if self.policy is Policy.HYBRIMOE:
+            self._score[layers] = HYBRIMOE_DECAY * self._score[layers] + (counts > 0)
+        elif self.policy is Policy.SPAC:
+            self._score[layers] = RECENCY_DECAY * self._score[layers] + (counts > 0)
+        elif self.policy is Policy.STATIC:
+            self._score[layers] += counts
 
     # ---- fully resident layers ----------------------------------------------------------------
     def resident_slots(self, layer: int) -> np.ndarray | None:
@@ -516,18 +520,9 @@ class ExpertEngine:
         if not self._stash:
             return
         stash, self._stash = self._stash, []
-        layers = np.array([x for x, _, _ in stash], dtype=np.int64)
-        counts = np.stack([c for _, c, _ in stash])
-        self._last_counts[layers] = counts
-        if self.estimator is not None:
-            self.estimator.observe_many(layers, counts, [max(1, n) for _, _, n in stash])
-        if self.policy is Policy.HYBRIMOE:
-            self._score[layers] = HYBRIMOE_DECAY * self._score[layers] + (counts > 0)
-        elif self.policy is Policy.SPAC:
-            self._score[layers] = RECENCY_DECAY * self._score[layers] + (counts > 0)
-        elif self.policy is Policy.STATIC:
-            self._score[layers] += counts
         # spac-faithful's per-layer prefetch has nothing to bring into a full layer
+        self._commit(np.array([x for x, _, _ in stash], dtype=np.int64),
+                     np.stack([c for _, c, _ in stash]), [n for _, _, n in stash])
 
     def _faithful_prefetch(self, layer: int) -> None:
         """Reference code: enqueue level >= 1 experts; pop highest level first; a victim must score

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from moespac_vllm.engine import LayerPlan
+from moespac_vllm.kernels.fused_experts import fused_experts_pairs, sum_over_topk
 
 logger = logging.getLogger(__name__)
 
@@ -65,39 +66,20 @@ def pair_outputs(
     weights: torch.Tensor,
 ) -> torch.Tensor:
     """Per routed pair: weights[t,k] * w2[i] @ (silu(g) * u), (g, u) = w13[i] @ hidden[t], i =
-    ids[t,k]. Returns fp32 [T,K,H], zero where ids < 0.
+    ids[t,k]. Returns fp32 [T,K,H], zero where ids < 0 (`kernels.fused_experts_pairs`, the
+    reference's arithmetic: the SiLU*up intermediate rounded to the activation dtype).
 
     hidden [T,H]; w13 [N,2I,H]; w2 [N,H,I]; ids [T,K] index the first dim of w13/w2 (slots or
-    experts). One dense pass per distinct id over the tokens routed to it; the SiLU*up intermediate
-    is rounded to the activation dtype as vLLM's kernels and `kernels.fused_experts_reference` do.
-    An expert's pairs are computed in one batch whichever side runs it, so a pair's value does not
-    depend on the placement: adding the device and CPU pair buffers (one of them holds an exact 0
-    at every pair) and then summing k = 0..K-1 in order gives bit-identical outputs for every plan.
-    """
-    T, H = hidden.shape
-    K = ids.shape[1]
-    out = torch.zeros(T, K, H, dtype=torch.float32, device=hidden.device)
-    if T == 0:
-        return out
-    ids_l = ids.long()
-    inter = w13.shape[1] // 2
-    for e in torch.unique(ids_l).tolist():
-        if e < 0:
-            continue
-        tok, kk = torch.nonzero(ids_l == e, as_tuple=True)
-        gu = hidden[tok].float() @ w13[e].float().t()  # [n, 2I]
-        act = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(hidden.dtype)
-        y = act.float() @ w2[e].float().t()  # [n, H]
-        out[tok, kk] = y * weights[tok, kk].float().unsqueeze(1)
-    return out
+    experts). An expert's pairs are computed in one batch whichever side runs it, so a pair's value
+    does not depend on the placement: adding the device and CPU pair buffers (one of them holds an
+    exact 0 at every pair) and then summing k = 0..K-1 in order gives bit-identical outputs for
+    every plan."""
+    return fused_experts_pairs(hidden, w13, w2, ids, weights)
 
 
 def sum_pairs(pairs: torch.Tensor) -> torch.Tensor:
     """[T,K,H] -> [T,H], adding k = 0..K-1 in order (torch's sum(dim) may reorder)."""
-    out = pairs[:, 0].clone()
-    for k in range(1, pairs.shape[1]):
-        out += pairs[:, k]
-    return out
+    return sum_over_topk(pairs)
 
 
 def experts_reference(
@@ -107,9 +89,9 @@ def experts_reference(
     ids: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """sum over k (in order) of `pair_outputs`: fp32 [T,H]. Same signature and arithmetic as
-    `kernels.fused_experts_reference`, without its final cast: the caller casts once."""
-    return sum_pairs(pair_outputs(hidden, w13, w2, ids, weights))
+    """sum over k (in order) of `pair_outputs`: fp32 [T,H]. `kernels.fused_experts_reference`
+    without its final cast: the caller casts once."""
+    return sum_over_topk(fused_experts_pairs(hidden, w13, w2, ids, weights))
 
 
 def _device_kernel(hidden: torch.Tensor) -> Callable[..., torch.Tensor] | None:
