@@ -205,7 +205,9 @@ class ExpertEngine:
         self._full: list[np.ndarray | None] = [None] * L  # resident_slots() once a layer is full
         # fully resident layers' decode routing of this step, committed together at its end:
         # (layer, counts [E], tokens)
-        self._stash: list[tuple[int, np.ndarray, int]] = []
+        self._stash: list[tuple[int, int]] = []  # (layer, tokens); counts in _stash_counts
+        self._stash_counts = np.zeros((L, E), dtype=np.int64)
+        self._all_layers = list(range(L))
         self._writer: StatsWriter | None = None  # opened at the first report (stats_file)
 
     # ---- oracle ------------------------------------------------------------------------------
@@ -464,6 +466,19 @@ class ExpertEngine:
         elif self.policy is Policy.STATIC:
             self._score[layers] += counts
 
+    def _commit_all(self, counts: np.ndarray, n_tokens: int) -> None:
+        """`_commit` of one window per layer for all L layers: whole-array, in-place ops
+        (measured ~50 us less per step inside vLLM, where each numpy call runs on caches the
+        model's forward has just evicted)."""
+        self._last_counts[:] = counts
+        if self.estimator is not None:
+            self.estimator.observe_all(counts, max(1, n_tokens))
+        if self.policy in (Policy.HYBRIMOE, Policy.SPAC):
+            self._score *= HYBRIMOE_DECAY if self.policy is Policy.HYBRIMOE else RECENCY_DECAY
+            self._score += counts > 0
+        elif self.policy is Policy.STATIC:
+            self._score += counts
+
     # ---- fully resident layers ----------------------------------------------------------------
     def resident_slots(self, layer: int) -> np.ndarray | None:
         """[E] int32, the slot of every expert, once `layer` has as many slots as experts and all
@@ -507,9 +522,10 @@ class ExpertEngine:
         if self._begin_ms is not None:
             self._layer_offset_ms[layer] = self.clock.now_ms() - self._begin_ms
         self._window_ids[layer] = ids
-        if any(x == layer for x, _, _ in self._stash):  # a second forward in one step
+        if any(x == layer for x, _ in self._stash):  # a second forward in one step
             self._flush_resident()
-        self._stash.append((layer, counts, int(ids.shape[0]) if ids.ndim == 2 else 1))
+        self._stash_counts[layer] = counts
+        self._stash.append((layer, int(ids.shape[0]) if ids.ndim == 2 else 1))
         return int(routed.size)
 
     def _flush_resident(self) -> None:
@@ -521,8 +537,13 @@ class ExpertEngine:
             return
         stash, self._stash = self._stash, []
         # spac-faithful's per-layer prefetch has nothing to bring into a full layer
-        self._commit(np.array([x for x, _, _ in stash], dtype=np.int64),
-                     np.stack([c for _, c, _ in stash]), [n for _, _, n in stash])
+        layers = [x for x, _ in stash]
+        tokens = [n for _, n in stash]
+        if layers == self._all_layers and tokens.count(tokens[0]) == len(tokens):
+            self._commit_all(self._stash_counts, tokens[0])
+        else:
+            rows = np.array(layers, dtype=np.int64)
+            self._commit(rows, self._stash_counts[rows], tokens)
 
     def _faithful_prefetch(self, layer: int) -> None:
         """Reference code: enqueue level >= 1 experts; pop highest level first; a victim must score

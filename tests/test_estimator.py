@@ -269,3 +269,23 @@ def test_observe_many_refuses_repeated_layers_and_bad_shapes():
         est.observe_many(np.array([0]), np.zeros((1, 5), int), [1])
     with pytest.raises(ValueError, match="layers"):
         est.observe_many(np.array([3]), np.zeros((1, 4), int), [1])
+
+
+def test_observe_all_equals_one_observe_per_layer():
+    rng = np.random.default_rng(11)
+    L, E = 4, 8
+    for scale in (ThetaScale.FIXED, ThetaScale.WINDOW):
+        cfg = EstimatorConfig(theta_scale=scale)
+        one, many = UtilityEstimator(L, E, cfg), UtilityEstimator(L, E, cfg)
+        for _ in range(10):
+            counts = rng.integers(0, 9, size=(L, E))
+            n = int(rng.integers(1, 9))
+            many.observe_draft(1, counts[0])
+            one.observe_draft(1, counts[0])
+            for layer in range(L):
+                one.observe(layer, counts[layer], num_tokens=n)
+            many.observe_all(counts, n)
+            assert np.array_equal(one.levels, many.levels)
+            assert not many.has_draft_signal(1)
+    with pytest.raises(ValueError, match="counts"):
+        many.observe_all(np.zeros((L, E + 1), int), 1)
