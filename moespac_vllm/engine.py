@@ -501,21 +501,26 @@ class ExpertEngine:
         """`plan_layer` + `finish_layer` of a layer `resident_slots` returned slots for, minus what
         cannot matter any more: no pins (nothing can be evicted) and no LRU/LFU touches (no victim
         is ever chosen again). Hits, device experts, prefetch use, the estimator and the scores
-        advance exactly as on the planned path. Returns the number of routed experts."""
+        advance exactly as on the planned path. Returns the number of routed experts. Bad ids
+        raise before anything changes."""
         if self._full[layer] is None:
             raise ValueError(f"layer: {layer} is not fully resident; use plan_layer")
         ids = np.asarray(topk_ids)
         E = self.dims.num_experts
+        if ids.dtype.kind not in "iu" or (ids.size and ids.min() < 0):
+            raise ValueError(f"topk_ids: expert ids must be integers in [0, {E})")
         counts = np.bincount(ids.ravel(), minlength=E)
-        routed = np.flatnonzero(counts)
+        if counts.shape[0] != E:
+            raise ValueError(f"topk_ids: expert ids must be integers in [0, {E})")
+        n_routed = int(np.count_nonzero(counts))
         if not self._decoding():
-            return int(routed.size)
+            return n_routed
         c = self._c
-        c["hits"] += routed.size
-        c["device_experts"] += routed.size
+        c["hits"] += n_routed
+        c["device_experts"] += n_routed
         pre = self._prefetched[layer]
         if pre:
-            for e in routed.tolist():
+            for e in np.flatnonzero(counts).tolist():
                 if e in pre:
                     pre.discard(e)
                     c["prefetch_used"] += 1
@@ -526,7 +531,7 @@ class ExpertEngine:
             self._flush_resident()
         self._stash_counts[layer] = counts
         self._stash.append((layer, int(ids.shape[0]) if ids.ndim == 2 else 1))
-        return int(routed.size)
+        return n_routed
 
     def _flush_resident(self) -> None:
         """Commit the stashed routing of fully resident layers: what `_commit_counts` does per

@@ -434,8 +434,7 @@ class OffloadedExperts:
         pair; slot ids straight from the engine's fixed table. The whole host-side cost of a
         forward at cache_ratio 1.0 (benchmarks/bench_overhead.py)."""
         E = full.shape[0]
-        if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= E):
-            raise ValueError(f"topk_ids: expert ids must be in [0, {E})")
+        routed = self.engine.note_resident_forward(self.layer, ids_np)  # checks the ids first
         slot_ids = full[ids_np]
         t0 = time.perf_counter()
         weights = topk_weights.detach()
@@ -448,7 +447,6 @@ class OffloadedExperts:
             out = self._kernel_for(hidden)(hidden, self.slots.w13(self.layer),
                                            self.slots.w2(self.layer), dev_ids, weights)
         gpu_ms = (time.perf_counter() - t0) * 1e3
-        routed = self.engine.note_resident_forward(self.layer, ids_np)
         record = getattr(self.engine, "record_timing", None)
         if record is not None:
             record(stall_ms=0.0, cpu_ms=0.0, gpu_ms=gpu_ms)

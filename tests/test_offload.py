@@ -442,6 +442,13 @@ def test_full_layer_runs_without_a_plan_and_computes_the_same():
     assert int(torch.cat(kernel.rows).min()) >= E  # every pair read a slot row
     assert layer.counters.cpu_pairs == 0 and layer.counters.forwards == 8
     assert engine.stats().hits > 0 and engine.stats().misses == 0
+    before = engine.stats()
+    for bad in (E, -1):  # bad routing is refused before the books move
+        ids = torch.zeros(8, 2, dtype=torch.int32)
+        ids[3, 1] = bad
+        with pytest.raises(ValueError, match="topk_ids"):
+            layer(x, ids, w)
+    assert engine.stats() == before and layer.counters.forwards == 8
 
 
 class _Clock:
