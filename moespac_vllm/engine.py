@@ -480,6 +480,24 @@ class ExpertEngine:
             self._score += counts
 
     # ---- fully resident layers ----------------------------------------------------------------
+    def load_full_layers(self) -> int:
+        """When every expert of a layer fits (S == E), copy them all in now instead of waiting
+        for each one's first use: a deployment whose model fits runs the fast, plan-free path
+        (`resident_slots`) from its first steps, whatever the routing (a trained model may not
+        route to some experts for a long time). Returns the number of copies issued; they count
+        in the mover's bytes, not as fetches or prefetches."""
+        E = self.dims.num_experts
+        issued = 0
+        if self.num_slots != E:
+            return 0
+        for layer, table in enumerate(self.tables):
+            for e in range(E):
+                if table.slot_of(e) < 0:
+                    slot, _ = table.admit(e)
+                    self._load(layer, e, slot)
+                    issued += 1
+        return issued
+
     def resident_slots(self, layer: int) -> np.ndarray | None:
         """[E] int32, the slot of every expert, once `layer` has as many slots as experts and all
         of them hold valid data; None before. From then on the layer's placement never changes
@@ -490,8 +508,11 @@ class ExpertEngine:
             return full
         table = self.tables[layer]
         E = self.dims.num_experts
-        if table.num_slots == E and table.num_loading == 0 and not self._pinned[layer] \
-                and table.ready_mask().all():
+        if table.num_slots != E:
+            return None
+        if table.num_loading and not self._pinned[layer]:
+            self._refresh(layer)
+        if table.num_loading == 0 and not self._pinned[layer] and table.ready_mask().all():
             full = table.slots_of(np.arange(E)).astype(np.int32)
             full.flags.writeable = False
             self._full[layer] = full

@@ -245,6 +245,10 @@ class OffloadRuntime:
         engine_config = self.config.replace(stats_file=None, stats_interval_steps=1 << 62)
         self.engine = ExpertEngine(engine_config, self.dims, costs, self.mover, _MonotonicClock(),
                                    num_slots=num_slots)
+        warm = self.engine.load_full_layers()  # everything fits: load it all now
+        if warm:
+            logger.info("moespac: all %d experts of every MoE layer fit; %d copied in at start",
+                        E, warm)
         cpu_pool = None
         if self.device.type == "cuda":
             from moespac_vllm.offload import ThreadCpuExperts

@@ -355,3 +355,16 @@ def test_resident_slots_only_once_every_expert_is_ready():
     assert eng.resident_slots(0) is None  # 2 of 8 resident
     with pytest.raises(ValueError, match="not fully resident"):
         eng.note_resident_forward(0, ids)
+
+
+def test_load_full_layers_makes_a_fitting_model_resident_from_the_start():
+    eng, clock, mover = _engine(Policy.SPAC, ratio=1.0, fetch_ms=1.0)
+    assert eng.load_full_layers() == DIMS.num_layers * DIMS.num_experts
+    assert eng.resident_slots(0) is None  # copies still in flight
+    clock.t_ms = 1e6
+    slots = eng.resident_slots(0)
+    assert slots is not None and sorted(slots.tolist()) == list(range(DIMS.num_experts))
+    assert eng.load_full_layers() == 0  # idempotent
+    assert eng.stats().fetched_experts == 0 and eng.stats().prefetch_issued == 0
+    part, _, _ = _engine(Policy.SPAC, ratio=0.5)
+    assert part.load_full_layers() == 0  # only layers that fit whole
