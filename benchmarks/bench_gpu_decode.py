@@ -233,15 +233,10 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
         slots.add_layer(layer, num_slots, b.store.w13(layer), b.store.w2(layer))
     mover = CudaStreamMover(b.store, slots) if device.type == "cuda" else SyncMover(b.store, slots)
     engine = ExpertEngine(cfg, dims, b.costs, mover, WallClock(), num_slots=num_slots)
-    if resident:  # every expert in its slot before the clock starts
-        for layer in range(dims.num_layers):
-            for e in range(dims.num_experts):
-                slot, _ = engine.tables[layer].admit(e)
-                mover.load(layer, e, slot)
+    if resident:  # every expert in its slot before the clock starts (as the vLLM glue does)
+        engine.load_full_layers()
         _sync(device)
-        for layer in range(dims.num_layers):
-            for e in range(dims.num_experts):
-                engine.tables[layer].mark_ready(e)
+        assert all(engine.resident_slots(layer) is not None for layer in range(dims.num_layers))
     cpu = TimedCpuExperts(b.cpu_path)
     layers = [OffloadedExperts(b.store, engine, layer, device, slots, mover, cpu_experts=cpu,
                                device_kernel=b.layer_kernel) for layer in range(dims.num_layers)]

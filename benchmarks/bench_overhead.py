@@ -10,7 +10,10 @@ the device and the command.
 
     python benchmarks/bench_overhead.py --model .models/tiny-qwen3-moe --json
 
-On the tiny models the per-layer host work (engine plan, numpy routing copy) is large against
+At cache_ratio 1.0 every expert is copied in at start and each layer skips planning
+(`engine.resident_slots`); on a CPU-only engine the experts run through stock vLLM's own CPU op, so
+what this measures is the plugin's remaining host work per layer and step (routing ids to numpy,
+counts for the estimator, the slot remap). On the tiny models that is large against
 microsecond-sized experts, so this is a worst case; real models amortise it over real expert GEMMs.
 """
 from __future__ import annotations

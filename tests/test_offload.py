@@ -319,14 +319,16 @@ class CountingKernel:
     """`kernels.fused_experts_reference` (the pure-torch HostFusedKernel), recording the rows each
     call was given."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_fused: bool = True) -> None:
         from moespac_vllm.kernels.fused_experts import fused_experts_reference
 
         self.ref = fused_experts_reference
         self.rows: list[torch.Tensor] = []
+        self.host_fused = host_fused
 
     def __call__(self, hidden, w13, w2, rows, weights):
-        assert rows.dtype == torch.int32 and weights.dtype == torch.float32
+        if self.host_fused:  # the HostFusedKernel contract
+            assert rows.dtype == torch.int32 and weights.dtype == torch.float32
         self.rows.append(rows.clone())
         return self.ref(hidden, w13, w2, rows, weights)
 
@@ -404,10 +406,12 @@ def test_spare_rows_start_zeroed_and_store_rows_are_the_weights():
         ExpertStore().add_layer(0, w13, w2, spare_rows=-1)
 
 
-def test_full_layer_runs_without_a_plan_and_computes_the_same():
+@pytest.mark.parametrize("mode", ["host_fused", "device_kernel"])
+def test_full_layer_runs_without_a_plan_and_computes_the_same(mode):
     """With the real engine at cache_ratio 1.0, a layer whose experts are all resident takes the
     plan-free path (no LayerPlan) and its output is still bit-identical to one call over the
-    store."""
+    store: host-fused (CPU-only engines) or through a slot-cache kernel (as on a GPU, here the
+    reference kernel on CPU slots)."""
     from moespac_vllm.config import MoESpacConfig
     from moespac_vllm.cost_model import ExpertCosts
     from moespac_vllm.engine import ExpertEngine
@@ -417,16 +421,23 @@ def test_full_layer_runs_without_a_plan_and_computes_the_same():
 
     E, H, inter = 8, 32, 16
     store = ExpertStore()
-    store.add_layer(0, *_weights(E, H, inter, seed=9, dtype=torch.bfloat16), spare_rows=E)
     slots = SlotCache("cpu")
-    slots.attach_layer(0, *store.spare(0))
+    if mode == "host_fused":
+        store.add_layer(0, *_weights(E, H, inter, seed=9, dtype=torch.bfloat16), spare_rows=E)
+        slots.attach_layer(0, *store.spare(0))
+    else:
+        store.add_layer(0, *_weights(E, H, inter, seed=9, dtype=torch.bfloat16))
+        slots.add_layer(0, E, store.w13(0), store.w2(0))
     mover = SyncMover(store, slots)
     dims = ModelDims(num_layers=1, num_experts=E, top_k=2, hidden_size=H,
                      intermediate_size=inter, dtype_bytes=2)
     engine = ExpertEngine(MoESpacConfig().replace(cache_ratio=1.0), dims,
                           ExpertCosts(0.01, 0.001, 0.1, 0.01, 0.05), mover, _Clock(), num_slots=E)
-    kernel = CountingKernel()
-    layer = OffloadedExperts(store, engine, 0, "cpu", slots, mover, host_fused=kernel)
+    kernel = CountingKernel(host_fused=mode == "host_fused")
+    if mode == "host_fused":
+        layer = OffloadedExperts(store, engine, 0, "cpu", slots, mover, host_fused=kernel)
+    else:
+        layer = OffloadedExperts(store, engine, 0, "cpu", slots, mover, device_kernel=kernel)
     planned = 0
     for step in range(8):
         engine.begin_step(StepContext(step, Phase.DECODE if step else Phase.PREFILL, 8, (8,), 0))
@@ -439,7 +450,8 @@ def test_full_layer_runs_without_a_plan_and_computes_the_same():
         assert torch.equal(got, kernel.ref(x, store.w13(0), store.w2(0), ids, w.float()))
         engine.end_step(0)
     assert engine.resident_slots(0) is not None and planned == 1
-    assert int(torch.cat(kernel.rows).min()) >= E  # every pair read a slot row
+    if mode == "host_fused":
+        assert int(torch.cat(kernel.rows).min()) >= E  # every pair read a slot row
     assert layer.counters.cpu_pairs == 0 and layer.counters.forwards == 8
     assert engine.stats().hits > 0 and engine.stats().misses == 0
     before = engine.stats()
