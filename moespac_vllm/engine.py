@@ -203,11 +203,7 @@ class ExpertEngine:
         self._layer_offset_ms = np.zeros(L, dtype=np.float64)  # begin_step -> plan_layer(l)
         self._window_ids: list[np.ndarray | None] = [None] * L  # last decode/verify routing
         self._full: list[np.ndarray | None] = [None] * L  # resident_slots() once a layer is full
-        # fully resident layers' decode routing of this step, committed together at its end:
-        # (layer, counts [E], tokens)
-        self._stash: list[tuple[int, int]] = []  # (layer, tokens); counts in _stash_counts
-        self._stash_counts = np.zeros((L, E), dtype=np.int64)
-        self._all_layers = list(range(L))
+        self._stash: list[tuple[int, Any]] = []  # (layer, routing) of whole layers, this step
         self._writer: StatsWriter | None = None  # opened at the first report (stats_file)
 
     # ---- oracle ------------------------------------------------------------------------------
@@ -449,35 +445,18 @@ class ExpertEngine:
 
     def _commit_counts(self, layer: int, counts: np.ndarray, ids: np.ndarray) -> None:
         """A decode/verify forward's routing of `layer` into the estimator and the scores."""
+        self._last_counts[layer] = counts
         n_tokens = int(ids.shape[0]) if ids.ndim == 2 else 1
-        self._commit(np.array([layer]), counts[None], [n_tokens])
+        if self.estimator is not None:
+            self.estimator.observe(layer, counts.astype(np.int64), num_tokens=max(1, n_tokens))
+        if self.policy is Policy.HYBRIMOE:
+            self._score[layer] = HYBRIMOE_DECAY * self._score[layer] + (counts > 0)
+        elif self.policy is Policy.SPAC:
+            self._score[layer] = RECENCY_DECAY * self._score[layer] + (counts > 0)
+        elif self.policy is Policy.STATIC:
+            self._score[layer] += counts
         if self.policy is Policy.SPAC_FAITHFUL and self.config.prefetch:
             self._faithful_prefetch(layer)
-
-    def _commit(self, layers: np.ndarray, counts: np.ndarray, n_tokens: list[int]) -> None:
-        """Windows of distinct `layers` (counts [n, E]) into the estimator and the scores."""
-        self._last_counts[layers] = counts
-        if self.estimator is not None:
-            self.estimator.observe_many(layers, counts, [max(1, n) for n in n_tokens])
-        if self.policy is Policy.HYBRIMOE:
-            self._score[layers] = HYBRIMOE_DECAY * self._score[layers] + (counts > 0)
-        elif self.policy is Policy.SPAC:
-            self._score[layers] = RECENCY_DECAY * self._score[layers] + (counts > 0)
-        elif self.policy is Policy.STATIC:
-            self._score[layers] += counts
-
-    def _commit_all(self, counts: np.ndarray, n_tokens: int) -> None:
-        """`_commit` of one window per layer for all L layers: whole-array, in-place ops
-        (measured ~50 us less per step inside vLLM, where each numpy call runs on caches the
-        model's forward has just evicted)."""
-        self._last_counts[:] = counts
-        if self.estimator is not None:
-            self.estimator.observe_all(counts, max(1, n_tokens))
-        if self.policy in (Policy.HYBRIMOE, Policy.SPAC):
-            self._score *= HYBRIMOE_DECAY if self.policy is Policy.HYBRIMOE else RECENCY_DECAY
-            self._score += counts > 0
-        elif self.policy is Policy.STATIC:
-            self._score += counts
 
     # ---- fully resident layers ----------------------------------------------------------------
     def load_full_layers(self) -> int:
@@ -518,58 +497,43 @@ class ExpertEngine:
             self._full[layer] = full
         return full
 
-    def note_resident_forward(self, layer: int, topk_ids: np.ndarray) -> int:
-        """`plan_layer` + `finish_layer` of a layer `resident_slots` returned slots for, minus what
-        cannot matter any more: no pins (nothing can be evicted) and no LRU/LFU touches (no victim
-        is ever chosen again). Hits, device experts, prefetch use, the estimator and the scores
-        advance exactly as on the planned path. Returns the number of routed experts. Bad ids
-        raise before anything changes."""
+    def note_resident_forward(self, layer: int, topk_ids: Any) -> None:
+        """Report a forward of a layer `resident_slots` returned slots for. A whole layer has no
+        decision left: nothing is admitted, evicted, pinned or prefetched, and its utility levels
+        and scores would feed only those, so they are no longer kept. What remains is the books
+        (hits, device experts, prefetch use, the last window for the draft-length model): the
+        routing (any integer array-like [T, K], e.g. a CPU tensor) is only stashed here and
+        counted when the step ends, so a forward costs a list append. Ids outside [0, E) raise
+        ValueError then."""
         if self._full[layer] is None:
             raise ValueError(f"layer: {layer} is not fully resident; use plan_layer")
-        ids = np.asarray(topk_ids)
-        E = self.dims.num_experts
-        if ids.dtype.kind not in "iu" or (ids.size and ids.min() < 0):
-            raise ValueError(f"topk_ids: expert ids must be integers in [0, {E})")
-        counts = np.bincount(ids.ravel(), minlength=E)
-        if counts.shape[0] != E:
-            raise ValueError(f"topk_ids: expert ids must be integers in [0, {E})")
-        n_routed = int(np.count_nonzero(counts))
-        if not self._decoding():
-            return n_routed
-        c = self._c
-        c["hits"] += n_routed
-        c["device_experts"] += n_routed
-        pre = self._prefetched[layer]
-        if pre:
-            for e in np.flatnonzero(counts).tolist():
-                if e in pre:
-                    pre.discard(e)
-                    c["prefetch_used"] += 1
-        if self._begin_ms is not None:
-            self._layer_offset_ms[layer] = self.clock.now_ms() - self._begin_ms
-        self._window_ids[layer] = ids
-        if any(x == layer for x, _ in self._stash):  # a second forward in one step
-            self._flush_resident()
-        self._stash_counts[layer] = counts
-        self._stash.append((layer, int(ids.shape[0]) if ids.ndim == 2 else 1))
-        return n_routed
+        if self._decoding():
+            self._stash.append((layer, topk_ids))
 
     def _flush_resident(self) -> None:
-        """Commit the stashed routing of fully resident layers: what `_commit_counts` does per
-        layer, as a few array ops over all of them (measured: ~12 us less per layer and step than
-        committing each forward on its own; nothing reads these layers' levels or scores before
-        the step ends)."""
+        """Count the stashed routing of whole layers into the books."""
         if not self._stash:
             return
         stash, self._stash = self._stash, []
-        # spac-faithful's per-layer prefetch has nothing to bring into a full layer
-        layers = [x for x, _ in stash]
-        tokens = [n for _, n in stash]
-        if layers == self._all_layers and tokens.count(tokens[0]) == len(tokens):
-            self._commit_all(self._stash_counts, tokens[0])
-        else:
-            rows = np.array(layers, dtype=np.int64)
-            self._commit(rows, self._stash_counts[rows], tokens)
+        E = self.dims.num_experts
+        c = self._c
+        for layer, raw in stash:
+            ids = np.asarray(raw)
+            if ids.dtype.kind not in "iu" or (ids.size and ids.min() < 0):
+                raise ValueError(f"topk_ids: layer {layer} routed to ids outside [0, {E})")
+            counts = np.bincount(ids.ravel(), minlength=E)
+            if counts.shape[0] != E:
+                raise ValueError(f"topk_ids: layer {layer} routed to ids outside [0, {E})")
+            n_routed = int(np.count_nonzero(counts))
+            c["hits"] += n_routed
+            c["device_experts"] += n_routed
+            pre = self._prefetched[layer]
+            if pre:
+                for e in np.flatnonzero(counts).tolist():
+                    if e in pre:
+                        pre.discard(e)
+                        c["prefetch_used"] += 1
+            self._window_ids[layer] = ids
 
     def _faithful_prefetch(self, layer: int) -> None:
         """Reference code: enqueue level >= 1 experts; pop highest level first; a victim must score
@@ -589,9 +553,8 @@ class ExpertEngine:
     def observe_draft(self, layer: int, signal: np.ndarray) -> None:
         """Draft-phase routing of `layer` for the coming window: router logits [W, E] (float) or
         top-k ids [W, K] (int). Moves provisional levels; `spac` prefetches the newly hot experts."""
-        if self.estimator is None:
-            return
-        self._flush_resident()
+        if self.estimator is None or self._full[layer] is not None:
+            return  # a whole layer has nothing to prefetch
         from moespac_vllm.estimator import counts_from_router_logits, counts_from_topk
 
         x = np.asarray(signal)

@@ -141,69 +141,6 @@ class UtilityEstimator:
             self._draft_tokens[layer] = 0
             self._draft_levels[layer] = None
 
-    def observe_many(self, layers: np.ndarray, counts: np.ndarray,
-                     num_tokens: np.ndarray | None = None) -> None:
-        """`observe` for several distinct layers at once (one window each): layers [n] int,
-        counts [n, E], num_tokens [n]. The same levels as n `observe` calls, in a few array ops
-        (the engine commits a step's fully resident layers this way)."""
-        lay = np.asarray(layers)
-        c = np.asarray(counts)
-        n = lay.shape[0] if lay.ndim == 1 else -1
-        if n < 0 or lay.dtype.kind not in "iu" or (n and (lay.min() < 0 or
-                                                         lay.max() >= self.num_layers)):
-            raise ValueError(f"layers: expected a 1-D integer array in [0, {self.num_layers})")
-        if len(set(lay.tolist())) != n:
-            raise ValueError("layers: must be distinct (one window per layer)")
-        if c.shape != (n, self.num_experts) or c.dtype.kind not in "iu":
-            raise ValueError(f"counts: expected an integer array of shape ({n}, "
-                             f"{self.num_experts}), got {c.dtype} {c.shape}")
-        if n == 0:
-            return
-        if self.cfg.theta_scale is ThetaScale.FIXED:
-            theta: np.ndarray | int = self.cfg.theta_up
-        else:
-            if num_tokens is None or len(num_tokens) != n:
-                raise ValueError("num_tokens: one window size per layer is required when "
-                                 "theta_scale is 'window'")
-            theta = np.array([[self.theta_up_for(int(t))] for t in num_tokens], dtype=np.int64)
-        self._observe_rows(lay, c, theta)
-
-    def observe_all(self, counts: np.ndarray, num_tokens: int) -> None:
-        """`observe` for every layer at once, one window of `num_tokens` each: counts [L, E].
-        The cheapest commit (whole-array, in-place ops): the engine's per-step path once all
-        layers are fully resident."""
-        c = np.asarray(counts)
-        if c.shape != self._levels.shape or c.dtype.kind not in "iu":
-            raise ValueError(f"counts: expected an integer array of shape {self._levels.shape}, "
-                             f"got {c.dtype} {c.shape}")
-        self._observe_rows(slice(None), c, self.theta_up_for(num_tokens))
-
-    def _observe_rows(self, rows: np.ndarray | slice, counts: np.ndarray,
-                      theta: np.ndarray | int) -> None:
-        """The rule on levels[rows] (distinct rows), theta scalar or [n, 1]; drops the rows'
-        pending draft signals."""
-        if isinstance(rows, slice):
-            u = self._levels
-            d = counts - u
-            np.add(u, d >= theta, out=u, casting="unsafe")
-            np.subtract(u, d <= -self.cfg.theta_down, out=u, casting="unsafe")
-            np.minimum(u, self.cfg.utility_cap, out=u)
-            touched = range(self.num_layers)
-        else:
-            u = self._levels[rows]
-            d = counts.astype(np.int64) - u
-            u += d >= theta
-            u -= d <= -self.cfg.theta_down
-            np.minimum(u, self.cfg.utility_cap, out=u)
-            self._levels[rows] = u
-            touched = rows.tolist()
-        if any(self._draft_tokens):
-            for layer in touched:
-                if self._draft_tokens[layer]:
-                    self._draft_counts[layer].fill(0)
-                    self._draft_tokens[layer] = 0
-                    self._draft_levels[layer] = None
-
     def observe_draft(self, layer: int, counts: np.ndarray, num_tokens: int = 1) -> bool:
         """Add draft routing counts for the coming window of `layer` (call once per draft token,
         or once with all W). Returns False (and does nothing) when the source ignores drafts."""

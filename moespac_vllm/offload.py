@@ -328,8 +328,6 @@ class LayerCounters:
     forwards: int = 0
     device_pairs: int = 0
     cpu_pairs: int = 0
-    device_expert_calls: int = 0
-    cpu_expert_calls: int = 0
     fetches: int = 0
 
 
@@ -367,6 +365,8 @@ class OffloadedExperts:
         self.cpu_experts = cpu_experts if cpu_experts is not None else InlineCpuExperts()
         self.device_kernel = device_kernel  # None: per-pair reference / Triton on CUDA
         self.host_fused = host_fused
+        self._identity_of: np.ndarray | None = None  # the resident table _identity describes
+        self._identity = False
         self.counters = LayerCounters()
         self.last_plan: LayerPlan | None = None
         self._cpu_ms = 0.0
@@ -380,15 +380,15 @@ class OffloadedExperts:
                 f"{tuple(hidden.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}")
         if topk_ids.shape[0] != hidden.shape[0]:
             raise ValueError(f"topk_ids: {topk_ids.shape[0]} rows for {hidden.shape[0]} tokens")
-        # The original routing, captured before any slot remap: the engine's estimator input.
-        ids_np = topk_ids.detach().cpu().numpy()
-        if ids_np.dtype.kind not in "iu":
+        if topk_ids.is_floating_point() or topk_ids.is_complex():
             raise ValueError(f"topk_ids: expected integer expert ids, got {topk_ids.dtype}")
         resident_slots = getattr(self.engine, "resident_slots", None)
         full = resident_slots(self.layer) if resident_slots is not None else None
         if full is not None and (self.host_fused is not None
                                  or self._kernel_for(hidden) is not None):
-            return self._forward_resident(hidden, topk_weights, ids_np, full)
+            return self._forward_resident(hidden, topk_ids, topk_weights, full)
+        # The original routing, captured before any slot remap: the engine's estimator input.
+        ids_np = topk_ids.detach().cpu().numpy()
         plan = self.engine.plan_layer(self.layer, ids_np)
         self._check_plan(plan, ids_np)
         self.last_plan = plan
@@ -418,8 +418,6 @@ class OffloadedExperts:
         n_cpu = int(plan.cpu_mask.sum())
         c.cpu_pairs += n_cpu
         c.device_pairs += ids_np.size - n_cpu
-        c.cpu_expert_calls += len(plan.cpu_experts)
-        c.device_expert_calls += len(plan.device_experts)
         c.fetches += len(plan.fetches)
         return out.to(hidden.dtype)
 
@@ -428,33 +426,42 @@ class OffloadedExperts:
     def _kernel_for(self, hidden: torch.Tensor) -> Callable[..., torch.Tensor] | None:
         return self.device_kernel if self.device_kernel is not None else _device_kernel(hidden)
 
-    def _forward_resident(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
-                          ids_np: np.ndarray, full: np.ndarray) -> torch.Tensor:
+    def _forward_resident(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                          topk_weights: torch.Tensor, full: np.ndarray) -> torch.Tensor:
         """The layer holds all its experts (`engine.resident_slots`): no plan, no fetch, no CPU
-        pair; slot ids straight from the engine's fixed table. The whole host-side cost of a
-        forward at cache_ratio 1.0 (benchmarks/bench_overhead.py)."""
-        E = full.shape[0]
-        routed = self.engine.note_resident_forward(self.layer, ids_np)  # checks the ids first
-        slot_ids = full[ids_np]
+        pair. When slot s holds expert s (always after `engine.load_full_layers`) the router's ids
+        go to the kernel as they are, over the slot buffers, exactly as stock vLLM hands them to
+        its experts (and, as there, trusted: the engine checks them when the step ends);
+        otherwise they are remapped through the engine's fixed table. This is the whole host-side
+        cost of a forward at cache_ratio 1.0 (benchmarks/bench_overhead.py)."""
+        if self._identity_of is not full:
+            self._identity = bool((full == np.arange(full.shape[0])).all())
+            self._identity_of = full
+        ids = topk_ids.detach()
+        ids_host = ids if ids.device.type == "cpu" else ids.cpu()
+        self.engine.note_resident_forward(self.layer, ids_host)
         t0 = time.perf_counter()
         weights = topk_weights.detach()
-        if self.host_fused is not None:
-            w13, w2 = self.store.rows(self.layer)
-            out = self.host_fused(hidden, w13, w2, torch.from_numpy(slot_ids + np.int32(E)),
+        w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
+        if self._identity:
+            slot_ids = ids
+        else:
+            ids_np = ids_host.numpy()
+            if ids_np.size and ids_np.min() < 0:  # numpy would wrap a negative index around
+                raise ValueError(f"topk_ids: expert ids must be in [0, {full.shape[0]})")
+            slot_ids = torch.from_numpy(full[ids_np]).to(hidden.device)
+        if self.host_fused is not None:  # the slots are the store's spare rows (checked at init)
+            out = self.host_fused(hidden, w13, w2, slot_ids.to(torch.int32).contiguous(),
                                   weights.float().contiguous())
         else:
-            dev_ids = torch.from_numpy(slot_ids.astype(np.int64)).to(self.device)
-            out = self._kernel_for(hidden)(hidden, self.slots.w13(self.layer),
-                                           self.slots.w2(self.layer), dev_ids, weights)
-        gpu_ms = (time.perf_counter() - t0) * 1e3
+            out = self._kernel_for(hidden)(hidden, w13, w2, slot_ids.long(), weights)
         record = getattr(self.engine, "record_timing", None)
         if record is not None:
-            record(stall_ms=0.0, cpu_ms=0.0, gpu_ms=gpu_ms)
+            record(stall_ms=0.0, cpu_ms=0.0, gpu_ms=(time.perf_counter() - t0) * 1e3)
         self.last_plan = None
         c = self.counters
         c.forwards += 1
-        c.device_pairs += ids_np.size
-        c.device_expert_calls += routed
+        c.device_pairs += ids.numel()
         return out.to(hidden.dtype)
 
     def _compute_host_fused(self, hidden: torch.Tensor, topk_weights: torch.Tensor,

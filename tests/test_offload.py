@@ -324,12 +324,14 @@ class CountingKernel:
 
         self.ref = fused_experts_reference
         self.rows: list[torch.Tensor] = []
+        self.weights_read: list[int] = []  # data_ptr of the w13 each call computed with
         self.host_fused = host_fused
 
     def __call__(self, hidden, w13, w2, rows, weights):
         if self.host_fused:  # the HostFusedKernel contract
             assert rows.dtype == torch.int32 and weights.dtype == torch.float32
         self.rows.append(rows.clone())
+        self.weights_read.append(w13.data_ptr())
         return self.ref(hidden, w13, w2, rows, weights)
 
 
@@ -450,17 +452,18 @@ def test_full_layer_runs_without_a_plan_and_computes_the_same(mode):
         assert torch.equal(got, kernel.ref(x, store.w13(0), store.w2(0), ids, w.float()))
         engine.end_step(0)
     assert engine.resident_slots(0) is not None and planned == 1
-    if mode == "host_fused":
-        assert int(torch.cat(kernel.rows).min()) >= E  # every pair read a slot row
+    # after the first (planned) forward every call computed from the slot buffers themselves
+    assert set(kernel.weights_read[1:]) == {slots.w13(0).data_ptr()}
     assert layer.counters.cpu_pairs == 0 and layer.counters.forwards == 8
     assert engine.stats().hits > 0 and engine.stats().misses == 0
-    before = engine.stats()
-    for bad in (E, -1):  # bad routing is refused before the books move
-        ids = torch.zeros(8, 2, dtype=torch.int32)
-        ids[3, 1] = bad
-        with pytest.raises(ValueError, match="topk_ids"):
-            layer(x, ids, w)
-    assert engine.stats() == before and layer.counters.forwards == 8
+    # routing outside [0, E) is named by the time the step ends (like stock, the kernel trusts
+    # the router; the reference kernel itself refuses E)
+    ids = torch.zeros(8, 2, dtype=torch.int32)
+    ids[3, 1] = -1
+    engine.begin_step(StepContext(9, Phase.DECODE, 8, (8,), 0))
+    layer(x, ids, w)
+    with pytest.raises(ValueError, match="topk_ids: layer 0 routed to ids outside"):
+        engine.end_step(0)
 
 
 class _Clock:
