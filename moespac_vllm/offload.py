@@ -29,6 +29,10 @@ The outputs then equal stock vLLM's bit for bit in every dtype (the op's per-pai
 not depend on the row a pair reads, and its k-sum and final cast are the same), and a slot that held
 the wrong expert would still show up as a wrong output.
 
+A layer whose experts are all resident (`engine.resident_slots`, e.g. everything fits and
+`engine.load_full_layers` ran) skips the plan: the kernel gets the router's ids over the slot
+buffers, and the engine only stashes the routing for its books.
+
 Invariant: every routed (token, k) pair is computed exactly once, on the device xor on the CPU, with
 the same arithmetic on both sides: fp32 accumulation of `w * down(silu(gate(x)) * up(x))`, then one
 cast to the activation dtype. So the placement changes where, never what, is computed; the outputs
@@ -439,7 +443,6 @@ class OffloadedExperts:
             self._identity_of = full
         ids = topk_ids.detach()
         ids_host = ids if ids.device.type == "cpu" else ids.cpu()
-        self.engine.note_resident_forward(self.layer, ids_host)
         t0 = time.perf_counter()
         weights = topk_weights.detach()
         w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
@@ -455,6 +458,7 @@ class OffloadedExperts:
                                   weights.float().contiguous())
         else:
             out = self._kernel_for(hidden)(hidden, w13, w2, slot_ids.long(), weights)
+        self.engine.note_resident_forward(self.layer, ids_host)
         record = getattr(self.engine, "record_timing", None)
         if record is not None:
             record(stall_ms=0.0, cpu_ms=0.0, gpu_ms=(time.perf_counter() - t0) * 1e3)
