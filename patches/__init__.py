@@ -27,6 +27,16 @@ LEDGER: tuple[tuple[str, str, str, str, str], ...] = (
         "when vLLM ships an expert-offloading hook that takes a placement plan per forward",
     ),
     (
+        "routed_experts.py:StockCpuExpertsKernel / _HostWeightsMethod",
+        "vllm UnquantizedFusedMoEMethod.process_weights_after_loading (called unchanged on CPU-only "
+        "engines; its modular kernel is kept aside and `moe_kernel` reset to None) and "
+        "CPUUnquantizedExperts.apply (called with remapped rows; parameter names checked)",
+        "greedy outputs bit-identical to stock in bf16: the offloaded layer computes with the very "
+        "experts object, packing and op stock would use",
+        "not sanctioned (apply is a kernel-internal API); wraps, never edits",
+        "when vLLM's experts accept an expert-weight provider (vllm PR #37190's direction)",
+    ),
+    (
         "spec_hook.py:install",
         "vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model / propose_draft_token_ids "
         "/ sample_tokens (wrapped; originals called unchanged; signatures checked at install)",
