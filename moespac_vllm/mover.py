@@ -127,12 +127,27 @@ def _check_banks(host: Any, slots: Any) -> tuple[dict[int, tuple[torch.Tensor, t
     return host_l, slot_l, num_experts, expert_bytes
 
 
-class _Indexing:
-    """Bounds checks shared by both movers (bad indices are caller bugs: ValueError naming them)."""
+class _MoverBase:
+    """What both movers share: the checked host/slot banks, bounds checks (bad indices are caller
+    bugs: ValueError naming them), and the books of what landed where."""
 
-    _host_l: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    _slot_l: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    _num_experts: int
+    def __init__(self, host: Any, slots: Any) -> None:
+        (self._host_l, self._slot_l, self._num_experts,
+         self._expert_bytes) = _check_banks(host, slots)
+        self._cancelled: set[tuple[int, int]] = set()
+        self._resident: dict[tuple[int, int], int] = {}  # (layer, slot) -> expert last loaded
+        self._bytes = 0
+        self._stall_ms = 0.0
+
+    def expert_in(self, layer: int, slot: int) -> int | None:
+        """The expert last loaded (not cancelled) into (layer, slot), or None; a deferred
+        SyncMover counts a load once its copy has landed."""
+        self._check(layer, slot)
+        return self._resident.get((layer, slot))
+
+    @property
+    def bytes_moved(self) -> int:
+        return self._bytes
 
     def _check(self, layer: int, slot: int, expert: int | None = None) -> None:
         if layer not in self._host_l:
@@ -150,7 +165,7 @@ class _Indexing:
         return self._slot_l[layer][0].shape[0]
 
 
-class SyncMover(_Indexing):
+class SyncMover(_MoverBase):
     """Copies with plain `Tensor.copy_`, on the caller's thread.
 
     deferred=False: `load` copies at once (is_ready is True right after; cancel returns False).
@@ -160,14 +175,9 @@ class SyncMover(_Indexing):
     `stall_ms`: host time spent copying (all of it blocks the caller)."""
 
     def __init__(self, host: Any, slots: Any, *, deferred: bool = False) -> None:
-        (self._host_l, self._slot_l, self._num_experts,
-         self._expert_bytes) = _check_banks(host, slots)
+        super().__init__(host, slots)
         self._deferred = bool(deferred)
         self._pending: dict[tuple[int, int], int] = {}  # (layer, slot) -> expert, deferred only
-        self._cancelled: set[tuple[int, int]] = set()
-        self._resident: dict[tuple[int, int], int] = {}  # (layer, slot) -> expert last landed
-        self._bytes = 0
-        self._stall_ms = 0.0
 
     def _copy(self, layer: int, expert: int, slot: int) -> None:
         t0 = time.perf_counter()
@@ -216,21 +226,12 @@ class SyncMover(_Indexing):
             del self._pending[(layer, slot)]
             self._copy(layer, expert, slot)
 
-    def expert_in(self, layer: int, slot: int) -> int | None:
-        """The expert whose weights last landed in (layer, slot), or None."""
-        self._check(layer, slot)
-        return self._resident.get((layer, slot))
-
-    @property
-    def bytes_moved(self) -> int:
-        return self._bytes
-
     @property
     def stall_ms(self) -> float:
         return self._stall_ms
 
 
-class CudaStreamMover(_Indexing):
+class CudaStreamMover(_MoverBase):
     """Host->device copies on one side CUDA stream, one event per slot fill.
 
     host: pinned CPU banks (pageable memory would make every `non_blocking` copy synchronous, so it
@@ -243,8 +244,7 @@ class CudaStreamMover(_Indexing):
                  measure_stall: bool = True) -> None:
         if not torch.cuda.is_available():
             raise ValueError("slots: CudaStreamMover needs CUDA; use SyncMover on a CPU")
-        (self._host_l, self._slot_l, self._num_experts,
-         self._expert_bytes) = _check_banks(host, slots)
+        super().__init__(host, slots)
         for layer in self._host_l:
             for name, t in zip(("host.w13", "host.w2"), self._host_l[layer]):
                 if t.device.type != "cpu" or not t.is_pinned():
@@ -256,12 +256,8 @@ class CudaStreamMover(_Indexing):
         self._device = next(iter(self._slot_l.values()))[0].device
         self._stream = stream if stream is not None else torch.cuda.Stream(self._device)
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}
-        self._cancelled: set[tuple[int, int]] = set()
-        self._resident: dict[tuple[int, int], int] = {}
-        self._bytes = 0
         self._measure_stall = measure_stall
         self._stall_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._stall_ms = 0.0
         self._stalls = 0
 
     @property
@@ -326,15 +322,6 @@ class CudaStreamMover(_Indexing):
     def synchronize(self) -> None:
         """Block the host until every issued copy has landed."""
         self._stream.synchronize()
-
-    def expert_in(self, layer: int, slot: int) -> int | None:
-        """The expert last loaded (not cancelled) into (layer, slot), or None."""
-        self._check(layer, slot)
-        return self._resident.get((layer, slot))
-
-    @property
-    def bytes_moved(self) -> int:
-        return self._bytes
 
     @property
     def stalls(self) -> int:

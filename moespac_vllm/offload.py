@@ -62,28 +62,14 @@ logger = logging.getLogger(__name__)
 PAIR_BUFFER_MAX_ELEMS = 1 << 24
 
 
-def pair_outputs(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-) -> torch.Tensor:
-    """Per routed pair: weights[t,k] * w2[i] @ (silu(g) * u), (g, u) = w13[i] @ hidden[t], i =
-    ids[t,k]. Returns fp32 [T,K,H], zero where ids < 0 (`kernels.fused_experts_pairs`, the
-    reference's arithmetic: the SiLU*up intermediate rounded to the activation dtype).
-
-    hidden [T,H]; w13 [N,2I,H]; w2 [N,H,I]; ids [T,K] index the first dim of w13/w2 (slots or
-    experts). An expert's pairs are computed in one batch whichever side runs it, so a pair's value
-    does not depend on the placement: adding the device and CPU pair buffers (one of them holds an
-    exact 0 at every pair) and then summing k = 0..K-1 in order gives bit-identical outputs for
-    every plan."""
-    return fused_experts_pairs(hidden, w13, w2, ids, weights)
-
-
-def sum_pairs(pairs: torch.Tensor) -> torch.Tensor:
-    """[T,K,H] -> [T,H], adding k = 0..K-1 in order (torch's sum(dim) may reorder)."""
-    return sum_over_topk(pairs)
+# Per routed pair: weights[t,k] * w2[i] @ (silu(g) * u), (g, u) = w13[i] @ hidden[t], i = ids[t,k];
+# fp32 [T,K,H], zero where ids < 0. hidden [T,H]; w13 [N,2I,H]; w2 [N,H,I]; ids index the first dim
+# (slots or experts). An expert's pairs are computed in one batch whichever side runs it, so a
+# pair's value does not depend on the placement: adding the device and CPU pair buffers (one of
+# them holds an exact 0 at every pair) and then summing k = 0..K-1 in order (`sum_pairs`) gives
+# bit-identical outputs for every plan.
+pair_outputs = fused_experts_pairs
+sum_pairs = sum_over_topk
 
 
 def experts_reference(
