@@ -25,15 +25,15 @@ import time
 from pathlib import Path
 
 from moespac_vllm.calibrate import describe_device
+from moespac_vllm.config import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def data_dir() -> Path:
-    env = os.environ.get("MOESPAC_DATA_DIR")
-    d = Path(env) if env else REPO.parent / "shared" / "data"
-    if not d.is_dir():
-        raise SystemExit(f"shared data not found at {d}: set MOESPAC_DATA_DIR")
+    d = shared_data_dir()
+    if d is None:
+        raise SystemExit("shared data not found: set MOESPAC_DATA_DIR")
     return d
 
 

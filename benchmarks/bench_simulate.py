@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from moespac_vllm import simulate as sim
+from moespac_vllm.config import shared_data_dir
 from moespac_vllm.config import Policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,9 +34,6 @@ TARGET_RATIO = {"rtx4090-pcie4": 0.17, "h100-pcie5": 0.25}
 
 
 def _data_dir() -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import shared_data_dir
-
     d = shared_data_dir()
     if d is None:
         raise SystemExit("bench_simulate: shared data not found; set MOESPAC_DATA_DIR")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,14 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moespac_vllm.calibrate import describe_device  # noqa: E402
+from moespac_vllm.config import shared_data_dir  # noqa: E402
 from moespac_vllm.trace import expert_shares, independent_reuse, load_trace, reuse_curve  # noqa: E402
 
 
 def data_dir() -> Path:
-    env = os.environ.get("MOESPAC_DATA_DIR")
-    d = Path(env) if env else REPO.parent / "shared" / "data"
-    if not d.is_dir():
-        raise SystemExit(f"shared data not found at {d}: set MOESPAC_DATA_DIR")
+    d = shared_data_dir()
+    if d is None:
+        raise SystemExit("shared data not found: set MOESPAC_DATA_DIR")
     return d
 
 

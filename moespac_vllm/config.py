@@ -37,6 +37,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MOESPAC_"
@@ -389,6 +390,17 @@ def config_as_json(cfg: MoESpacConfig) -> str:
     return json.dumps(cfg.to_flat(), sort_keys=True)
 
 
+def shared_data_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The shared real-data folder (routing traces, prompt sets): `$MOESPAC_DATA_DIR`, else
+    `shared/data` beside the checkout, else beside the working directory; None when none exists.
+    Read in place, never copied (several data sets' licences forbid it)."""
+    env = os.environ if environ is None else environ
+    candidates = [Path(env["MOESPAC_DATA_DIR"])] if env.get("MOESPAC_DATA_DIR") else []
+    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data",
+                   Path.cwd().parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
 __all__ = [
     "BalancerKind",
     "CacheConfig",
@@ -400,4 +412,5 @@ __all__ = [
     "StatsConfig",
     "ThetaScale",
     "config_as_json",
+    "shared_data_dir",
 ]

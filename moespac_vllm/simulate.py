@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from moespac_vllm.config import MoESpacConfig, Policy
+from moespac_vllm.config import MoESpacConfig, Policy, shared_data_dir
 from moespac_vllm.engine import AUTOREGRESSIVE_POLICIES, ExpertEngine
 from moespac_vllm.stats import EngineStats
 from moespac_vllm.step_context import Phase, StepContext
@@ -190,17 +190,6 @@ class SimResult:
 SYNTHETIC_STEPS = 384  # default length of the synthetic Qwen3-scale stream (tokens)
 
 
-def default_data_dir() -> Path | None:
-    """`$MOESPAC_DATA_DIR`, else `shared/data` beside the checkout (as tests/conftest.py)."""
-    import os
-
-    env = os.environ.get("MOESPAC_DATA_DIR")
-    for c in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data"]:
-        if c.is_dir():
-            return c
-    return None
-
-
 def load_workload_trace(spec: str, seed: int = 0, data_dir: str | Path | None = None) -> Trace:
     """`--trace`: a path (npz or Mixtral JSONL, auto-detected) or `synthetic[:TOKENS]`, the
     synthetic Qwen3-30B-A3B-scale plain-decode stream (labelled synthetic), calibrated on the
@@ -214,7 +203,7 @@ def load_workload_trace(spec: str, seed: int = 0, data_dir: str | Path | None = 
             steps = int(n) if n else SYNTHETIC_STEPS
         except ValueError:
             raise ValueError(f"trace: 'synthetic:N' needs an integer N, got {spec!r}") from None
-        d = Path(data_dir) if data_dir is not None else default_data_dir()
+        d = Path(data_dir) if data_dir is not None else shared_data_dir()
         if d is None or not d.is_dir():
             raise ValueError("trace: the synthetic trace is calibrated on shared/data; set "
                              "MOESPAC_DATA_DIR")

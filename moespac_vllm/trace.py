@@ -1263,14 +1263,11 @@ def fit_synthetic(dims: ModelDims, targets: SyntheticTargets, seed: int = 0,
 
 
 def _shared_data(rel: str) -> Path | None:
-    import os
+    from moespac_vllm.config import shared_data_dir
 
-    env = os.environ.get("MOESPAC_DATA_DIR")
-    roots = [Path(env)] if env else []
-    roots.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    for root in roots:
-        if (root / rel).is_file():
-            return root / rel
+    root = shared_data_dir()
+    if root is not None and (root / rel).is_file():
+        return root / rel
     log.warning("synthetic trace: %s not found (set MOESPAC_DATA_DIR); running uncalibrated", rel)
     return None
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moespac_vllm.config import shared_data_dir
+
 PLUGIN_NAME = "moespac"
 DATASETS: dict[str, tuple[str, str]] = {
     # name -> (relative path under the data dir, field holding the prompt)
@@ -145,12 +147,7 @@ def plugin_env(enabled: bool, environ: Mapping[str, str] | None = None) -> dict[
 
 
 # ---- prompts ---------------------------------------------------------------------------------
-def data_dir(environ: Mapping[str, str] | None = None) -> Path | None:
-    env = os.environ if environ is None else environ
-    candidates = [Path(env["MOESPAC_DATA_DIR"])] if env.get("MOESPAC_DATA_DIR") else []
-    repo = Path(__file__).resolve().parents[1]
-    candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), None)
+data_dir = shared_data_dir  # where the prompt sets are read from
 
 
 def _prompt_of(row: Any, path: Path, lineno: int, key: str | None) -> str:

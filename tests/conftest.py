@@ -6,18 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_data_dir() -> Path | None:
-    """`$MOESPAC_DATA_DIR`, else `../shared/data` beside the checkout (where CI puts it)."""
-    env = os.environ.get("MOESPAC_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO.parent / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+from moespac_vllm.config import shared_data_dir
 
 
 @pytest.fixture(scope="session")

@@ -79,3 +79,12 @@ def test_slots_per_layer_from_ratio_and_budget():
     assert budget.cache.slots_per_layer(**dims) == 21
     with pytest.raises(ValueError, match="^gpu_expert_budget_gb:"):
         MoESpacConfig.from_mapping({"gpu_expert_budget_gb": 0.001}).cache.slots_per_layer(**dims)
+
+
+def test_shared_data_dir_prefers_the_environment_then_the_checkout(tmp_path):
+    from moespac_vllm.config import shared_data_dir
+
+    assert shared_data_dir({"MOESPAC_DATA_DIR": str(tmp_path)}) == tmp_path
+    beside = shared_data_dir({"MOESPAC_DATA_DIR": str(tmp_path / "missing")})
+    assert beside is None or (beside.name == "data" and beside.parent.name == "shared")
+    assert shared_data_dir({}) == beside
