@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             shares[row["source"]] = sh
     tr = load_trace(d / "mixtral-8x7b-routing" / "humaneval_2_routing.jsonl")
-    from moespac_vllm.trace import _ar_streams  # per-request decode streams, trace.py's helper
+    from moespac_vllm.trace import request_streams
 
-    row, sh = summarize("mixtral-8x7b recorded (humaneval_2_routing)", _ar_streams(tr),
+    row, sh = summarize("mixtral-8x7b recorded (humaneval_2_routing)", request_streams(tr),
                         tr.dims.num_experts, tr.dims.top_k,
                         {**common, "prompts": "HumanEval/0,1 greedy decode (recorded in vLLM)"})
     rows.append(row)

@@ -943,7 +943,7 @@ def _stream_onehot(ids: np.ndarray, num_experts: int) -> np.ndarray:
     return oh
 
 
-def _ar_streams(trace: Trace) -> list[np.ndarray]:
+def request_streams(trace: Trace) -> list[np.ndarray]:
     """Per request, the [n, L, K] routing of its non-prefill tokens in processing order."""
     out = []
     for sid in np.unique(trace.seq_id):
@@ -965,7 +965,7 @@ def reuse_curve(streams: Trace | Sequence[np.ndarray], num_experts: int | None =
     [n, L, K] arrays (then give num_experts)."""
     if isinstance(streams, Trace):
         num_experts = streams.dims.num_experts
-        streams = _ar_streams(streams)
+        streams = request_streams(streams)
     if num_experts is None:
         raise ValueError("num_experts: required when streams are arrays")
     if not streams:

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,6 +12,7 @@ from moespac_vllm.estimator import (
     counts_from_router_logits,
     counts_from_topk,
 )
+from moespac_vllm.trace import read_mixtral_jsonl, request_streams
 
 
 def reference_rule(u: list[int], c: list[int], k: int, up: int, down: int) -> list[int]:
@@ -198,21 +197,10 @@ def test_bad_observe_input_names_field():
 
 
 def _mixtral_windows(data_dir, n):
-    """Real Mixtral-8x7B decode routing (HumanEval/0 and /1), cut into consecutive n-token windows
-    per layer (each problem trimmed to its shortest layer, as the data README says)."""
-    path = data_dir / "mixtral-8x7b-routing" / "humaneval_2_routing.jsonl"
-    by: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            by.setdefault((r["problem_id"], r["layer"]), []).append((r["token_idx"], r["experts"]))
-    problems = sorted({p for p, _ in by})
-    out = []
-    for p in problems:
-        t = min(len(v) for (q, _), v in by.items() if q == p)
-        per_layer = [np.array([e for _, e in sorted(by[(p, layer)])[:t]]) for layer in range(32)]
-        out.append(per_layer)
-    return out
+    """Real Mixtral-8x7B decode routing (HumanEval/0 and /1): per problem, each layer's [T, K]
+    ids (each problem trimmed to its shortest layer, as the data README says)."""
+    trace = read_mixtral_jsonl(data_dir / "mixtral-8x7b-routing" / "humaneval_2_routing.jsonl")
+    return [[s[:, layer] for layer in range(32)] for s in request_streams(trace)]
 
 
 def _mean_accuracy(problems, n, cfg):
