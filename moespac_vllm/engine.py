@@ -17,6 +17,15 @@ Per step (one target forward; with SD a verification window of 1 + k tokens per 
     engine.end_step(num_accepted)               # issues prefetches for the next window (mover)
     # draft phase of the next step: engine.observe_draft(l, draft_router_logits) per draft layer
 
+Whole layers (S == E, every expert READY; `load_full_layers` copies them in at start when
+everything fits): their placement can never change, so a caller may skip the plan:
+
+    slots = engine.resident_slots(l)            # [E] slot per expert, or None
+    if slots is not None: compute with slots; engine.note_resident_forward(l, topk_ids)
+
+The routing is then only counted into the stats when the step ends; such a layer keeps no levels
+or scores (only eviction and prefetch read them) and is never prefetched into.
+
 Invariants (property-tested): a layer never holds more than its slot budget; every routed
 (token, k) pair is computed exactly once (device xor CPU); a slot is never overwritten while a
 plan that reads it is in flight (pinned between plan_layer and finish_layer).
