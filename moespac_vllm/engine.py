@@ -293,12 +293,14 @@ class ExpertEngine:
         ready_mask = table.ready_mask()
         loading: list[int] = []
         absent: list[int] = []
-        if ready_mask[routed].all():  # the common case: every routed expert holds valid data
+        is_ready = ready_mask[routed]
+        if is_ready.all():  # the common case: every routed expert holds valid data
             ready = routed.tolist()
         else:
-            ready = [e for e in routed.tolist() if ready_mask[e]]
-            loading = [e for e in routed.tolist() if table.is_loading(e)]
-            absent = [e for e in routed.tolist() if table.slot_of(e) < 0]
+            has_slot = table.slots_of(routed) >= 0
+            ready = routed[is_ready].tolist()
+            loading = routed[has_slot & ~is_ready].tolist()
+            absent = routed[~has_slot].tolist()
         table.pin_many(np.asarray(ready, dtype=np.int64))
         self._pinned[layer] = ready
         if decoding:
