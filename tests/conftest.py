@@ -1,12 +1,25 @@
 """Shared fixtures: where the real data lives, and clean skipping of what the machine cannot run."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from moespac_vllm.config import shared_data_dir
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import benchmarks/<name>.py (benchmarks are scripts, not a package) for a smoke test."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

@@ -3,24 +3,15 @@ engine and layer over the real Mixtral routing for every policy and writes JSON 
 Speed is not checked here (benchmarks report it); what each policy's plan did is."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("bench_gpu_decode",
-                                                  REPO / "benchmarks" / "bench_gpu_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu_decode"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_gpu_decode")
 
 
 @pytest.fixture(scope="module")

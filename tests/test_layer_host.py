@@ -2,25 +2,13 @@
 path each forward took is checked here, never its speed (the benchmark reports that)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_layer_host",
-                                                  REPO / "benchmarks" / "bench_layer_host.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_layer_host"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def test_whole_layers_skip_the_plan_and_partial_ones_never_do(data_dir, capsys):
-    bench = _bench()
+    bench = load_benchmark("bench_layer_host")
     assert bench.main(["--json", "--steps", "3", "--ratios", "1.0,0.5",
                        "--data-dir", str(data_dir)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
