@@ -87,17 +87,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_json_object(field_name: str, raw: str | None) -> dict:
-    import json
+    from moespac_vllm.config import json_object
 
-    if raw is None:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{field_name}: not valid JSON ({e.msg} at {e.pos})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{field_name}: must be a JSON object, got {type(value).__name__}")
-    return value
+    return {} if raw is None else json_object(field_name, raw)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -210,13 +210,7 @@ class MoESpacConfig:
         merged: dict[str, Any] = {}
         raw_json = env.get(ENV_JSON)
         if raw_json:
-            try:
-                loaded = json.loads(raw_json)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{ENV_JSON}: not valid JSON ({e.msg} at {e.pos})") from None
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{ENV_JSON}: must be a JSON object, got {type(loaded).__name__}")
-            merged.update(_parse_flat(loaded, origin=ENV_JSON))
+            merged.update(_parse_flat(json_object(ENV_JSON, raw_json), origin=ENV_JSON))
         merged.update(_parse_env(env))
         if additional_config:
             section = additional_config.get("moespac")
@@ -390,6 +384,17 @@ def config_as_json(cfg: MoESpacConfig) -> str:
     return json.dumps(cfg.to_flat(), sort_keys=True)
 
 
+def json_object(field_name: str, raw: str) -> dict[str, Any]:
+    """`raw` parsed as a JSON object; ValueError naming `field_name` otherwise."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{field_name}: not valid JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{field_name}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def shared_data_dir(environ: Mapping[str, str] | None = None) -> Path | None:
     """The shared real-data folder (routing traces, prompt sets): `$MOESPAC_DATA_DIR`, else
     `shared/data` beside the checkout, else beside the working directory; None when none exists.
@@ -412,5 +417,6 @@ __all__ = [
     "StatsConfig",
     "ThetaScale",
     "config_as_json",
+    "json_object",
     "shared_data_dir",
 ]
