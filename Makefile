@@ -14,7 +14,7 @@ DEMO_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[cpu,test]'

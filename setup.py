@@ -10,7 +10,43 @@ with an extra: `pip install moespac-vllm[cpu]` or `pip install moespac-vllm[cuda
 """
 from __future__ import annotations
 
-from setuptools import setup
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:  # a build requirement (pyproject.toml); absent only when setup.py is read without building
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+except ImportError:  # pragma: no cover
+    Pybind11Extension = None
+    build_ext = None
+
+
+def native_extensions() -> list:
+    """One extension module `moespac_vllm._<stem>` per `csrc/<stem>.cpp`.
+
+    The modules use only the C++ standard library and pybind11 (no torch C++ ABI), so one build
+    serves every torch 2.11-2.14, CPU and CUDA builds alike. Instruction sets are chosen at run time
+    per function (`__attribute__((target(...)))`), never with -march=native, so a wheel built here
+    runs on any x86-64. Set MOESPAC_NO_NATIVE=1 to skip them (the pure-Python paths remain).
+    """
+    if Pybind11Extension is None or os.environ.get("MOESPAC_NO_NATIVE") == "1":
+        return []
+    here = os.path.dirname(os.path.abspath(__file__))
+    exts = []
+    for src in sorted(glob.glob(os.path.join(here, "csrc", "*.cpp"))):
+        stem = os.path.splitext(os.path.basename(src))[0]
+        exts.append(
+            Pybind11Extension(
+                f"moespac_vllm._{stem}",
+                [os.path.relpath(src, here)],
+                cxx_std=17,
+                extra_compile_args=["-O3", "-fno-math-errno", "-pthread"],
+                extra_link_args=["-pthread"],
+            )
+        )
+    return exts
+
 
 setup(
     name="moespac-vllm",
@@ -18,7 +54,10 @@ setup(
     description="MoE-SpAc for vLLM: serve MoE models whose experts do not fit in GPU memory, "
     "steered by speculative decoding",
     python_requires=">=3.10",
-    packages=["moespac_vllm", "moespac_vllm.kernels", "moespac_vllm.patches"],
+    packages=["moespac_vllm", "moespac_vllm.kernels", "moespac_vllm.patches"]
+    + ["moespac_vllm." + p for p in find_packages("moespac_vllm")],
+    ext_modules=native_extensions(),
+    cmdclass={"build_ext": build_ext} if build_ext is not None else {},
     package_dir={
         "moespac_vllm": "moespac_vllm",
         "moespac_vllm.kernels": "kernels",
