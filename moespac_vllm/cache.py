@@ -22,6 +22,11 @@ Paired verbs, after nano-vllm's block manager: `can_admit` / `admit`, `evict`, `
 Invariants (property-tested in tests/test_cache.py): at most S residents; slot<->expert is a
 bijection over occupied slots; an IN_USE (pinned) or LOADING slot is never chosen as a victim.
 Pure: numpy only.
+
+Storage: every field is a numpy array the table owns (slot states as int8 codes `STATE_CODES`,
+the LOADING count in a one-element array), never reassigned after construction, so the native
+planner (`plan_native.py`, `csrc/plan.cpp`) can work on the very same memory: a table is the same
+object whichever path planned the last forward.
 """
 from __future__ import annotations
 
@@ -37,6 +42,12 @@ class SlotState(str, Enum):
     IN_USE = "in-use"  # READY and pinned by a layer plan in flight
 
 
+# int8 code of each state in `SlotTable._state` (shared with csrc/plan.cpp)
+FREE, LOADING, READY, IN_USE = 0, 1, 2, 3
+_STATES = (SlotState.FREE, SlotState.LOADING, SlotState.READY, SlotState.IN_USE)
+STATE_CODES = {st: i for i, st in enumerate(_STATES)}
+
+
 class EvictionOrder(str, Enum):
     LRU = "lru"
     LFU = "lfu"
@@ -48,7 +59,7 @@ class SlotTable:
     """The slots of one MoE layer. Experts are 0..num_experts-1, slots 0..num_slots-1."""
 
     __slots__ = ("num_slots", "num_experts", "order", "_slot_of", "_expert_in", "_state",
-                 "_pins", "_last_use", "_uses", "_ready", "_ready_view", "_n_loading")
+                 "_pins", "_last_use", "_uses", "_ready", "_ready_view", "_meta")
 
     def __init__(self, num_slots: int, num_experts: int,
                  order: EvictionOrder = EvictionOrder.LRU) -> None:
@@ -65,7 +76,7 @@ class SlotTable:
         self.order = order
         self._slot_of = np.full(num_experts, -1, dtype=np.int64)
         self._expert_in = np.full(num_slots, -1, dtype=np.int64)
-        self._state = [SlotState.FREE] * num_slots
+        self._state = np.zeros(num_slots, dtype=np.int8)  # FREE / LOADING / READY / IN_USE
         self._pins = np.zeros(num_slots, dtype=np.int64)
         self._last_use = np.full(num_experts, -1, dtype=np.int64)
         self._uses = np.zeros(num_experts, dtype=np.int64)
@@ -75,7 +86,7 @@ class SlotTable:
         self._ready = np.zeros(num_experts, dtype=bool)
         self._ready_view = self._ready.view()
         self._ready_view.flags.writeable = False
-        self._n_loading = 0
+        self._meta = np.zeros(1, dtype=np.int64)  # [number of LOADING slots]
 
     # ---- queries ---------------------------------------------------------------------------
     def slot_of(self, expert: int) -> int:
@@ -86,20 +97,20 @@ class SlotTable:
         return int(self._expert_in[slot])
 
     def state(self, slot: int) -> SlotState:
-        return self._state[slot]
+        return _STATES[self._state[slot]]
 
     def is_ready(self, expert: int) -> bool:
         """Resident with valid data (READY or IN_USE)."""
         s = self._slot_of[expert]
-        return s >= 0 and self._state[s] in (SlotState.READY, SlotState.IN_USE)
+        return bool(s >= 0 and self._state[s] >= READY)
 
     def is_loading(self, expert: int) -> bool:
         s = self._slot_of[expert]
-        return s >= 0 and self._state[s] is SlotState.LOADING
+        return bool(s >= 0 and self._state[s] == LOADING)
 
     def is_pinned(self, expert: int) -> bool:
         s = self._slot_of[expert]
-        return s >= 0 and self._state[s] is SlotState.IN_USE
+        return bool(s >= 0 and self._state[s] == IN_USE)
 
     def ready_mask(self) -> np.ndarray:
         """[E] bool, read-only: experts that are READY or IN_USE (`is_ready` for all at once)."""
@@ -107,7 +118,7 @@ class SlotTable:
 
     @property
     def num_loading(self) -> int:
-        return self._n_loading
+        return int(self._meta[0])
 
     def slots_of(self, experts: np.ndarray) -> np.ndarray:
         """`slot_of` for an array of experts (-1 where not resident)."""
@@ -119,15 +130,14 @@ class SlotTable:
 
     @property
     def num_free(self) -> int:
-        return sum(1 for st in self._state if st is SlotState.FREE)
+        return int(np.count_nonzero(self._state == FREE))
 
     def num_evictable(self, scores: np.ndarray | None = None,
                       threshold: float | None = None) -> int:
         """Slots a newcomer could take now: free ones plus READY residents the order may evict."""
         n = self.num_free
-        for slot, st in enumerate(self._state):
-            if st is SlotState.READY and self._may_evict(int(self._expert_in[slot]), scores,
-                                                        threshold):
+        for slot, st in enumerate(self._state.tolist()):
+            if st == READY and self._may_evict(int(self._expert_in[slot]), scores, threshold):
                 n += 1
         return n
 
@@ -159,8 +169,8 @@ class SlotTable:
         next_use: [E] time of each expert's next use, larger = later (BELADY order)."""
         best_key: tuple | None = None
         best = -1
-        for slot, st in enumerate(self._state):
-            if st is not SlotState.READY:
+        for slot, st in enumerate(self._state.tolist()):
+            if st != READY:
                 continue
             e = int(self._expert_in[slot])
             if not self._may_evict(e, scores, threshold):
@@ -199,7 +209,8 @@ class SlotTable:
             raise ValueError(f"expert: {expert} is already resident in slot "
                              f"{int(self._slot_of[expert])}")
         evicted = -1
-        slot = next((s for s, st in enumerate(self._state) if st is SlotState.FREE), -1)
+        free = np.flatnonzero(self._state == FREE)
+        slot = int(free[0]) if free.size else -1
         if slot < 0:
             evicted = self.victim(scores, threshold, next_use)
             if evicted < 0:
@@ -207,38 +218,38 @@ class SlotTable:
             slot = self.evict(evicted)
         self._slot_of[expert] = slot
         self._expert_in[slot] = expert
-        self._state[slot] = SlotState.LOADING
-        self._n_loading += 1
+        self._state[slot] = LOADING
+        self._meta[0] += 1
         return slot, evicted
 
     def mark_ready(self, expert: int) -> None:
         """The copy into the expert's slot completed."""
         s = self._resident_slot(expert)
-        if self._state[s] is SlotState.LOADING:
-            self._state[s] = SlotState.READY
+        if self._state[s] == LOADING:
+            self._state[s] = READY
             self._ready[expert] = True
-            self._n_loading -= 1
+            self._meta[0] -= 1
 
     def evict(self, expert: int) -> int:
         """Free the expert's slot (READY or LOADING: the caller cancels the copy). Returns it."""
         s = self._resident_slot(expert)
-        if self._state[s] is SlotState.IN_USE:
+        if self._state[s] == IN_USE:
             raise ValueError(f"expert: {expert} is pinned (in use) and cannot be evicted")
-        if self._state[s] is SlotState.LOADING:
-            self._n_loading -= 1
+        if self._state[s] == LOADING:
+            self._meta[0] -= 1
         self._slot_of[expert] = -1
         self._expert_in[s] = -1
-        self._state[s] = SlotState.FREE
+        self._state[s] = FREE
         self._ready[expert] = False
         return s
 
     def pin(self, expert: int) -> int:
         """READY -> IN_USE (re-entrant: counted). Returns the slot."""
         s = self._resident_slot(expert)
-        if self._state[s] is SlotState.LOADING:
+        if self._state[s] == LOADING:
             raise ValueError(f"expert: {expert} is still loading and cannot be pinned")
         self._pins[s] += 1
-        self._state[s] = SlotState.IN_USE
+        self._state[s] = IN_USE
         return s
 
     def unpin(self, expert: int) -> None:
@@ -247,7 +258,7 @@ class SlotTable:
             raise ValueError(f"expert: {expert} is not pinned")
         self._pins[s] -= 1
         if self._pins[s] == 0:
-            self._state[s] = SlotState.READY
+            self._state[s] = READY
 
     def pin_many(self, experts: np.ndarray) -> None:
         """`pin` each of `experts` (distinct ids, all READY or IN_USE)."""
@@ -262,9 +273,7 @@ class SlotTable:
                              "be pinned")
         slots = self._slot_of[experts]
         self._pins[slots] += 1
-        state = self._state
-        for s in slots.tolist():
-            state[s] = SlotState.IN_USE
+        self._state[slots] = IN_USE
 
     def unpin_many(self, experts: np.ndarray) -> None:
         """`unpin` each of `experts` (distinct ids, all pinned)."""
@@ -275,9 +284,7 @@ class SlotTable:
         if (slots < 0).any() or (self._pins[np.maximum(slots, 0)] <= 0).any():
             raise ValueError("experts: every expert to unpin must be resident and pinned")
         self._pins[slots] -= 1
-        state = self._state
-        for s in slots[self._pins[slots] == 0].tolist():
-            state[s] = SlotState.READY
+        self._state[slots[self._pins[slots] == 0]] = READY
 
     def _resident_slot(self, expert: int) -> int:
         self._check_expert(expert)
@@ -296,15 +303,23 @@ class SlotTable:
         assert len(occupied) <= self.num_slots
         for s, e in occupied:
             assert self._slot_of[e] == s, (s, e)
-            assert self._state[s] is not SlotState.FREE
+            assert self._state[s] != FREE
         assert int((self._slot_of >= 0).sum()) == len(occupied)
-        for s, st in enumerate(self._state):
-            assert (st is SlotState.IN_USE) == (self._pins[s] > 0)
-            if st is SlotState.FREE:
+        for s, st in enumerate(self._state.tolist()):
+            assert (st == IN_USE) == (self._pins[s] > 0)
+            if st == FREE:
                 assert self._expert_in[s] == -1
         for e in range(self.num_experts):
             assert self._ready[e] == self.is_ready(e), e
-        assert self._n_loading == sum(st is SlotState.LOADING for st in self._state)
+        assert self._meta[0] == int(np.count_nonzero(self._state == LOADING))
+
+    def snapshot(self) -> tuple[np.ndarray, ...]:
+        """Copies of every field (slot of each expert, expert in each slot, state codes, pins,
+        last use, uses, ready mask, LOADING count): two tables are in the same state iff their
+        snapshots are equal (the native-vs-Python property test compares them)."""
+        return (self._slot_of.copy(), self._expert_in.copy(), self._state.copy(),
+                self._pins.copy(), self._last_use.copy(), self._uses.copy(), self._ready.copy(),
+                self._meta.copy())
 
 
-__all__ = ["EvictionOrder", "SlotState", "SlotTable"]
+__all__ = ["STATE_CODES", "EvictionOrder", "SlotState", "SlotTable"]
