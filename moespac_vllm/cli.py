@@ -44,7 +44,7 @@ def _make_tiny_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from moespac_vllm.tiny_model import make_tiny_model
+    from moespac_vllm.models.tiny import make_tiny_model
 
     paths = make_tiny_model(args.dir, args.arch, draft=args.draft, moe_draft=args.moe_draft,
                             seed=args.seed)
@@ -104,7 +104,7 @@ def _generate(args: argparse.Namespace) -> int:
     MoESpacConfig.resolve({"moespac": moespac})  # bad keys/values fail here, before vLLM starts
     model, draft = args.model, args.draft
     if model is None:
-        from moespac_vllm.tiny_model import make_tiny_model
+        from moespac_vllm.models.tiny import make_tiny_model
 
         paths = make_tiny_model(DEFAULT_TINY_MODEL, "qwen3_moe", draft=True)
         model = str(paths.target)
@@ -293,7 +293,7 @@ def _train_tiny(args: argparse.Namespace) -> int:
     # (measured at load ~15 on 2 cores: 187 s for one target step; 5-9 s with passive waiting).
     # Only effective when torch is not imported yet.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from moespac_vllm.train import SMOKE, TrainConfig, train_tiny
+    from moespac_vllm.models.train import SMOKE, TrainConfig, train_tiny
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     base = TrainConfig(**SMOKE) if args.preset == "smoke" else TrainConfig()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from moespac_vllm.tiny_model import make_tiny_model
+from moespac_vllm.models.tiny import make_tiny_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -99,7 +99,7 @@ def _spawn(spec: dict, plugin: bool) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from moespac_vllm.tiny_model import make_tiny_model
+    from moespac_vllm.models.tiny import make_tiny_model
 
     return Path(make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3_moe",
                                 draft=True, moe_draft=True).target)

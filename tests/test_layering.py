@@ -1,9 +1,15 @@
-"""The house rule: pure modules never import vLLM; only `moespac_vllm.patches` (the glue) may.
+"""The house rules: pure modules never import vLLM; only `moespac_vllm.patches` (the glue) may. The
+core (every module but the glue, the offline model builders `moespac_vllm.models` and the CLI)
+imports nothing from the model builders, and no core module is above 800 lines.
 
 Each pure module is imported in a fresh interpreter where any `import vllm` raises, so a pure module
-that reaches for vLLM (directly or through another module) fails here."""
+that reaches for vLLM (directly or through another module) fails here; the core is imported the same
+way with `moespac_vllm.models` blocked too, and its sources are read for lazy (in-function) imports
+of the model builders, which an import-time check cannot see."""
 from __future__ import annotations
 
+import ast
+import os
 import pkgutil
 import subprocess
 import sys
@@ -14,15 +20,20 @@ import pytest
 import moespac_vllm
 
 GLUE_PREFIXES = ("moespac_vllm.patches",)
+# Tools beside the core: the offline model builders and the CLI that drives them.
+TOOL_MODULES = ("moespac_vllm.models", "moespac_vllm.cli")
+MAX_CORE_LINES = 800
 
 _BLOCKER = """
-import importlib.abc, sys
-class _BlockVllm(importlib.abc.MetaPathFinder):
+import importlib.abc, os, sys
+BLOCKED = ["vllm"] + os.environ.get("LAYERING_BLOCK", "").split()
+class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "vllm" or name.startswith("vllm."):
-            raise ImportError(f"layering: pure module imported {name}")
+        for b in BLOCKED:
+            if name == b or name.startswith(b + "."):
+                raise ImportError(f"layering: pure module imported {name}")
         return None
-sys.meta_path.insert(0, _BlockVllm())
+sys.meta_path.insert(0, _Block())
 import importlib
 for name in sys.argv[1:]:
     importlib.import_module(name)
@@ -48,6 +59,22 @@ def pure_modules() -> list[str]:
     return [m for m in _all_modules() if not m.startswith(GLUE_PREFIXES)]
 
 
+def _is_tool(name: str) -> bool:
+    return any(name == t or name.startswith(t + ".") for t in TOOL_MODULES)
+
+
+def core_modules() -> list[str]:
+    return [m for m in pure_modules() if not _is_tool(m)]
+
+
+def _source(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin, name
+    return Path(spec.origin)
+
+
 def test_glue_and_kernels_are_inside_the_package_namespace():
     import moespac_vllm.kernels
     import moespac_vllm.patches
@@ -65,6 +92,46 @@ def test_pure_modules_import_without_vllm():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == f"ok {len(mods)}"
+
+
+def test_core_imports_nothing_from_the_model_builders():
+    mods = core_modules()
+    assert "moespac_vllm.engine" in mods and "moespac_vllm.trace.synthetic" in mods
+    assert not any(m.startswith("moespac_vllm.models") for m in mods)
+    env = {**os.environ, "LAYERING_BLOCK": "moespac_vllm.models"}
+    out = subprocess.run(
+        [sys.executable, "-c", _BLOCKER, *mods], capture_output=True, text=True, timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # lazy imports inside functions, which importing the module does not run
+    offenders = []
+    for name in mods:
+        tree = ast.parse(_source(name).read_text())
+        for node in ast.walk(tree):
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "moespac_vllm":
+                targets = [f"moespac_vllm.{a.name}" for a in node.names]
+            offenders += [f"{name}:{node.lineno} {t}" for t in targets
+                          if t == "moespac_vllm.models" or t.startswith("moespac_vllm.models.")]
+    assert offenders == []
+
+
+def test_no_core_module_is_above_800_lines():
+    sizes = {m: len(_source(m).read_text().splitlines()) for m in core_modules()}
+    assert len(sizes) > 10
+    assert {m: n for m, n in sizes.items() if n > MAX_CORE_LINES} == {}
+
+
+def test_model_builder_blocker_really_blocks():
+    env = {**os.environ, "LAYERING_BLOCK": "moespac_vllm.models"}
+    out = subprocess.run(
+        [sys.executable, "-c", _BLOCKER, "moespac_vllm.models.tiny"], capture_output=True,
+        text=True, timeout=120, env=env,
+    )
+    assert out.returncode != 0
+    assert "layering: pure module imported moespac_vllm.models" in out.stderr
 
 
 def test_blocker_really_blocks():

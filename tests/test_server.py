@@ -94,7 +94,7 @@ def offline(model: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from moespac_vllm.tiny_model import make_tiny_model
+    from moespac_vllm.models.tiny import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3_moe",
                                draft=False).target)

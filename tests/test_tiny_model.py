@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moespac_vllm.tiny_model import (
+from moespac_vllm.models.tiny import (
     SPECIAL_TOKENS,
     STAMP_NAME,
     build_tokenizer,

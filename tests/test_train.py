@@ -1,6 +1,7 @@
-"""train.py: a seconds-long training proves the whole `train-tiny` pipeline (corpus split, shared
-tokenizer, target with aux loss, distilled draft, fake-quantized MoE draft, HF checkpoints, cache,
-resume). The full training is a benchmark-sized run (benchmarks/README.md), never a test."""
+"""models/train.py: a seconds-long training proves the whole `train-tiny` pipeline (corpus
+split, shared tokenizer, target with aux loss, distilled draft, fake-quantized MoE draft, HF
+checkpoints, cache, resume). The full training is a benchmark-sized run (benchmarks/README.md),
+never a test."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moespac_vllm import train
-from moespac_vllm.train import Document, TrainConfig
+from moespac_vllm.models import train
+from moespac_vllm.models.train import Document, TrainConfig
 
 # A model that trains in seconds: smallest head vLLM's CPU attention accepts, 4 experts top-2.
 MICRO = dict(corpus_max_bytes=60_000, steps=12, draft_steps=8, batch_size=4, seq_len=32,

@@ -26,7 +26,7 @@ without importing torch.
 
 Random weights are deliberate: these models test plumbing, not quality (the residual scaling below
 only makes a draft agree with its target often enough for speculative decoding to accept tokens). Realistic routing comes from
-the recorded traces (trace.py) and the trained model of issue #6.
+the recorded traces (moespac_vllm.trace) and the trained model of issue #6.
 
 Pure module: imports torch/transformers lazily and never vLLM.
 """

@@ -14,7 +14,7 @@ almost no draft tokens, so this module builds a pair that has actually learned s
                        loss of every model against a unigram baseline, draft/target agreement
   OUT.work/            tokenizer, tokenized corpus and resumable checkpoints (removed when done)
 
-All checkpoints are Hugging Face directories (bf16 safetensors + tiny_model's byte-level BPE
+All checkpoints are Hugging Face directories (bf16 safetensors + models.tiny's byte-level BPE
 tokenizer with its ChatML template) that vLLM loads as-is; head_dim is 64 (vLLM's CPU attention
 needs head_dim >= 32). Documents are separated by <|endoftext|>, which is also a stop token.
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # Bump when a change here alters what a given config trains, so stale caches are not reused.
 TRAIN_FORMAT_VERSION = 1
-DOC_SEPARATOR = "<|endoftext|>"  # tiny_model's tokenizer: also its pad token
+DOC_SEPARATOR = "<|endoftext|>"  # models.tiny's tokenizer: also its pad token
 ARCHS = ("qwen3_moe",)
 # Held-out documents are picked by a hash of their name, independent of the seed, so every run of a
 # corpus is evaluated on the same text.
@@ -639,7 +639,7 @@ def train_tiny(out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume, or return the cached) target + drafts into `out`; returns training.json."""
     from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
-    from moespac_vllm.tiny_model import build_tokenizer, save_tokenizer
+    from moespac_vllm.models.tiny import build_tokenizer, save_tokenizer
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -662,7 +662,7 @@ def train_tiny(out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     (work / "key").write_text(key)
 
-    # Tokenizer (tiny_model's BPE, trained on this corpus) and token streams, cached in the work
+    # Tokenizer (models.tiny's BPE, trained on this corpus) and token streams, cached in the work
     # folder so a resumed run skips them.
     tok_dir = work / "tokenizer"
     t0 = time.perf_counter()
