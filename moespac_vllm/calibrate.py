@@ -20,7 +20,6 @@ Output: `Calibration` (all measured points and fits) -> `to_profile_json()`: a c
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from moespac_vllm.cost_model import ExpertCosts
-from moespac_vllm.trace import ModelDims
+from moespac_vllm.trace import MIXTRAL_8X7B, QWEN3_30B_A3B, ModelDims
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +131,10 @@ class Calibration:
 
     def to_profile_json(self, name: str) -> str:
         """The cost-model profile JSON (`cost_model.CostProfile.to_json`) built from these
-        measurements. Falls back to this module's own schema only if cost_model has no
-        `CostProfile.from_calibration` yet (the core issue owns that format)."""
-        from moespac_vllm import cost_model
+        measurements (`CostProfile.from_calibration`)."""
+        from moespac_vllm.cost_model import CostProfile
 
-        profile_cls = getattr(cost_model, "CostProfile", None)
-        if profile_cls is not None and hasattr(profile_cls, "from_calibration"):
-            return profile_cls.from_calibration(name, self).to_json()
-        return json.dumps({"name": name, "kind": "calibrated", "calibration": self.summary()},
-                          indent=2, sort_keys=True)
+        return CostProfile.from_calibration(name, self).to_json()
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -321,12 +315,9 @@ def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = 
 
 def parse_dims(spec: str) -> ModelDims:
     """`qwen3-30b-a3b`, `mixtral-8x7b`, or `H,I` (hidden, expert intermediate; bf16)."""
-    from moespac_vllm import trace
-
-    named = {"qwen3-30b-a3b": getattr(trace, "QWEN3_30B_A3B", None),
-             "mixtral-8x7b": getattr(trace, "MIXTRAL_8X7B", None)}
+    named = {"qwen3-30b-a3b": QWEN3_30B_A3B, "mixtral-8x7b": MIXTRAL_8X7B}
     key = spec.strip().lower()
-    if key in named and named[key] is not None:
+    if key in named:
         return named[key]
     parts = key.split(",")
     if len(parts) == 2:

@@ -25,7 +25,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
 
 from moespac_vllm.trace import ModelDims
 
@@ -56,6 +57,29 @@ class ExpertCosts:
 
     def cpu_ms(self, tokens: int) -> float:
         return self.cpu_fixed_ms + self.cpu_per_token_ms * tokens
+
+
+class Fit(Protocol):
+    """An affine per-expert time fit, ms(n) = fixed_ms + per_token_ms * n (calibrate.AffineFit)."""
+
+    fixed_ms: float
+    per_token_ms: float
+
+
+@runtime_checkable
+class Calibrated(Protocol):
+    """What `CostProfile.from_calibration` reads of a measurement (`calibrate.Calibration`, which
+    lives with torch; this module stays pure numbers)."""
+
+    dims: ModelDims
+    device_kind: Enum
+    device_name: str
+    h2d_gbps: float
+    fetch_ms: float
+    device_fit: Fit
+    cpu_fit: Fit
+
+    def summary(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,13 +178,17 @@ class CostProfile:
 
     # ---- calibrated profiles ------------------------------------------------------------------
     @classmethod
-    def from_calibration(cls, name: str, cal: Any, *,
+    def from_calibration(cls, name: str, cal: Calibrated, *,
                          base: CostProfile | None = None) -> CostProfile:
         """A profile whose `expert_costs(cal.dims)` reproduces the measured affine fits exactly
         (rates back-solved with zero overheads) and scales by bytes / FLOPs to other dims.
-        `cal`: a `calibrate.Calibration` (anything with dims, h2d_gbps, fetch_ms, device_fit,
-        cpu_fit). The draft time is not measured by calibration: it is derived from the measured
+        `cal`: a `calibrate.Calibration` (the `Calibrated` protocol; anything else is refused).
+        The draft time is not measured by calibration: it is derived from the measured
         device bandwidth and the paper's ~4 GB draft, or taken from `base`."""
+        if not isinstance(cal, Calibrated):
+            raise ValueError(f"cal: expected a calibrate.Calibration (dims, device_kind, "
+                             f"device_name, h2d_gbps, fetch_ms, device_fit, cpu_fit, summary()), "
+                             f"got {type(cal).__name__}")
         dims: ModelDims = cal.dims
         nbytes, flops = dims.expert_bytes, dims.expert_flops_per_token
 
@@ -178,13 +206,13 @@ class CostProfile:
         cpu_gf = flops / cal.cpu_fit.per_token_ms / 1e6 if cal.cpu_fit.per_token_ms > 0 else None
         draft = (base.draft_ms_per_token if base is not None
                  else PAPER_DRAFT_BYTES / (dev_bw * 1e6))
-        summary = cal.summary() if hasattr(cal, "summary") else {}
-        kind = getattr(getattr(cal, "device_kind", None), "value", "unknown")
+        summary = cal.summary()
+        kind = cal.device_kind.value
         return cls(
             name=name, h2d_gbps=rate(cal.fetch_ms, "fetch_ms"), device_mem_gbps=dev_bw,
             device_tflops=dev_tf, device_expert_overhead_ms=0.0, cpu_mem_gbps=cpu_bw,
             cpu_gflops=cpu_gf, cpu_expert_overhead_ms=0.0, draft_ms_per_token=draft,
-            notes=(f"calibrated by `moespac calibrate` on {getattr(cal, 'device_name', '?')} "
+            notes=(f"calibrated by `moespac calibrate` on {cal.device_name} "
                    f"({kind}) at dims {asdict(dims)}: rates back-solved from the affine fits "
                    "(overheads folded into the rates); draft_ms_per_token "
                    + ("from base profile " + base.name if base is not None
@@ -237,7 +265,7 @@ _REQUIRED = ("name", "h2d_gbps", "device_mem_gbps", "device_tflops", "device_exp
 
 def _jsonable(x: Any) -> Any:
     """Round-trip through JSON (enums, tuples, numpy scalars -> plain values)."""
-    return json.loads(json.dumps(x, default=lambda o: getattr(o, "value", str(o))))
+    return json.loads(json.dumps(x, default=lambda o: o.value if isinstance(o, Enum) else str(o)))
 
 
 # ---- named profiles -------------------------------------------------------------------------
@@ -348,4 +376,4 @@ def get_profile(name_or_path: str | Path | CostProfile,
                      "or a path to a calibrated JSON")
 
 
-__all__ = ["CostProfile", "ExpertCosts", "PROFILES", "StepTimes", "get_profile"]
+__all__ = ["Calibrated", "CostProfile", "ExpertCosts", "PROFILES", "StepTimes", "get_profile"]

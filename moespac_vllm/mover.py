@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -77,25 +77,49 @@ class ExpertWeights:
         return cls(w13, w2)
 
 
-def _layer_tensors(bank: Any, layers: Sequence[int] | None, name: str
+@runtime_checkable
+class LayerBanks(Protocol):
+    """A bank given by per-layer accessors (`offload.ExpertStore`, `offload.SlotCache`)."""
+
+    def w13(self, layer: int) -> torch.Tensor: ...
+
+    def w2(self, layer: int) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class HostBanks(LayerBanks, Protocol):
+    """A host bank by accessors that also names its layers (`offload.ExpertStore`)."""
+
+    @property
+    def layers(self) -> tuple[int, ...]: ...
+
+
+Banks = ExpertWeights | LayerBanks
+
+
+def _layer_tensors(bank: Banks, layers: Sequence[int] | None, name: str
                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """layer -> (w13, w2) of a bank given either as per-layer sequences (`ExpertWeights`) or as
-    per-layer accessor methods (`offload.ExpertStore` / `offload.SlotCache`: `w13(layer)`)."""
-    if not hasattr(bank, "w13") or not hasattr(bank, "w2"):
-        raise ValueError(f"{name}: needs per-layer `w13` and `w2` (sequences or methods)")
-    if callable(bank.w13):
-        if layers is None:
-            layers = tuple(getattr(bank, "layers", ()))
-        try:
-            return {layer: (bank.w13(layer), bank.w2(layer)) for layer in layers}
-        except KeyError as e:
-            raise ValueError(f"{name}: has no layer {e.args[0]}") from None
-    if len(bank.w13) != len(bank.w2):
-        raise ValueError(f"{name}: w13 and w2 list different numbers of layers")
-    return {layer: (bank.w13[layer], bank.w2[layer]) for layer in range(len(bank.w13))}
+    per-layer accessor methods (`LayerBanks`: `offload.ExpertStore` / `offload.SlotCache`)."""
+    if isinstance(bank, ExpertWeights):
+        if len(bank.w13) != len(bank.w2):
+            raise ValueError(f"{name}: w13 and w2 list different numbers of layers")
+        return {layer: (bank.w13[layer], bank.w2[layer]) for layer in range(len(bank.w13))}
+    if layers is None:
+        if not isinstance(bank, HostBanks):
+            raise ValueError(f"{name}: needs ExpertWeights or per-layer `w13(layer)`, "
+                             f"`w2(layer)` and `layers` (got {type(bank).__name__})")
+        layers = tuple(bank.layers)
+    elif not isinstance(bank, LayerBanks):
+        raise ValueError(f"{name}: needs ExpertWeights or per-layer `w13(layer)` and "
+                         f"`w2(layer)` (got {type(bank).__name__})")
+    try:
+        return {layer: (bank.w13(layer), bank.w2(layer)) for layer in layers}
+    except KeyError as e:
+        raise ValueError(f"{name}: has no layer {e.args[0]}") from None
 
 
-def _check_banks(host: Any, slots: Any) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]],
+def _check_banks(host: Banks, slots: Banks) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]],
                                                  dict[int, tuple[torch.Tensor, torch.Tensor]],
                                                  int, int]:
     """Validate host/slot banks; returns (host layers, slot layers, num_experts, bytes per
@@ -131,7 +155,7 @@ class _MoverBase:
     """What both movers share: the checked host/slot banks, bounds checks (bad indices are caller
     bugs: ValueError naming them), and the books of what landed where."""
 
-    def __init__(self, host: Any, slots: Any) -> None:
+    def __init__(self, host: Banks, slots: Banks) -> None:
         (self._host_l, self._slot_l, self._num_experts,
          self._expert_bytes) = _check_banks(host, slots)
         self._cancelled: set[tuple[int, int]] = set()
@@ -174,7 +198,7 @@ class SyncMover(_MoverBase):
                     touches the slot. This is the CPU stand-in for an in-flight DMA.
     `stall_ms`: host time spent copying (all of it blocks the caller)."""
 
-    def __init__(self, host: Any, slots: Any, *, deferred: bool = False) -> None:
+    def __init__(self, host: Banks, slots: Banks, *, deferred: bool = False) -> None:
         super().__init__(host, slots)
         self._deferred = bool(deferred)
         self._pending: dict[tuple[int, int], int] = {}  # (layer, slot) -> expert, deferred only
@@ -240,7 +264,7 @@ class CudaStreamMover(_MoverBase):
     `measure_stall=True`, each wait that finds its copy unfinished is bracketed by two timing
     events on the compute stream; `stall_ms` resolves them (it synchronises on those events)."""
 
-    def __init__(self, host: Any, slots: Any, *, stream: torch.cuda.Stream | None = None,
+    def __init__(self, host: Banks, slots: Banks, *, stream: torch.cuda.Stream | None = None,
                  measure_stall: bool = True) -> None:
         if not torch.cuda.is_available():
             raise ValueError("slots: CudaStreamMover needs CUDA; use SyncMover on a CPU")

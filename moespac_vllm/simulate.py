@@ -46,7 +46,7 @@ from moespac_vllm.config import MoESpacConfig, Policy, shared_data_dir
 from moespac_vllm.engine import AUTOREGRESSIVE_POLICIES, ExpertEngine
 from moespac_vllm.stats import EngineStats
 from moespac_vllm.step_context import Phase, StepContext
-from moespac_vllm.cost_model import StepTimes
+from moespac_vllm.cost_model import CostProfile, StepTimes
 from moespac_vllm.trace import (
     MIXTRAL_8X7B,
     QWEN3_30B_A3B,
@@ -350,7 +350,7 @@ def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMov
     return clock.t_ms - t_begin, steps, draft_total, ks
 
 
-def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: Any, *,
+def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: CostProfile | str, *,
              draft_tokens: int = DEFAULT_DRAFT_TOKENS,
              acceptance: float | int = DEFAULT_ACCEPTANCE, seed: int = 0,
              config: MoESpacConfig | None = None, times: StepTimes | None = None,
@@ -365,10 +365,7 @@ def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: An
         except ValueError:
             raise ValueError(f"policy: unknown policy {policy!r}; expected one of: "
                              f"{', '.join(p.value for p in Policy)}") from None
-    if isinstance(profile, str):
-        from moespac_vllm.cost_model import get_profile
-
-        profile = get_profile(profile)
+    profile = _profile(profile)
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
         raise ValueError(f"draft_tokens: must be an integer >= 0, got {draft_tokens!r}")
     if adaptive_draft and policy is not Policy.SPAC:
@@ -411,7 +408,7 @@ def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: An
         meta = replace(meta, modelled=meta.modelled + ("rejected_draft_routing",))
     return SimResult(
         policy=policy.value, cache_ratio=float(cache_ratio), num_slots=engine.num_slots,
-        profile=getattr(profile, "name", str(profile)), trace=meta.label,
+        profile=profile.name, trace=meta.label,
         synthetic=bool(trace.meta.synthetic), modelled=True, speculative=speculative,
         draft_tokens=draft_tokens if speculative else 0, adaptive_draft=adaptive_draft,
         mean_draft_tokens=mean_k,
@@ -421,7 +418,19 @@ def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: An
         step_ms=elapsed / steps if steps else 0.0, draft_ms=draft_ms, stats=stats)
 
 
-def step_times(profile: Any, dims: ModelDims) -> StepTimes:
+def _profile(profile: CostProfile | str) -> CostProfile:
+    """A CostProfile, or the named one (`cost_model.get_profile`); anything else is refused."""
+    if isinstance(profile, str):
+        from moespac_vllm.cost_model import get_profile
+
+        return get_profile(profile)
+    if not isinstance(profile, CostProfile):
+        raise ValueError(f"profile: expected a CostProfile or a profile name, got "
+                         f"{type(profile).__name__}")
+    return profile
+
+
+def step_times(profile: CostProfile, dims: ModelDims) -> StepTimes:
     """Draft, dense per-layer and LM-head times from the profile, with the model's own attention
     size and vocabulary where we know them (Qwen3-30B-A3B: 32 q heads x 128 = 4096 > H, 4 kv heads
     x 128, so q/o are 2 x 4096 H and k/v 2 x 512 H; Mixtral-8x7B: the 2.5 H^2 default, 32k vocab)."""
@@ -440,7 +449,7 @@ ORACLE_BEST_LABEL = "oracle-best-k"
 ORACLE_KS = (0, 1, 2, 4, 8)
 
 
-def sweep(trace: Trace, profile: Any, *, policies: Sequence[Policy] | None = None,
+def sweep(trace: Trace, profile: CostProfile | str, *, policies: Sequence[Policy] | None = None,
           ratios: Sequence[float] = SWEEP_RATIOS, extras: bool = True,
           **kw: Any) -> list[SimResult]:
     """Every policy at every ratio (same trace, profile, draft length and acceptance model).
@@ -448,10 +457,7 @@ def sweep(trace: Trace, profile: Any, *, policies: Sequence[Policy] | None = Non
     length roofline, 0 <= k <= draft_tokens) and `oracle-best-k` (the oracle at its best fixed k
     in 0, 1, 2, 4, 8 up to draft_tokens: the bound for a policy that may also choose k; k = 0 is
     plain decoding)."""
-    if isinstance(profile, str):
-        from moespac_vllm.cost_model import get_profile
-
-        profile = get_profile(profile)
+    profile = _profile(profile)
     policies = list(Policy) if policies is None else list(policies)
     k_max = kw.get("draft_tokens", DEFAULT_DRAFT_TOKENS)
     out = []
