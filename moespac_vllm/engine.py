@@ -769,7 +769,7 @@ class ExpertEngine:
             cpu_experts=c["cpu_experts"], prefetch_issued=c["prefetch_issued"],
             prefetch_used=c["prefetch_used"], prefetch_wasted=c["prefetch_wasted"],
             prefetch_late=c["prefetch_late"],
-            h2d_bytes=int(getattr(self.mover, "bytes_moved", 0)),
+            h2d_bytes=int(self.mover.bytes_moved),
             stall_ms=self._stall_ms, cpu_ms=self._cpu_ms, gpu_ms=self._gpu_ms,
         )
 

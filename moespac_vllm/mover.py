@@ -36,7 +36,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
+@runtime_checkable
 class Mover(Protocol):
+    """The copy engine's contract (module docstring); `OffloadedExperts` refuses a mover without
+    all of it."""
+
     def load(self, layer: int, expert: int, slot: int) -> None:
         """Start copying expert `expert` of `layer` into `slot` of that layer (asynchronous)."""
 

@@ -46,12 +46,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from moespac_vllm.engine import LayerPlan
+from moespac_vllm.mover import Mover
 from moespac_vllm.kernels.fused_experts import fused_experts_pairs, sum_over_topk
 
 logger = logging.getLogger(__name__)
@@ -257,12 +258,23 @@ class StoreCopyMover:
 
 
 # ---- the layer ----------------------------------------------------------------------------------
+@runtime_checkable
 class LayerEngine(Protocol):
-    """The part of `ExpertEngine` (engine.py) that one layer's forward drives."""
+    """The part of `ExpertEngine` (engine.py) that one layer's forward drives; `OffloadedExperts`
+    refuses an engine without all of it."""
 
     def plan_layer(self, layer: int, topk_ids: np.ndarray) -> LayerPlan: ...
 
     def finish_layer(self, layer: int, topk_ids: np.ndarray) -> None: ...
+
+    def resident_slots(self, layer: int) -> np.ndarray | None:
+        """[E] slot of every expert once the whole layer is resident (plan-free path), else None."""
+
+    def note_resident_forward(self, layer: int, topk_ids: Any) -> None:
+        """Books of a plan-free forward (the router's ids, [T, K] integer array-like)."""
+
+    def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0,
+                      gpu_ms: float = 0.0) -> None: ...
 
 
 class CpuExperts(Protocol):
@@ -333,7 +345,7 @@ class OffloadedExperts:
         layer: int,
         device: torch.device | str,
         slots: SlotCache,
-        mover: Any,
+        mover: Mover,
         cpu_experts: CpuExperts | None = None,
         device_kernel: Callable[..., torch.Tensor] | None = None,
         host_fused: HostFusedKernel | None = None,
@@ -346,6 +358,13 @@ class OffloadedExperts:
                     slots.num_slots(layer) != spare_w13.shape[0]:
                 raise ValueError(f"host_fused: layer {layer}'s slots must be the store's spare "
                                  "rows (SlotCache.attach_layer(layer, *store.spare(layer)))")
+        if not isinstance(engine, LayerEngine):
+            raise ValueError(f"engine: {type(engine).__name__} does not implement LayerEngine "
+                             "(plan_layer, finish_layer, resident_slots, note_resident_forward, "
+                             "record_timing)")
+        if not isinstance(mover, Mover):
+            raise ValueError(f"mover: {type(mover).__name__} does not implement mover.Mover "
+                             "(load, is_ready, wait, cancel, bytes_moved)")
         self.store = store
         self.engine = engine
         self.layer = layer
@@ -372,8 +391,7 @@ class OffloadedExperts:
             raise ValueError(f"topk_ids: {topk_ids.shape[0]} rows for {hidden.shape[0]} tokens")
         if topk_ids.is_floating_point() or topk_ids.is_complex():
             raise ValueError(f"topk_ids: expected integer expert ids, got {topk_ids.dtype}")
-        resident_slots = getattr(self.engine, "resident_slots", None)
-        full = resident_slots(self.layer) if resident_slots is not None else None
+        full = self.engine.resident_slots(self.layer)
         if full is not None and (self.host_fused is not None
                                  or self._kernel_for(hidden) is not None):
             return self._forward_resident(hidden, topk_ids, topk_weights, full)
@@ -399,9 +417,7 @@ class OffloadedExperts:
                                            ids_np[i:i + step], plan, rows=slice(i, i + step))
                              for i in range(0, T, step)])
         self.engine.finish_layer(self.layer, ids_np)
-        record = getattr(self.engine, "record_timing", None)
-        if record is not None:
-            record(stall_ms=stall_ms, cpu_ms=self._cpu_ms, gpu_ms=self._gpu_ms)
+        self.engine.record_timing(stall_ms=stall_ms, cpu_ms=self._cpu_ms, gpu_ms=self._gpu_ms)
 
         c = self.counters
         c.forwards += 1
@@ -445,9 +461,8 @@ class OffloadedExperts:
         else:
             out = self._kernel_for(hidden)(hidden, w13, w2, slot_ids.long(), weights)
         self.engine.note_resident_forward(self.layer, ids_host)
-        record = getattr(self.engine, "record_timing", None)
-        if record is not None:
-            record(stall_ms=0.0, cpu_ms=0.0, gpu_ms=(time.perf_counter() - t0) * 1e3)
+        self.engine.record_timing(stall_ms=0.0, cpu_ms=0.0,
+                                  gpu_ms=(time.perf_counter() - t0) * 1e3)
         self.last_plan = None
         c = self.counters
         c.forwards += 1

@@ -34,6 +34,7 @@ class FakeEngine:
         self.resident: dict[int, dict[int, int]] = {}  # layer -> expert -> slot
         self.lru: dict[int, list[int]] = {}  # layer -> slots, least recent first
         self.finished: list[tuple[int, np.ndarray]] = []
+        self.timings: list[tuple[float, float, float]] = []
 
     def plan_layer(self, layer: int, topk_ids: np.ndarray) -> LayerPlan:
         res = self.resident.setdefault(layer, {})
@@ -67,6 +68,16 @@ class FakeEngine:
 
     def finish_layer(self, layer: int, topk_ids: np.ndarray) -> None:
         self.finished.append((layer, topk_ids.copy()))
+
+    def resident_slots(self, layer: int) -> np.ndarray | None:
+        return None  # never whole: every forward is planned
+
+    def note_resident_forward(self, layer: int, topk_ids) -> None:
+        raise AssertionError("resident_slots is always None: no plan-free forward")
+
+    def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0,
+                      gpu_ms: float = 0.0) -> None:
+        self.timings.append((stall_ms, cpu_ms, gpu_ms))
 
 
 def _weights(E: int, H: int, inter: int, seed: int, dtype=torch.float32):
