@@ -84,6 +84,8 @@ import numpy as np
 from moespac_vllm.cache import EvictionOrder, SlotTable
 from moespac_vllm.config import EstimatorConfig, MoESpacConfig, Policy, ThetaScale
 from moespac_vllm.cost_model import ExpertCosts
+from moespac_vllm.engine_state import (BEGIN_MS, END_MS, GAP_MS, LINK_FREE_MS, STEP, TICK,
+                                       ArrayField, Counters, ExpertSet)
 from moespac_vllm.stats import EngineStats, StatsWriter, format_log_line
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.trace import ModelDims
@@ -141,11 +143,23 @@ STATIC_WARMUP_STEPS = 16  # steps over which `static` observes frequencies befor
 
 
 class ExpertEngine:
-    """Policy side of the offloaded MoE: slot tables, estimator, balancer, prefetch."""
+    """Policy side of the offloaded MoE: slot tables, estimator, balancer, prefetch.
+
+    `native`: plan forwards with the compiled planner (`plan_native.py`; identical decisions,
+    tests/test_plan_native.py). None = when it is built and supports this configuration; the
+    Python methods below stay the reference."""
+
+    # scalar state in shared arrays (engine_state.py): the native planner reads and writes them
+    _link_free_ms = ArrayField("_times", LINK_FREE_MS)
+    _begin_ms = ArrayField("_times", BEGIN_MS, optional=True)
+    _gap_ms = ArrayField("_times", GAP_MS)  # end_step -> next begin_step (the draft phase)
+    _end_ms = ArrayField("_times", END_MS, optional=True)
+    _tick = ArrayField("_clock", TICK)
+    _step = ArrayField("_clock", STEP)  # index of the current decode/verify step (oracle)
 
     def __init__(self, config: MoESpacConfig, dims: ModelDims, costs: ExpertCosts, mover: Any,
                  clock: Clock, balancer: Any = None, num_slots: int | None = None,
-                 future_counts: np.ndarray | None = None) -> None:
+                 future_counts: np.ndarray | None = None, native: bool | None = None) -> None:
         if not isinstance(config, MoESpacConfig):
             raise ValueError(f"config: expected MoESpacConfig, got {type(config).__name__}")
         self.config = config
@@ -180,40 +194,40 @@ class ExpertEngine:
 
                 balancer = make_balancer(config.balancer)
             self.balancer = balancer
+        self._native = None
+        self._times = np.array([0.0, np.nan, 0.0, np.nan])
+        self._clock = np.array([0, -1], dtype=np.int64)
+        self._next_use = None
         if self.policy is Policy.ORACLE:
             if future_counts is None:
                 raise ValueError("future_counts: the oracle policy needs the future routing "
                                  "([steps, L, E] counts)")
             self.set_future(future_counts)
-        else:
-            self._next_use = None
 
         self._score = np.zeros((L, E), dtype=np.float64)  # hybrimoe EMA / static frequency
         self._last_counts = np.zeros((L, E), dtype=np.int64)
         self._ctx: StepContext | None = None
-        self._step = -1  # index of the current decode/verify step (oracle future index)
-        self._tick = 0
-        # per-layer state of the plan in flight
-        self._pinned: list[list[int]] = [[] for _ in range(L)]
-        self._pending: list[list[int]] = [[] for _ in range(L)]  # loads the plan waits for
-        self._prefetched: list[set[int]] = [set() for _ in range(L)]  # issued, not yet used
-        self._c = dict(steps=0, tokens=0, hits=0, misses=0, fetched_experts=0, device_experts=0,
-                       cpu_experts=0, prefetch_issued=0, prefetch_used=0, prefetch_wasted=0,
-                       prefetch_late=0)
+        # per-layer state of the plan in flight, as [L, E] masks (engine_state.py)
+        self._masks = np.zeros((3, L, E), dtype=bool)
+        self._pinned = [ExpertSet(m) for m in self._masks[0]]
+        self._pending = [ExpertSet(m) for m in self._masks[1]]  # loads the plan waits for
+        self._prefetched = [ExpertSet(m) for m in self._masks[2]]  # issued, not yet used
+        self._c = Counters()
         self._stall_ms = 0.0
         self._cpu_ms = 0.0
         self._gpu_ms = 0.0
         # the engine's own model of the copy link and of the step's timeline (clock ms), for
         # deadline-aware prefetch: a copy is issued only if it can land before its layer starts
-        self._link_free_ms = 0.0
-        self._begin_ms: float | None = None
-        self._end_ms: float | None = None
-        self._gap_ms = 0.0  # end_step -> next begin_step (the draft phase), last step
         self._layer_offset_ms = np.zeros(L, dtype=np.float64)  # begin_step -> plan_layer(l)
         self._window_ids: list[np.ndarray | None] = [None] * L  # last decode/verify routing
         self._full: list[np.ndarray | None] = [None] * L  # resident_slots() once a layer is full
+        self._open = np.ones(L, dtype=bool)  # not yet whole (_full[layer] is None)
         self._stash: list[tuple[int, Any]] = []  # (layer, routing) of whole layers, this step
         self._writer: StatsWriter | None = None  # opened at the first report (stats_file)
+        if native is not False:
+            from moespac_vllm.plan_native import attach
+
+            self._native = attach(self, required=bool(native))
 
     # ---- oracle ------------------------------------------------------------------------------
     def set_future(self, future_counts: np.ndarray) -> None:
@@ -230,6 +244,8 @@ class ExpertEngine:
         for s in range(n - 1, -1, -1):
             nxt[s] = np.where(f[s] > 0, s, nxt[s + 1])
         self._next_use = nxt
+        if self._native is not None:
+            self._native.set_future(nxt)
 
     def _belady_key(self, layer: int) -> np.ndarray | None:
         if self._next_use is None:
@@ -271,6 +287,8 @@ class ExpertEngine:
                 t.mark_ready(e)
 
     def plan_layer(self, layer: int, topk_ids: np.ndarray) -> LayerPlan:
+        if self._native is not None:
+            return self._native.plan_layer(layer, topk_ids)
         ids = np.asarray(topk_ids)
         E = self.dims.num_experts
         if ids.ndim != 2 or ids.dtype.kind not in "iu":
@@ -302,7 +320,7 @@ class ExpertEngine:
             loading = routed[has_slot & ~is_ready].tolist()
             absent = routed[~has_slot].tolist()
         table.pin_many(np.asarray(ready, dtype=np.int64))
-        self._pinned[layer] = ready
+        self._pinned[layer].assign(ready)
         if decoding:
             c = self._c
             c["hits"] += len(ready)
@@ -343,7 +361,7 @@ class ExpertEngine:
             self._load(layer, e, slot)
             fetches.append((e, slot))
             self._c["fetched_experts"] += 1
-        self._pending[layer] = wait + fetch
+        self._pending[layer].assign(wait + fetch)
         device += wait + fetch
 
         slot_map = np.full(E, -1, dtype=np.int32)
@@ -439,6 +457,8 @@ class ExpertEngine:
         return slot
 
     def finish_layer(self, layer: int, topk_ids: np.ndarray) -> None:
+        if self._native is not None:
+            return self._native.finish_layer(layer, topk_ids)
         ids = np.asarray(topk_ids)
         E = self.dims.num_experts
         counts = np.bincount(ids.ravel(), minlength=E) if ids.size else np.zeros(E, np.int64)
@@ -447,8 +467,7 @@ class ExpertEngine:
             if table.is_loading(e) and self.mover.is_ready(layer, table.slot_of(e)):
                 table.mark_ready(e)
         table.unpin_many(np.asarray(self._pinned[layer], dtype=np.int64))
-        self._pinned[layer] = []
-        self._pending[layer] = []
+        self._masks[:2, layer] = False
         self._tick += 1
         table.touch_many(np.flatnonzero(counts), self._tick)
         if self._decoding():
@@ -506,6 +525,7 @@ class ExpertEngine:
             full = table.slots_of(np.arange(E)).astype(np.int32)
             full.flags.writeable = False
             self._full[layer] = full
+            self._open[layer] = False
         return full
 
     def note_resident_forward(self, layer: int, topk_ids: Any) -> None:
@@ -578,6 +598,10 @@ class ExpertEngine:
         if not self.estimator.observe_draft(layer, counts, num_tokens=max(1, x.shape[0])):
             return
         if self.policy is Policy.SPAC and self.config.prefetch:
+            if self._native is not None:
+                self._native.prefetch_layer(layer, self.estimator.predicted_levels(layer),
+                                            counts, deadline=False)
+                return
             self._prefetch_layer(layer, self.estimator.predicted_levels(layer), counts,
                                  deadline=False)
 
@@ -602,7 +626,9 @@ class ExpertEngine:
             return
         L = self.dims.num_layers
         open_layers = [layer for layer in range(L) if self._full[layer] is None]
-        if self.policy is Policy.SPAC:
+        if self._native is not None and self.policy in (Policy.SPAC, Policy.HYBRIMOE):
+            self._native.prefetch_step()
+        elif self.policy is Policy.SPAC:
             for layer in open_layers:
                 self._prefetch_layer(layer, self._scores(layer), self._last_counts[layer])
         elif self.policy is Policy.HYBRIMOE:

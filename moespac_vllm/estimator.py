@@ -136,6 +136,11 @@ class UtilityEstimator:
         `num_tokens` (the window size n) is needed only with theta_scale 'window'."""
         c = self._check_counts(layer, counts)
         self._apply(self._levels[layer], c, self.theta_up_for(num_tokens))
+        self.drop_draft(layer)
+
+    def drop_draft(self, layer: int) -> None:
+        """Forget `layer`'s pending draft signal (done by `observe`; the native planner, which
+        applies the rule to `levels` itself, calls it after each committed window)."""
         if self._draft_tokens[layer]:
             self._draft_counts[layer].fill(0)
             self._draft_tokens[layer] = 0
