@@ -44,9 +44,22 @@ ENV_PREFIX = "MOESPAC_"
 ENV_JSON = "MOESPAC_CONFIG"
 # MOESPAC_* variables that are not configuration keys. Any other MOESPAC_* variable that is not a
 # flat key is a typo and is refused, so a misspelt setting cannot be silently ignored.
+ENV_ENABLE = "MOESPAC_ENABLE"  # set by `--plugin moespac`; any value but 0/false/no/off enables
+# Set by the process that built an enabled engine config, for the engine processes it starts
+# (they inherit the environment; their plugin load sees no VllmConfig yet). Not a user setting.
+ENV_ENGINE_ENABLED = "MOESPAC_ENGINE_ENABLED"
+ENV_CACHE_DIR = "MOESPAC_CACHE_DIR"  # where measured cost profiles are cached
 ENV_NON_CONFIG = frozenset(
-    {ENV_JSON, "MOESPAC_ALLOW_UNVERIFIED_VLLM", "MOESPAC_DATA_DIR", "MOESPAC_MODEL_DIR"}
+    {ENV_JSON, ENV_ENABLE, ENV_ENGINE_ENABLED, ENV_CACHE_DIR, "MOESPAC_ALLOW_UNVERIFIED_VLLM",
+     "MOESPAC_DATA_DIR", "MOESPAC_MODEL_DIR"}
 )
+# MOESPAC_* variables that do not ask for offloading: where data or caches live, the version gate.
+ENV_NOT_ENABLING = frozenset(
+    {ENV_ENGINE_ENABLED, ENV_CACHE_DIR, "MOESPAC_ALLOW_UNVERIFIED_VLLM", "MOESPAC_DATA_DIR",
+     "MOESPAC_MODEL_DIR"}
+)
+HOW_TO_ENABLE = ("add a \"moespac\" section to --additional-config / additional_config=, set any "
+                 "MOESPAC_<KEY> variable, or pass --plugin moespac")
 DEFAULT_CACHE_RATIO = 0.25
 
 
@@ -380,6 +393,41 @@ def _build(flat: dict[str, Any]) -> MoESpacConfig:
     )
 
 
+def enabled_by(additional_config: Mapping[str, Any] | None = None,
+               environ: Mapping[str, str] | None = None) -> str | None:
+    """Why offloading is on for an engine, or None when it is off (stock vLLM runs untouched).
+
+    On when the engine's additional_config has a "moespac" section, or any MOESPAC_* variable
+    other than the data/cache/version-gate ones is set (a config key, MOESPAC_CONFIG,
+    MOESPAC_ENABLE from `--plugin moespac`, or the engine-process marker)."""
+    env = os.environ if environ is None else environ
+    if additional_config and "moespac" in additional_config:
+        return "additional_config"
+    if env.get(ENV_ENGINE_ENABLED, "") == "1":
+        return "engine config"
+    names = sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in ENV_NOT_ENABLING)
+    if names == [ENV_ENABLE] and env[ENV_ENABLE].strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return names[0] if names else None
+
+
+def prepare_output_path(field_name: str, path: str) -> Path:
+    """Make `path` writable before anything runs: create missing parent directories, then check
+    that a file can be created there. Raises ValueError naming `field_name` otherwise (so a run
+    fails at start rather than losing its output at exit)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{field_name}: {path} is a directory; give a file path")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{field_name}: cannot create directory {p.parent} ({e.strerror})") \
+            from None
+    if not os.access(p.parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{field_name}: {path} is not writable")
+    return p
+
+
 def config_as_json(cfg: MoESpacConfig) -> str:
     return json.dumps(cfg.to_flat(), sort_keys=True)
 
@@ -417,6 +465,8 @@ __all__ = [
     "StatsConfig",
     "ThetaScale",
     "config_as_json",
+    "enabled_by",
     "json_object",
+    "prepare_output_path",
     "shared_data_dir",
 ]

@@ -11,7 +11,12 @@ Counting units (all cumulative since the engine started):
   evicted (or cancelled) unused. precision = used / (used + wasted); recall = used / (used +
   misses), i.e. the share of the demand not already resident that prefetching covered.
 - h2d_bytes: host->device bytes (mover); stall_ms: time the device branch waited on copies;
-  cpu_ms / gpu_ms: modelled (simulator) or measured busy time of each branch.
+  cpu_ms / gpu_ms: modelled (simulator) or measured busy time of each branch; host_fused_ms: on
+  a CPU-only engine both branches run in ONE host call (stock vLLM's CPU experts over the store
+  and slot rows), so that call's time is reported as what it is, not split into "GPU" and "CPU".
+
+Ratios with nothing to count (no routed pair, nothing prefetched) are undefined: the properties
+return 0.0 for numeric consumers, `as_dict` gives None and the log line prints `n/a`.
 """
 from __future__ import annotations
 
@@ -38,6 +43,19 @@ class EngineStats:
     stall_ms: float = 0.0
     cpu_ms: float = 0.0
     gpu_ms: float = 0.0
+    host_fused_ms: float = 0.0  # CPU-only engines: device-slot and CPU pairs in one host call
+
+    @property
+    def hit_rate_defined(self) -> bool:
+        return self.hits + self.misses > 0
+
+    @property
+    def prefetch_precision_defined(self) -> bool:
+        return self.prefetch_used + self.prefetch_wasted > 0
+
+    @property
+    def prefetch_recall_defined(self) -> bool:
+        return self.prefetch_used + self.misses - self.prefetch_late > 0
 
     @property
     def hit_rate(self) -> float:
@@ -56,21 +74,31 @@ class EngineStats:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["hit_rate"] = self.hit_rate
-        d["prefetch_precision"] = self.prefetch_precision
-        d["prefetch_recall"] = self.prefetch_recall
+        d["hit_rate"] = self.hit_rate if self.hit_rate_defined else None
+        d["prefetch_precision"] = (self.prefetch_precision if self.prefetch_precision_defined
+                                   else None)
+        d["prefetch_recall"] = self.prefetch_recall if self.prefetch_recall_defined else None
         return d
 
 
+def _pct(value: float, defined: bool) -> str:
+    return f"{100 * value:.1f}%" if defined else "n/a"
+
+
 def format_log_line(s: EngineStats) -> str:
-    """One line in the style of vLLM's periodic metrics log."""
+    """One line in the style of vLLM's periodic metrics log. Times are named for what was
+    measured: the host-fused call on a CPU-only engine, else the device and CPU branches."""
+    if s.host_fused_ms > 0 and s.gpu_ms == 0 and s.cpu_ms == 0:
+        times = f"host-fused experts: {s.host_fused_ms:.1f} ms"
+    else:
+        times = f"device experts: {s.gpu_ms:.1f} ms, CPU experts: {s.cpu_ms:.1f} ms"
     return (
-        f"MoE-SpAc: steps: {s.steps}, expert hit rate: {100 * s.hit_rate:.1f}%, "
-        f"prefetch precision: {100 * s.prefetch_precision:.1f}%, "
-        f"prefetch recall: {100 * s.prefetch_recall:.1f}%, "
-        f"experts device/CPU: {s.device_experts}/{s.cpu_experts}, "
+        f"MoE-SpAc: steps: {s.steps}, expert hit rate: {_pct(s.hit_rate, s.hit_rate_defined)}, "
+        f"prefetch precision: {_pct(s.prefetch_precision, s.prefetch_precision_defined)}, "
+        f"prefetch recall: {_pct(s.prefetch_recall, s.prefetch_recall_defined)}, "
+        f"experts device-slot/CPU: {s.device_experts}/{s.cpu_experts}, "
         f"fetched: {s.fetched_experts}, H2D: {s.h2d_bytes / 1e9:.2f} GB, "
-        f"stall: {s.stall_ms:.1f} ms, CPU: {s.cpu_ms:.1f} ms"
+        f"stall: {s.stall_ms:.1f} ms, {times}"
     )
 
 

@@ -18,6 +18,33 @@ LEDGER: tuple[tuple[str, str, str, str, str], ...] = (
         "when vLLM grows a --plugin flag, or when the spelling is dropped from the docs",
     ),
     (
+        "plugin.py:_EnablePlugin",
+        "the `--plugin moespac` action sets MOESPAC_ENABLE=1 in the environment",
+        "opt-in: the flag must reach the engine being configured and the engine processes it "
+        "starts, which inherit the environment (argparse drops unknown EngineArgs fields)",
+        "plain argparse action on our own flag",
+        "with the --plugin flag",
+    ),
+    (
+        "engine_config.py:install",
+        "vllm.engine.arg_utils.EngineArgs.create_engine_config (wrapped; original called "
+        "unchanged, then the finished VllmConfig is read and, for an enabled MoE engine, "
+        "compilation_config.cudagraph_mode set to NONE with capture sizes cleared)",
+        "the one place every engine's config is built (LLM, vllm serve, AsyncLLM) and the only one "
+        "where a plugin sees additional_config before engine processes start: opt-in decision, "
+        "start-up checks (profile, stats_file, record_trace), the `not enabled` line. CUDA "
+        "graphs: vLLM's O2 default FULL_AND_PIECEWISE would replay one expert placement; "
+        "PIECEWISE split at vllm::moe_forward* would feed the next graph a stale pointer (the "
+        "op's and shared experts' outputs are fresh allocations, graphs read capture-time "
+        "addresses), so NONE with torch.compile kept is the fastest mode correct for every MoE "
+        "model; done as vLLM's own fallback to NONE (_normalize_piecewise_cudagraph_mode)",
+        "not sanctioned: vLLM has no config hook for general plugins (platform "
+        "check_and_update_config belongs to platform plugins; MODELS_CONFIG_MAP is per "
+        "architecture and runs before the optimisation-level defaults exist); wraps, never edits",
+        "when vLLM gives general plugins a config hook, or when the offloaded op writes "
+        "persistent per-batch-size buffers (then PIECEWISE with vllm::moe_forward split: GPU check)",
+    ),
+    (
         "routed_experts.py:OffloadedRoutedExperts",
         "vllm RoutedExperts (PluggableLayer.register_oot 'RoutedExperts'; subclass: host-memory "
         "weights, forward_modular runs the offloaded layer; draft_model.* layers stay stock)",
@@ -38,10 +65,15 @@ LEDGER: tuple[tuple[str, str, str, str, str], ...] = (
     ),
     (
         "spec_hook.py:install",
-        "vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model / propose_draft_token_ids "
-        "/ sample_tokens (wrapped; originals called unchanged; signatures checked at install)",
-        "per-step StepContext from the public SchedulerOutput; end_step(accepted) before the "
-        "drafter runs so prefetch overlaps the draft phase",
+        "V1 vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model / "
+        "propose_draft_token_ids / sample_tokens and V2 vllm.v1.worker.gpu.model_runner."
+        "GPUModelRunner.execute_model / sample_tokens (wrapped on the classes; originals called "
+        "unchanged; signatures checked at install); V2 `runner.speculator.propose` wrapped on "
+        "the runner's own speculator instance (BaseSpeculator.propose signature checked); "
+        "`get_output` wrapped on the AsyncModelRunnerOutput object sample_tokens returned",
+        "per-step StepContext from the public SchedulerOutput; the step closes before the "
+        "drafter of any method runs so prefetch overlaps the draft phase; accepted counts read "
+        "where vLLM already copied the sampled ids to the host (no extra host sync)",
         "not sanctioned (no step hook in vLLM 0.32/0.33); wraps, never edits",
         "when vLLM exposes a per-step callback for plugins (scheduler output + accepted counts)",
     ),

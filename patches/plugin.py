@@ -1,4 +1,4 @@
-"""The vLLM general plugin: version gate, config, and the registration hooks of the offloaded layer.
+"""The vLLM general plugin: version gate, opt-in, config, and the registration hooks.
 
 vLLM calls `moespac_vllm.register()` (entry point `vllm.general_plugins: moespac`) in every process
 it starts (API server, engine core, workers), possibly several times per process, whenever
@@ -8,24 +8,33 @@ it starts (API server, engine core, workers), possibly several times per process
 - lazy: it imports only `vllm.version` and, once past the gate, the glue modules;
 - gated: vLLM versions outside VERIFIED_VLLM_VERSIONS leave the plugin inert with ONE warning, unless
   `MOESPAC_ALLOW_UNVERIFIED_VLLM=1`;
-- observable: it logs "moespac: plugin loaded (vLLM x.y.z, cache_ratio ..., policy ...)" and
-  `state()` returns what happened (tests read it in a subprocess).
+- opt-in: installing the package changes nothing. Offloading is on for an engine only when asked
+  (`config.enabled_by`: a "moespac" section in its additional_config, a `MOESPAC_*` setting, or
+  `--plugin moespac`). Otherwise only two inert hooks are installed (the `--plugin` flag and the
+  engine-config hook, `engine_config.py`) and stock vLLM runs untouched; the process that builds
+  the engine config logs exactly one line `moespac: installed, not enabled (...)`.
 
-Config at register time. vLLM does not hand general plugins its `VllmConfig` (load_general_plugins()
-takes no argument, and in the API-server process it runs while the CLI parser is being built, before
-any config exists). So `register()` resolves `MoESpacConfig` from `MOESPAC_*` env plus, when a
-`VllmConfig` is already current (worker processes during model construction), its
-`additional_config`. The offloaded layer must call `config_for(vllm_config)` when it is built: that
-merges `--additional-config '{"moespac": {...}}'` over the env, and is the config in force.
+Where the decision is made. vLLM does not hand general plugins its `VllmConfig`: in the API-server
+process plugins load while the CLI parser is being built, before any config exists. The config is
+built later by `EngineArgs.create_engine_config`, which `engine_config.py` wraps: there the
+additional_config is known, the compilation config is made safe, start-up checks run, and for an
+enabled engine `MOESPAC_ENGINE_ENABLED=1` is put in the environment, which the engine-core and
+worker processes it starts inherit; their `register()` reads it and installs the offloaded layer
+(`routed_experts.register`) before the model is built. In-process engines
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) get the layer from the hook directly (`enable_offloading`).
+The layer calls `config_for(vllm_config)` when it is built: `--additional-config '{"moespac":
+{...}}'` merged over the env is the config in force.
 
 The `--plugin moespac` flag: vLLM 0.32/0.33 has no such flag. But `AsyncEngineArgs.add_cli_args`
 (the serve parser of both `vllm serve` and `python -m vllm.entrypoints.openai.api_server`) calls
 load_general_plugins() *before* it adds the engine arguments "so plugins can update the parser"; we
-wrap `EngineArgs.add_cli_args` to add `--plugin {moespac}` there (LEDGER). Whether the plugin is loaded
-is still decided by vLLM's `VLLM_PLUGINS`; the flag only makes the design card's spelling parse.
+wrap `EngineArgs.add_cli_args` to add `--plugin {moespac}` there (LEDGER). Parsing it sets
+`MOESPAC_ENABLE=1` in the environment, which enables offloading for the engine being configured
+(and, inherited, in its engine processes).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import threading
@@ -33,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moespac_vllm.config import MoESpacConfig
+from moespac_vllm.config import ENV_ENABLE, HOW_TO_ENABLE, MoESpacConfig, enabled_by
 
 logger = logging.getLogger("moespac_vllm.plugin")
 
@@ -58,11 +67,15 @@ class PluginState:
     # where `config` came from: "env" (MOESPAC_* only; an engine's --additional-config is applied
     # when its layers are built) or "env+additional_config" (a VllmConfig was current)
     config_source: str = "env"
+    # why offloading is on in this process at register time (config.enabled_by), None: not (yet)
+    enabled: str | None = None
 
     def summary(self) -> str:
         """The one-line load message (also the demo's stats line until the layer reports)."""
         if not self.loaded:
             return f"moespac: plugin inert (vLLM {self.vllm_version}: {self.inert_reason})"
+        if not self.enabled and not self.layer_installed:
+            return f"moespac: installed, not enabled ({HOW_TO_ENABLE})"
         c = self.config
         budget = (f"gpu_expert_budget_gb {c['gpu_expert_budget_gb']}"
                   if c.get("gpu_expert_budget_gb") is not None
@@ -134,35 +147,73 @@ def _register(environ: Mapping[str, str]) -> PluginState:
         logger.warning("moespac: loading on unverified vLLM %s because %s=1", version,
                        ALLOW_UNVERIFIED_ENV)
 
-    # Bad config raises here, which stops vLLM with our one-line ValueError naming the field.
     from vllm.config import get_current_vllm_config_or_none
 
     current = get_current_vllm_config_or_none()
-    config = config_for(current, environ=environ)
+    additional = getattr(current, "additional_config", None) if current is not None else None
+    why = enabled_by(additional if isinstance(additional, Mapping) else None, environ)
     flag = _install_plugin_flag()
+    from moespac_vllm.patches import engine_config
 
-    # ---- the offloaded layer's registration hook (issue #4: patches/routed_experts.py) --------
-    layer_installed = False
+    engine_config.install()
+    if why is None:
+        # Nothing else is touched. The engine-config hook logs the one "not enabled" line in the
+        # process that builds the config; engine processes stay silent.
+        st = PluginState(loaded=True, vllm_version=version, verified=verified,
+                         cli_flag_installed=flag)
+        logger.debug("%s", st.summary())
+        return st
+    # Bad config raises here, which stops vLLM with our one-line ValueError naming the field.
+    config = config_for(current, environ=environ)
+    layer_installed = _install_layer(config)
+    st = PluginState(loaded=True, vllm_version=version, verified=verified,
+                     config=config.to_flat(), layer_installed=layer_installed,
+                     cli_flag_installed=flag, enabled=why,
+                     config_source="env" if current is None else "env+additional_config")
+    logger.info("%s", st.summary())
+    return st
+
+
+def _install_layer(config: MoESpacConfig) -> bool:
+    """routed_experts.register(config): the offloaded layer and the step hooks."""
+    import importlib
+
     try:
-        import importlib
-
         routed_experts = importlib.import_module(LAYER_MODULE)
     except ImportError as e:
         if e.name != LAYER_MODULE:
             raise  # the layer exists but something it imports is missing: that is a real error
         logger.info("moespac: offloaded layer not installed yet (%s missing); plugin loaded "
                     "without offloading", LAYER_MODULE)
-    else:
-        routed_experts.register(config)
-        layer_installed = True
-    # ---------------------------------------------------------------------------------------
+        return False
+    routed_experts.register(config)
+    return True
 
-    st = PluginState(loaded=True, vllm_version=version, verified=verified,
-                     config=config.to_flat(), layer_installed=layer_installed,
-                     cli_flag_installed=flag,
-                     config_source="env" if current is None else "env+additional_config")
-    logger.info("%s", st.summary())
-    return st
+
+def enable_offloading(config: MoESpacConfig) -> None:
+    """An engine of this process is enabled (engine_config's hook): make sure the offloaded layer
+    is installed here too (in-process engines build their model in this process)."""
+    global _state
+    with _lock:
+        st = _state
+        if st is None or not st.loaded:
+            return
+        installed = _install_layer(config)
+        if not st.layer_installed or not st.enabled:
+            from dataclasses import replace
+
+            _state = replace(st, layer_installed=installed, enabled=st.enabled or "engine config",
+                             config=config.to_flat(), config_source="env+additional_config")
+            logger.info("%s", _state.summary())
+
+
+def disable_offloading() -> None:
+    """An engine of this process is not enabled: a later model built here must be stock, so the
+    out-of-tree layer is withdrawn (the step hooks find no runtime and stay inert)."""
+    import sys
+
+    if LAYER_MODULE in sys.modules:
+        sys.modules[LAYER_MODULE].unregister()
 
 
 def _ensure_log_handler(environ: Mapping[str, str]) -> None:
@@ -191,13 +242,13 @@ def stats_line(vllm_config: Any | None = None) -> str:
     st = _state
     if st is None:
         return "moespac: plugin not loaded in this process"
+    if not st.loaded or (not st.enabled and not st.layer_installed):
+        return st.summary()
     if st.layer_installed:
         import importlib
 
         layer = importlib.import_module(LAYER_MODULE)
-        fn = getattr(layer, "stats_line", None)
-        if callable(fn):
-            return str(fn())
+        return str(layer.stats_line())
     if vllm_config is not None and st.loaded:
         from dataclasses import replace
 
@@ -207,6 +258,16 @@ def stats_line(vllm_config: Any | None = None) -> str:
 
 
 # ---- `--plugin moespac` on vLLM's serve parser (LEDGER) ------------------------------------
+class _EnablePlugin(argparse.Action):
+    """`--plugin moespac`: store the value and set MOESPAC_ENABLE=1, which `enabled_by` reads in
+    this process (when the engine config is built) and, inherited, in the engine processes."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None
+                 ) -> None:
+        setattr(namespace, self.dest, values)
+        os.environ[ENV_ENABLE] = "1"
+
+
 def _install_plugin_flag() -> bool:
     """Wrap `EngineArgs.add_cli_args` so the serve parser accepts `--plugin moespac`.
 
@@ -226,9 +287,9 @@ def _install_plugin_flag() -> bool:
         target = out if out is not None else parser
         if not any(PLUGIN_FLAG in a.option_strings for a in target._actions):
             target.add_argument(
-                PLUGIN_FLAG, choices=[PLUGIN_NAME], default=None,
-                help="Accepted for the moespac design card's spelling `vllm serve MODEL "
-                "--plugin moespac`. moespac is loaded when VLLM_PLUGINS is unset or names it; "
+                PLUGIN_FLAG, choices=[PLUGIN_NAME], default=None, action=_EnablePlugin,
+                help="Enable moespac expert offloading for this engine (the same as a "
+                "\"moespac\" section in --additional-config, or any MOESPAC_* setting); "
                 "configure it with --additional-config '{\"moespac\": {...}}'.")
         return out
 
@@ -243,6 +304,8 @@ __all__ = [
     "PluginState",
     "VERIFIED_VLLM_VERSIONS",
     "config_for",
+    "disable_offloading",
+    "enable_offloading",
     "register",
     "state",
     "stats_line",

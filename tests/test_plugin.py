@@ -1,6 +1,8 @@
 """The vLLM plugin: vLLM's own loader honours VLLM_PLUGINS, register() is idempotent, gated on the
-vLLM version, parses the config (bad config stops vLLM with the field's name), calls the offloaded
-layer's hook, and makes `--plugin moespac` parse on vLLM's serve parser.
+vLLM version, opt-in (installed but not asked for: nothing but two inert hooks, and one `not
+enabled` line where the engine config is built), parses the config (bad config stops vLLM with the
+field's name), calls the offloaded layer's hook, and makes `--plugin moespac` parse on vLLM's serve
+parser and enable offloading.
 
 Each scenario is a fresh interpreter (plugin state and vLLM's `plugins_loaded` are per process);
 three interpreters start together in one module fixture because each pays vLLM's import (~10 s
@@ -53,6 +55,36 @@ SCENARIOS: dict[str, tuple[dict[str, str], str]] = {
                layer_exists=importlib.util.find_spec(plugin.LAYER_MODULE) is not None,
                moespac_serve=[ms.model_tag, ms.host, ms.port, ms.plugin],
                config_for=plugin.config_for(vc).to_flat())
+    """),
+    # Installed and loaded, not asked for: no layer, no step hooks; EngineArgs builds a config
+    # (the tiny model's) with the one "not enabled" line; `--plugin moespac` then enables.
+    "not_enabled": ({"VLLM_PLUGINS": "moespac"}, """
+        import os
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from dataclasses import asdict
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.model_executor.custom_op import op_registry_oot
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        from moespac_vllm.patches import plugin
+        from moespac_vllm.patches.serve import build_serve_parser
+        st = asdict(plugin.state())
+        wrapped = getattr(GPUModelRunner.execute_model, "_moespac_wrapped", False)
+        model = os.environ["TINY_MODEL"]
+        vc = EngineArgs(model=model, enforce_eager=True, max_model_len=256).create_engine_config()
+        vc2 = EngineArgs(model=model, enforce_eager=True, max_model_len=256).create_engine_config()
+        oot_after_off = "RoutedExperts" in op_registry_oot
+        stats_off = plugin.stats_line()
+        print("PHASE flag", flush=True)
+        parser, _ = build_serve_parser()
+        args = parser.parse_args(["serve", model, "--plugin", "moespac"])
+        vc3 = EngineArgs(model=model, enforce_eager=True, max_model_len=256).create_engine_config()
+        report(state=st, runner_wrapped=wrapped, oot_after_off=oot_after_off,
+               stats=stats_off, enable_env=os.environ.get("MOESPAC_ENABLE"),
+               engine_marker=os.environ.get("MOESPAC_ENGINE_ENABLED"),
+               oot_after_flag="RoutedExperts" in op_registry_oot,
+               runner_wrapped_after_flag=getattr(GPUModelRunner.execute_model,
+                                                 "_moespac_wrapped", False))
     """),
     # VLLM_PLUGINS=other: vLLM's loader keeps us out; the flag does not exist.
     "other": ({"VLLM_PLUGINS": "other"}, """
@@ -108,12 +140,16 @@ SCENARIOS: dict[str, tuple[dict[str, str], str]] = {
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[str, tuple[dict, str]]:
+def results(tmp_path_factory) -> dict[str, tuple[dict, str]]:
+    from moespac_vllm.models.tiny import make_tiny_model
+
+    tiny = make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", "qwen3_moe").target
     procs = {}
     for name, (env, body) in SCENARIOS.items():
         full_env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("MOESPAC_", "VLLM_PLUGINS"))}
         full_env.update(env)
+        full_env["TINY_MODEL"] = str(tiny)
         code = _PRELUDE + textwrap.dedent(body)
         procs[name] = subprocess.Popen([sys.executable, "-c", code], env=full_env,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -134,6 +170,24 @@ def test_vllm_plugins_moespac_loads_it_once_with_a_log_line(results):
     assert st["layer_installed"] == res["layer_exists"]
     assert log.count("moespac: plugin loaded (vLLM ") == 1, log[-2000:]
     assert "cache_ratio 0.5" in log
+
+
+def test_installed_but_not_enabled_touches_nothing_and_says_so_once(results):
+    res, log = results["not_enabled"]
+    st = res["state"]
+    assert st["loaded"] and st["enabled"] is None and not st["layer_installed"]
+    assert res["runner_wrapped"] is False and res["oot_after_off"] is False
+    before_flag = log.split("PHASE flag")[0]
+    assert before_flag.count("moespac: installed, not enabled (") == 1, log[-3000:]
+    assert "--plugin moespac" in before_flag and "moespac: plugin loaded" not in before_flag
+    assert res["stats"].startswith("moespac: installed, not enabled (")
+
+
+def test_plugin_flag_enables_offloading_for_the_next_engine(results):
+    res, _ = results["not_enabled"]
+    assert res["enable_env"] == "1"  # inherited by the engine processes
+    assert res["engine_marker"] == "1"
+    assert res["oot_after_flag"] is True and res["runner_wrapped_after_flag"] is True
 
 
 def test_vllm_plugins_other_keeps_it_out(results):
