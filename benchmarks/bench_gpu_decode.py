@@ -1,5 +1,6 @@
-"""GPU decode harness: a real-size MoE decode loop built from the SAME layer code the vLLM plugin
-runs (`offload.OffloadedExperts` driven by `engine.ExpertEngine`, copies by `mover`), without vLLM.
+"""GPU decode harness: a real-size MoE decode loop driving the SAME runtime the vLLM plugin drives
+(`runtime.OffloadRuntime`: its store, slots, mover, `engine.ExpertEngine` and
+`offload.OffloadedExperts` layers), without vLLM.
 
 Shape legend: L MoE layers, E experts, K top-k, H hidden, I expert intermediate, T tokens per
 forward (1 plain decoding, 1 + k when verifying k draft tokens), S slots per layer.
@@ -8,10 +9,10 @@ What runs per step (mirrors `simulate.run_engine`, with real kernels and copies 
 
     [speculative policies] draft phase: k x one dense draft forward (a GEMV over `draft_gb` of
                            weights: the paper's dense Qwen3-4B-FP8 draft streams ~4 GB per token)
-    engine.begin_step(StepContext)
+    rt.begin_step(StepContext)
     for each layer l:  x = rms_norm(x + attention_stub_l(x))   # GEMMs of the model's q/k/v/o sizes
-                       x = rms_norm(x + OffloadedExperts_l.forward(x, ids[T,K], weights[T,K]))
-    lm_head_stub(x); engine.end_step(accepted)                  # end_step issues prefetches
+                       x = rms_norm(x + rt.forward(l, x, weights[T,K], ids[T,K]))
+    lm_head_stub(x); rt.end_step(accepted)                      # end_step issues prefetches
 
 Routing is REPLAYED from a trace (`trace.load_trace`): the real Mixtral-8x7B decode routing of
 shared/data (its dims: 32 x 8 experts, top-2, H 4096, I 14336) or a synthetic Qwen3-30B-A3B-scale
@@ -43,6 +44,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,10 +56,10 @@ import torch.nn.functional as F
 
 from moespac_vllm.config import MoESpacConfig, Policy
 from moespac_vllm.cost_model import ExpertCosts
-from moespac_vllm.engine import AUTOREGRESSIVE_POLICIES, ExpertEngine
-from moespac_vllm.mover import CudaStreamMover, SyncMover
-from moespac_vllm.offload import (ExpertStore, InlineCpuExperts, OffloadedExperts, SlotCache,
-                                  ThreadCpuExperts, experts_reference)
+from moespac_vllm.engine import AUTOREGRESSIVE_POLICIES
+from moespac_vllm.offload import (ExpertStore, InlineCpuExperts, ThreadCpuExperts,
+                                  experts_reference)
+from moespac_vllm.runtime import OffloadRuntime
 from moespac_vllm.simulate import autoregressive_workload, speculative_workload
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.trace import ModelDims, StepKind, Trace, load_trace
@@ -73,13 +75,6 @@ _DENSE = {  # (hidden, q_dim, kv_dim, vocab)
     4096: (4096, 1024, 32_000),  # Mixtral-8x7B: 32 q heads x 128, 8 kv heads x 128
 }
 DRAFT_GB_FULL = 4.0  # Qwen3-4B-FP8, the paper's draft, streamed once per draft token
-
-
-class WallClock:
-    """The engine's Clock on the host's monotonic timer."""
-
-    def now_ms(self) -> float:
-        return time.perf_counter() * 1e3
 
 
 # ---- trace preparation ------------------------------------------------------------------------
@@ -200,6 +195,7 @@ class Bench:
     store: ExpertStore
     stubs: DenseStubs
     costs: ExpertCosts
+    costs_label: str
     kernel: Any
     layer_kernel: Any
     kernel_name: str
@@ -226,20 +222,22 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
     work = b.sd_work if speculative else b.ar_work
     dims, device = b.dims, b.device
     cfg = MoESpacConfig().replace(policy=policy.value, cache_ratio=1.0 if resident else ratio)
-    num_slots = cfg.cache.slots_per_layer(dims.num_experts, dims.num_layers, dims.expert_bytes)
-
-    slots = SlotCache(device)
+    cpu = TimedCpuExperts(b.cpu_path)
+    # The runtime vLLM's glue builds, fed what the glue would hand it: every MoE layer in model
+    # order, then each layer's host weights (zero-copy: the bank is already host / pinned).
+    rt = OffloadRuntime(cfg, device, costs=b.costs, costs_label=b.costs_label, cpu_experts=cpu,
+                        device_kernel=b.layer_kernel, model_name=f"harness:{b.trace.label}")
     for layer in range(dims.num_layers):
-        slots.add_layer(layer, num_slots, b.store.w13(layer), b.store.w2(layer))
-    mover = CudaStreamMover(b.store, slots) if device.type == "cuda" else SyncMover(b.store, slots)
-    engine = ExpertEngine(cfg, dims, b.costs, mover, WallClock(), num_slots=num_slots)
-    if resident:  # every expert in its slot before the clock starts (as the vLLM glue does)
-        engine.load_full_layers()
+        rt.add_target_layer(f"layers.{layer}.mlp.experts", num_experts=dims.num_experts,
+                            top_k=dims.top_k, model_layer=layer)
+    for layer in range(dims.num_layers):
+        rt.weights_loaded(layer, b.store.w13(layer), b.store.w2(layer))
+    rt.build()  # everything that fits is loaded here, before the clock starts (load_full_layers)
+    engine, mover, slots = rt.engine, rt.mover, rt.slots
+    num_slots = slots.num_slots(0)
+    if resident:
         _sync(device)
         assert all(engine.resident_slots(layer) is not None for layer in range(dims.num_layers))
-    cpu = TimedCpuExperts(b.cpu_path)
-    layers = [OffloadedExperts(b.store, engine, layer, device, slots, mover, cpu_experts=cpu,
-                               device_kernel=b.layer_kernel) for layer in range(dims.num_layers)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bytes_before = mover.bytes_moved
@@ -258,8 +256,9 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
         for _ in range(k):
             b.stubs.draft_token()
         draft_tokens += k
-        engine.begin_step(StepContext(step=i, phase=Phase.VERIFY if speculative else Phase.DECODE,
-                                      num_tokens=T, tokens_per_request=(T,), num_draft_tokens=k))
+        rt.begin_step(StepContext(step=i, phase=Phase.VERIFY if speculative else Phase.DECODE,
+                                  num_tokens=T, tokens_per_request=(T,), num_draft_tokens=k),
+                      explicit=True)
         x = torch.randn(T, H, generator=g).to(device=device, dtype=torch.bfloat16)
         for layer in range(dims.num_layers):
             x = F.rms_norm(x + b.stubs.attention(layer, x), (H,))
@@ -268,10 +267,10 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
                 wts = torch.from_numpy(np.ascontiguousarray(st.topk_weights[:, layer, :]))
             else:
                 wts = torch.full(ids.shape, 1.0 / dims.top_k)
-            y = layers[layer].forward(x, ids, wts.to(device=device, dtype=torch.float32))
+            y = rt.forward(layer, x, wts.to(device=device, dtype=torch.float32), ids)
             x = F.rms_norm(x + y, (H,))
         b.stubs.lm_head(x)
-        engine.end_step(int(st.num_accepted) if speculative else 0)
+        rt.end_step(int(st.num_accepted) if speculative else 0)
         done_steps += 1
         if time.perf_counter() - t_start > b.args.run_seconds:
             break
@@ -327,7 +326,8 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
         "device": device_name(device),
         "command": b.args.command,
     }
-    del layers, engine, mover, slots
+    rt.close()
+    del rt, engine, mover, slots
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -353,17 +353,21 @@ def resolve_kernel(device: torch.device, choice: str) -> tuple[Any, Any, str]:
     return fused_experts, fused_experts, "kernels.fused_experts (triton)"
 
 
-def resolve_cpu_path(device: torch.device, choice: str) -> tuple[Any, str]:
+def resolve_cpu_path(device: torch.device, choice: str) -> tuple[Any, str, Callable[[], None]]:
     """`layer`: what the vLLM plugin's layer runs (offload's pair_outputs, weights upcast to fp32;
     on a worker thread when a GPU computes beside it). `native` / `exact`: the kernels issue's
-    CpuExpertPool backends (bf16 oneDNN GEMMs / reference arithmetic)."""
+    CpuExpertPool backends (bf16 oneDNN GEMMs / reference arithmetic). The third item releases
+    the path's threads."""
     if choice == "layer":
         if device.type == "cuda":
-            return ThreadCpuExperts(), "offload.ThreadCpuExperts (torch pair_outputs, 1 thread)"
-        return InlineCpuExperts(), "offload.InlineCpuExperts (torch pair_outputs, caller thread)"
+            pool = ThreadCpuExperts()
+            return pool, "offload.ThreadCpuExperts (torch pair_outputs, 1 thread)", pool.close
+        return (InlineCpuExperts(), "offload.InlineCpuExperts (torch pair_outputs, caller thread)",
+                lambda: None)
     from moespac_vllm.kernels.cpu_experts import CpuExpertPool
 
-    return CpuExpertPool(backend=choice), f"kernels.cpu_experts.CpuExpertPool({choice})"
+    cpu_pool = CpuExpertPool(backend=choice)
+    return cpu_pool, f"kernels.cpu_experts.CpuExpertPool({choice})", cpu_pool.close
 
 
 def resolve_costs(spec: str, dims: ModelDims, device: torch.device, quick: bool,
@@ -547,11 +551,12 @@ def main(argv: list[str] | None = None) -> int:
             costs, profile, cal = resolve_costs(args.profile, dims, device, args.tiny,
                                                 args.cpu_path)
             kernel, layer_kernel, kernel_name = resolve_kernel(device, args.kernel)
-            cpu_path, cpu_name = resolve_cpu_path(device, args.cpu_path)
+            cpu_path, cpu_name, close_cpu_path = resolve_cpu_path(device, args.cpu_path)
             b = Bench(trace=trace, ar_work=autoregressive_workload(trace),
                       sd_work=speculative_workload(trace, args.draft_tokens, args.acceptance,
                                                    args.seed),
                       dims=dims, device=device, store=store, stubs=stubs, costs=costs,
+                      costs_label=profile.name,
                       kernel=kernel, layer_kernel=layer_kernel, kernel_name=kernel_name,
                       cpu_path=cpu_path, profile=profile,
                       cpu_name=cpu_name, args=args)
@@ -573,8 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
-            if hasattr(cpu_path, "close"):
-                cpu_path.close()
+            close_cpu_path()
             del b, store, stubs
             gc.collect()
             if device.type == "cuda":

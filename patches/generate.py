@@ -213,12 +213,15 @@ def load_prompts(prompts_file: str | None = None, dataset: str | None = None,
 
 # ---- the run ---------------------------------------------------------------------------------
 def _acceptance(metrics: list[Any]) -> Acceptance:
+    """The speculative-decoding counters of `LLM.get_metrics()` (vllm.v1.metrics.reader: every
+    metric has a name; the three wanted ones are Counters, with a value)."""
+    from vllm.v1.metrics.reader import Counter
+
     wanted = {"vllm:spec_decode_num_drafts": 0, "vllm:spec_decode_num_draft_tokens": 0,
               "vllm:spec_decode_num_accepted_tokens": 0}
     for m in metrics:
-        name = getattr(m, "name", "")
-        if name in wanted:
-            wanted[name] += int(getattr(m, "value", 0))
+        if isinstance(m, Counter) and m.name in wanted:
+            wanted[m.name] += int(m.value)
     return Acceptance(wanted["vllm:spec_decode_num_drafts"],
                       wanted["vllm:spec_decode_num_draft_tokens"],
                       wanted["vllm:spec_decode_num_accepted_tokens"])
@@ -272,7 +275,7 @@ def run_generate(req: GenerateRequest, llm: Any | None = None) -> GenerateResult
     return GenerateResult(
         prompts=req.prompts, texts=texts, output_token_ids=ids,
         num_output_tokens=sum(len(t) for t in ids), elapsed_s=elapsed_s, acceptance=acc,
-        plugin_line=plugin_line(getattr(engine.llm_engine, "vllm_config", None)),
+        plugin_line=plugin_line(engine.llm_engine.vllm_config),
         vllm_version=str(vllm_version),
     )
 

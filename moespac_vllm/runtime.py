@@ -1,0 +1,418 @@
+"""The offload runtime: everything one offloaded target model shares across its MoE layers.
+
+One runtime, two drivers. The vLLM glue (`patches/routed_experts.py`) translates vLLM's layers,
+config and step hooks into the calls below; the GPU harness (`benchmarks/bench_gpu_decode.py`)
+makes the same calls while replaying a trace. Both therefore run the same store, slots, mover,
+engine, CPU expert pool and `OffloadedExperts` layers, so a harness run measures what vLLM runs.
+No vLLM here.
+
+Lifecycle (shapes: T tokens, K top-k, H hidden, E experts, I expert intermediate):
+
+    rt = OffloadRuntime(config, device)                     # costs, CPU pool, kernel: optional
+    i = rt.add_target_layer(name, num_experts=E, top_k=K, model_layer=N)   # in model order
+    rt.add_draft_layer(name, num_experts=E_draft)           # a draft model's MoE layers (signal)
+    w13, w2 = rt.weights_loaded(i, w13 [E,2I,H], w2 [E,H,I])   # into the store; slots allocated
+    rt.begin_step(StepContext, explicit=True)               # builds the engine at the first step
+    y [T,H] = rt.forward(i, x [T,H], topk_weights [T,K], topk_ids [T,K])   # every MoE layer
+    rt.end_step(num_accepted); rt.mark_draft_phase(); rt.observe_draft(j, draft_ids [T,K])
+    rt.close()                                              # final report, trace, stats file
+
+The engine is built when the first step begins and every layer's weights are in (the model's MoE
+layer count and dims are known only then). A forward outside an open step (profiling, warm-up,
+dummy runs) or a second forward of a layer inside one step opens an implicit step of its own.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from moespac_vllm.config import EstimatorSource, MoESpacConfig
+from moespac_vllm.cost_model import ExpertCosts
+from moespac_vllm.engine import ExpertEngine
+from moespac_vllm.mover import CudaStreamMover, Mover, SyncMover
+from moespac_vllm.offload import (
+    CpuExperts,
+    ExpertStore,
+    HostFusedKernel,
+    OffloadedExperts,
+    SlotCache,
+    ThreadCpuExperts,
+)
+from moespac_vllm.stats import EngineStats, StatsWriter, format_log_line
+from moespac_vllm.step_context import Phase, StepBoard, StepContext
+from moespac_vllm.trace import ModelDims, StepKind, TraceRecorder
+
+logger = logging.getLogger("moespac_vllm.layer")
+
+
+def default_costs(config: MoESpacConfig, dims: ModelDims) -> tuple[ExpertCosts, str]:
+    """The expert costs the balancer uses and their label. A configured profile (`profile`: a
+    name or a calibrated JSON) is resolved by `cost_model.get_profile` (an unknown one raises
+    ValueError naming the field); `auto` keeps the built-in estimate from dims (so labelled)."""
+    if config.profile != "auto":
+        from moespac_vllm.cost_model import get_profile
+
+        profile = get_profile(config.profile)
+        return profile.expert_costs(dims), profile.name
+    b = dims.expert_bytes
+    f = dims.expert_flops_per_token
+    # PCIe 5 x16 ~25 GB/s effective; device ~2 TB/s, 400 TFLOP/s; CPU ~50 GB/s, 1 TFLOP/s.
+    return ExpertCosts(gpu_fixed_ms=b / 2e12 * 1e3, gpu_per_token_ms=f / 4e14 * 1e3,
+                       cpu_fixed_ms=b / 5e10 * 1e3, cpu_per_token_ms=f / 1e12 * 1e3,
+                       fetch_ms=b / 2.5e10 * 1e3), "builtin-estimate"
+
+
+class MonotonicClock:
+    """The engine's Clock on the host's monotonic timer."""
+
+    def now_ms(self) -> float:
+        return time.perf_counter() * 1e3
+
+
+class OffloadRuntime:
+    """One offloaded target model: config, store, slots, mover, engine, CPU expert pool, stats,
+    trace recorder and the step boundaries (lifecycle in the module docstring).
+
+    Optional, for drivers that choose them (the GPU harness): `costs` (+ `costs_label`) instead of
+    `default_costs`, the `cpu_experts` path (default: a worker thread beside a CUDA device, inline
+    on a CPU), the `device_kernel` of every layer. `owner` is the object the runtime serves (the
+    glue: its VllmConfig), kept only so that a registry keyed by id() can tell reused ids apart.
+    `model_name` goes into the recorded trace's notes."""
+
+    _serials = iter(range(1 << 62))
+
+    def __init__(self, config: MoESpacConfig, device: torch.device | str, *,
+                 costs: ExpertCosts | None = None, costs_label: str = "given",
+                 cpu_experts: CpuExperts | None = None,
+                 device_kernel: Callable[..., torch.Tensor] | None = None,
+                 model_name: str = "", owner: object | None = None) -> None:
+        if not isinstance(config, MoESpacConfig):
+            raise ValueError(f"config: expected MoESpacConfig, got {type(config).__name__}")
+        if costs is not None and not isinstance(costs, ExpertCosts):
+            raise ValueError(f"costs: expected ExpertCosts, got {type(costs).__name__}")
+        self.serial = next(OffloadRuntime._serials)
+        self.config = config
+        self.device = torch.device(device)
+        self.owner = owner
+        self.model_name = model_name
+        self.store = ExpertStore(pin_memory=self.device.type == "cuda")
+        self.slots = SlotCache(self.device)
+        self.layer_names: list[str] = []  # target MoE layers, in model order
+        self.model_layers: list[int | None] = []  # their transformer index, where known
+        self.top_k: list[int] = []
+        self.num_experts: list[int] = []
+        self.draft_layer_names: list[str] = []
+        self.draft_num_experts: list[int] = []
+        self.board = StepBoard()
+        self.engine: ExpertEngine | None = None
+        self.mover: Mover | None = None
+        self.experts: dict[int, OffloadedExperts] = {}
+        self.host_kernels: dict[int, HostFusedKernel] = {}
+        self.host_kernel_name = ""
+        self.dims: ModelDims | None = None
+        self._costs = costs
+        self.costs_label = costs_label if costs is not None else ""
+        self._cpu_experts = cpu_experts
+        self._own_pool: ThreadCpuExperts | None = None
+        self._device_kernel = device_kernel
+        self.spec_method: str | None = None
+        self.num_spec_tokens = 0
+        self._step = 0
+        self._open = False  # a step is open on the engine
+        self._explicit = False  # opened by the driver's step hook (not an implicit dummy run)
+        self._planned: set[int] = set()
+        self._draft_ids: dict[int, list[np.ndarray]] = {}
+        self._stats_writer: StatsWriter | None = None
+        self._recorder: TraceRecorder | None = None
+        self._steps_since_log = 0
+        self.decode_steps = 0
+        self._closed = False
+        self.lock = threading.Lock()
+
+    # ---- construction -------------------------------------------------------------------------
+    def add_target_layer(self, name: str, *, num_experts: int, top_k: int,
+                         model_layer: int | None = None) -> int:
+        """Register the next MoE layer of the model; returns its MoE index (its rank among the
+        model's MoE layers). Layers come in model order; `model_layer` (the transformer index,
+        where the driver knows it) checks that order (dense layers in between are fine)."""
+        if self.engine is not None:
+            raise RuntimeError("moespac: a MoE layer was built after the model started running")
+        prev = self.model_layers[-1] if self.model_layers else None
+        if model_layer is not None and prev is not None and model_layer <= prev:
+            raise RuntimeError(f"moespac: MoE layer {name} was built after layer "
+                               f"{self.layer_names[-1]}; the engine needs model order")
+        for field_name, v in (("num_experts", num_experts), ("top_k", top_k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{field_name}: must be a positive integer, got {v!r}")
+        self.layer_names.append(name)
+        self.model_layers.append(model_layer)
+        self.num_experts.append(num_experts)
+        self.top_k.append(top_k)
+        return len(self.layer_names) - 1
+
+    def add_draft_layer(self, name: str, *, num_experts: int) -> int:
+        """Register a draft model's MoE layer (its routing can be the speculative signal)."""
+        self.draft_layer_names.append(name)
+        self.draft_num_experts.append(int(num_experts))
+        return len(self.draft_layer_names) - 1
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    def weights_loaded(self, idx: int, w13: torch.Tensor, w2: torch.Tensor,
+                       host_kernel: HostFusedKernel | None = None, host_kernel_name: str = ""
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hand layer `idx`'s host weights (w13 [E,2I,H], w2 [E,H,I]) to the store and allocate its
+        device slots. With `host_kernel` (a CPU-only engine's host-fused kernel) the weights may
+        come in the kernel's packed layout and the slots are the store's spare rows (offload.py's
+        host-fused mode). Returns the store's (w13, w2): the store may have copied them (pinned /
+        spare rows), so the caller should point its parameters at them and free the originals."""
+        if not 0 <= idx < self.num_layers:
+            raise ValueError(f"idx: {idx} is not a registered MoE layer (0..{self.num_layers - 1})")
+        E = w13.shape[0]
+        expert_bytes = (w13[0].numel() * w13.element_size()) + (w2[0].numel() * w2.element_size())
+        num_slots = self.config.cache.slots_per_layer(E, max(1, self.num_layers), expert_bytes)
+        if host_kernel is not None:
+            self.store.add_layer(idx, w13, w2, spare_rows=num_slots)
+            self.slots.attach_layer(idx, *self.store.spare(idx))
+            self.host_kernels[idx] = host_kernel
+            self.host_kernel_name = host_kernel_name or type(host_kernel).__name__
+        else:
+            self.store.add_layer(idx, w13, w2)
+            self.slots.add_layer(idx, num_slots, self.store.w13(idx), self.store.w2(idx))
+        return self.store.w13(idx), self.store.w2(idx)
+
+    @property
+    def ready(self) -> bool:
+        """Every registered layer has its weights (the engine can be built)."""
+        return self.num_layers > 0 and len(self.store.layers) >= self.num_layers
+
+    def build(self) -> None:
+        """Build the mover, the engine and the layers (once; `begin_step` calls it lazily)."""
+        if self.engine is not None:
+            return
+        missing = [i for i in range(self.num_layers) if i not in self.store.layers]
+        if not self.layer_names or missing:
+            raise RuntimeError(f"moespac: MoE layers {missing[:4]} ran before their weights were "
+                               "loaded")
+        w13 = self.store.w13(0)
+        E, two_i, H = w13.shape
+        self.dims = ModelDims(num_layers=self.num_layers, num_experts=E, top_k=self.top_k[0],
+                              hidden_size=H, intermediate_size=two_i // 2,
+                              dtype_bytes=w13.element_size())
+        if self._costs is not None:
+            costs = self._costs
+        else:
+            costs, self.costs_label = default_costs(self.config, self.dims)
+        if self.device.type == "cuda":
+            self.mover = CudaStreamMover(self.store, self.slots)
+        else:
+            self.mover = SyncMover(self.store, self.slots)
+        num_slots = self.slots.num_slots(0)
+        # The runtime reports (log line + stats_file), not the engine: it also knows the signal
+        # source and what really ran where. So the engine gets no stats file and no interval.
+        engine_config = self.config.replace(stats_file=None, stats_interval_steps=1 << 62)
+        self.engine = ExpertEngine(engine_config, self.dims, costs, self.mover, MonotonicClock(),
+                                   num_slots=num_slots)
+        warm = self.engine.load_full_layers()  # everything fits: load it all now
+        if warm:
+            logger.info("moespac: all %d experts of every MoE layer fit; %d copied in at start",
+                        E, warm)
+        cpu_pool = self._cpu_experts
+        if cpu_pool is None and self.device.type == "cuda":
+            cpu_pool = self._own_pool = ThreadCpuExperts()
+        for i in range(self.num_layers):
+            self.experts[i] = OffloadedExperts(self.store, self.engine, i, self.device, self.slots,
+                                               self.mover, cpu_experts=cpu_pool,
+                                               device_kernel=self._device_kernel,
+                                               host_fused=self.host_kernels.get(i))
+        st = self.config.stats
+        if st.stats_file:
+            self._stats_writer = StatsWriter(st.stats_file)
+        if st.record_trace:
+            self._recorder = TraceRecorder(self.dims, source="vllm", notes={
+                "model": self.model_name, "spec_method": self.spec_method or "none",
+                "num_spec_tokens": self.num_spec_tokens})
+        logger.info("moespac: MoE layers (transformer index): %s", self.model_layers)
+        logger.info(
+            "moespac: offloading %d MoE layers x %d experts (%.1f MB/expert): %d slots/layer "
+            "(%.1f MB on %s), host store %.1f MB, policy %s, costs %s, signal %s, experts run by %s",
+            self.dims.num_layers, E, self.dims.expert_bytes / 1e6, num_slots,
+            self.slots.total_bytes / 1e6, self.device, self.store.total_bytes / 1e6,
+            self.config.policy.value, self.costs_label, self.signal_source, self.compute_path)
+
+    @property
+    def compute_path(self) -> str:
+        """What computes the experts: a host-fused kernel over [store | slot] rows (CPU-only
+        engines: stock vLLM's CPU experts), or moespac's slot-cache kernel + CPU experts."""
+        if self.host_kernels and len(self.host_kernels) == self.num_layers:
+            return f"stock CPU experts ({self.host_kernel_name}, host-fused)"
+        return "moespac kernels (slot cache + CPU experts)"
+
+    # ---- the signal in use ----------------------------------------------------------------------
+    @property
+    def draft_has_routers(self) -> bool:
+        if not self.draft_num_experts or not self.num_experts:
+            return False
+        return self.draft_num_experts[0] == self.num_experts[0]
+
+    @property
+    def signal_source(self) -> str:
+        src = self.config.estimator.source
+        if self.spec_method is None or src is EstimatorSource.AUTOREGRESSIVE:
+            return "autoregressive"
+        if self.draft_has_routers and src in (EstimatorSource.AUTO, EstimatorSource.DRAFT):
+            return "draft+verify"
+        return "verify"
+
+    # ---- steps ---------------------------------------------------------------------------------
+    @property
+    def step_open(self) -> bool:
+        """A step is open on the engine (between `begin_step` and `end_step`)."""
+        return self._open
+
+    def begin_step(self, ctx: StepContext, explicit: bool) -> None:
+        with self.lock:
+            if self.engine is None:
+                if not self.ready:
+                    return
+                self.build()
+            if self._open:
+                self._end_locked(0)
+            self.engine.begin_step(ctx)
+            self.board.publish(ctx)
+            if self._recorder is not None and ctx.phase is not Phase.DRAFT:
+                kind = {Phase.DECODE: StepKind.DECODE, Phase.VERIFY: StepKind.VERIFY}.get(
+                    ctx.phase, StepKind.PREFILL)
+                for layer, parts in self._draft_ids.items():
+                    self._recorder.record_draft_layer(layer, np.concatenate(parts))
+                self._recorder.begin_step(kind)
+            self._draft_ids = {}
+            self._open, self._explicit = True, explicit
+            self._planned = set()
+
+    def next_step_index(self) -> int:
+        self._step += 1
+        return self._step - 1
+
+    def end_step(self, num_accepted: int) -> None:
+        with self.lock:
+            if self._open:
+                self._end_locked(num_accepted)
+
+    def _end_locked(self, num_accepted: int) -> None:
+        ctx = self.board.current()
+        self._open = False
+        if self._recorder is not None:
+            if len(self._planned) == self.num_layers:
+                self._recorder.end_step(num_accepted)
+            else:  # an aborted forward: drop it rather than write a partial step
+                self._recorder.abort_step()
+        self.engine.end_step(int(num_accepted))
+        if ctx is not None and ctx.phase in (Phase.DECODE, Phase.VERIFY):
+            self.decode_steps += 1
+            self._steps_since_log += 1
+            if self._steps_since_log >= self.config.stats.stats_interval_steps:
+                self._steps_since_log = 0
+                self.report()
+
+    def report(self) -> None:
+        s = self.engine.stats()
+        logger.info("%s, signal: %s", format_log_line(s), self.signal_source)
+        if self._stats_writer is not None:
+            self._stats_writer.write(s, signal=self.signal_source, policy=self.config.policy.value,
+                                     cpu_pairs=sum(e.counters.cpu_pairs
+                                                   for e in self.experts.values()),
+                                     device_pairs=sum(e.counters.device_pairs
+                                                      for e in self.experts.values()))
+
+    def mark_draft_phase(self) -> None:
+        """The drafter is about to run: publish a DRAFT context (layers and stats read it)."""
+        ctx = self.board.current()
+        if ctx is not None and ctx.phase is not Phase.DRAFT:
+            self.board.publish(StepContext(ctx.step, Phase.DRAFT, 0, (), ctx.num_draft_tokens))
+
+    # ---- forwards ------------------------------------------------------------------------------
+    def forward(self, idx: int, x: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        """MoE layer `idx`: x [T,H], the router's topk_weights / topk_ids [T,K] -> [T,H]."""
+        with self.lock:
+            needs_step = not self._open or idx in self._planned
+        if needs_step:
+            # A forward outside the driver's step hook (profiling / dummy / warm-up run), or a
+            # second forward inside one step: an implicit step of its own.
+            T = int(x.shape[0])
+            phase = Phase.DECODE if T == 1 else Phase.PREFILL
+            self.begin_step(StepContext(self.next_step_index(), phase, T, (T,), 0),
+                            explicit=False)
+        self._planned.add(idx)
+        out = self.experts[idx].forward(x, topk_ids, topk_weights)
+        if self._recorder is not None and self._recorder.is_open:
+            self._recorder.record_layer(idx, topk_ids.detach().to("cpu").numpy(),
+                                        topk_weights.detach().to("cpu", torch.float32).numpy())
+        return out
+
+    def observe_draft(self, draft_idx: int, topk_ids: torch.Tensor) -> None:
+        """A draft MoE layer's routing [T,K]: the draft signal, when that is the signal in use."""
+        if self.engine is None or self.signal_source != "draft+verify":
+            return
+        L, Ld = self.num_layers, len(self.draft_layer_names)
+        # Draft layer i speaks for target layer round(i * (L-1) / (Ld-1)): the identity when
+        # the draft has as many MoE layers as the target ([I]: a depth-proportional map).
+        layer = draft_idx if Ld == L else round(draft_idx * (L - 1) / max(1, Ld - 1))
+        ids = topk_ids.detach().to("cpu", torch.int64).numpy()
+        self.engine.observe_draft(layer, ids)
+        if self._recorder is not None and Ld == L:
+            self._draft_ids.setdefault(layer, []).append(ids)
+
+    # ---- results -------------------------------------------------------------------------------
+    def stats(self) -> EngineStats | None:
+        return None if self.engine is None else self.engine.stats()
+
+    def summary(self) -> dict[str, Any]:
+        """Engine stats + what really ran where (for tests, the demo and benchmarks)."""
+        s = self.stats()
+        d = {} if s is None else s.as_dict()
+        d["signal"] = self.signal_source
+        d["cpu_pairs"] = sum(e.counters.cpu_pairs for e in self.experts.values())
+        d["device_pairs"] = sum(e.counters.device_pairs for e in self.experts.values())
+        d["fetches_run"] = sum(e.counters.fetches for e in self.experts.values())
+        d["slots_per_layer"] = self.slots.num_slots(0) if self.store.layers else 0
+        d["num_experts"] = self.dims.num_experts if self.dims else 0
+        d["decode_steps"] = self.decode_steps
+        return d
+
+    def save_trace(self) -> str | None:
+        if self._recorder is None or not self.config.stats.record_trace:
+            return None
+        if self._recorder.num_steps == 0:
+            return None
+        return str(self._recorder.save(self.config.stats.record_trace))
+
+    def close(self) -> None:
+        """End the open step, report, save the trace, close the stats file and the CPU pool this
+        runtime started. Runs once (the glue also runs it at interpreter exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._open and self.engine is not None:
+            self.end_step(0)
+        if self.engine is not None:
+            self.report()
+        self.save_trace()
+        if self._stats_writer is not None:
+            self._stats_writer.close()
+            self._stats_writer = None
+        if self._own_pool is not None:
+            self._own_pool.close()
+            self._own_pool = None
+
+
+__all__ = ["MonotonicClock", "OffloadRuntime", "default_costs"]
