@@ -1,6 +1,7 @@
 """The house rules: pure modules never import vLLM; only `moespac_vllm.patches` (the glue) may. The
 core (every module but the glue, the offline model builders `moespac_vllm.models` and the CLI)
-imports nothing from the model builders, and no core module is above 800 lines.
+imports nothing from the model builders, and no core module is above 800 lines. README's layout
+block names the tree as it is.
 
 Each pure module is imported in a fresh interpreter where any `import vllm` raises, so a pure module
 that reaches for vLLM (directly or through another module) fails here; the core is imported the same
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +151,28 @@ def test_importing_the_package_has_no_side_effects(name):
         capture_output=True, text=True, timeout=120,
     )
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def _readme_layout() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text.split("## Layout", 1)[1].split("```")[1]
+
+
+def test_readme_layout_matches_the_tree():
+    """Every module and subpackage of moespac_vllm/, every glue module and every top-level folder
+    is named in README's layout block, and every entry listed under moespac_vllm/ exists."""
+    repo = Path(__file__).resolve().parents[1]
+    block = _readme_layout()
+    words = set(re.findall(r"[A-Za-z_][\w]*/?", block))
+    pkg = repo / "moespac_vllm"
+    want = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    want |= {p.name + "/" for p in pkg.iterdir() if (p / "__init__.py").is_file()}
+    want |= {p.stem for p in (repo / "patches").glob("*.py") if p.stem != "__init__"}
+    want |= {d + "/" for d in ("moespac_vllm", "kernels", "csrc", "patches", "tests",
+                               "benchmarks", "docs") if (repo / d).is_dir()}
+    assert sorted(want - words) == []
+    listed = re.findall(r"^  ([A-Za-z_]\w*/?)\s", block, flags=re.M)
+    assert len(listed) > 10
+    gone = [n for n in listed if not ((pkg / f"{n}.py").is_file()
+                                      or (n.endswith("/") and (pkg / n / "__init__.py").is_file()))]
+    assert gone == []
