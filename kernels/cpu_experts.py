@@ -2,9 +2,9 @@
 
 Shape legend: T tokens, K top-k, E experts in the host store, H hidden, I intermediate.
 
-    pool = CpuExpertPool(num_threads=config.cpu_threads, backend=CpuBackend.NATIVE)
+    pool = CpuExpertPool(num_threads=config.cpu_threads)    # backend "native" by default
     fut = pool.submit(hidden[T,H], w13[E,2I,H], w2[E,H,I], ids[T,K], weights[T,K])  # returns now
-    ...launch the device experts...                        # overlaps: torch releases the GIL
+    ...launch the device experts...                        # overlaps: the GIL is free
     partial = pool.wait(fut)                                # fp32 [T,H]; fut.result(): [T,K,H]
 
 `ids` are expert ids into the store's first dimension; ids < 0 are pairs some other device runs
@@ -12,22 +12,30 @@ Shape legend: T tokens, K top-k, E experts in the host store, H hidden, I interm
 is the fp32 per-pair buffer [T,K,H] (offload.py's `CpuExperts` protocol: adding the device's and
 the CPU's pair buffers, then summing k = 0..K-1 in order, makes the output independent of the
 placement); `wait` returns that in-order sum, [T,H] fp32. This is ktransformers' submit_forward /
-sync_forward split, on one worker thread in FIFO order.
+sync_forward split; jobs run in FIFO order.
 
-Backends, i.e. how one expert's pairs are computed (`CpuBackend`):
+Backends, i.e. how one layer's CPU pairs are computed (`CpuBackend`):
+- NATIVE (default): `moespac_vllm._cpu_experts` (csrc/cpu_experts.cpp), one native call per
+  submit for all the layer's CPU experts, on the module's own std::thread pool (not torch's), the
+  weights read in the store's layout (bf16 via AVX512-BF16 where the CPU has it, else AVX-512 /
+  AVX2 FMAs, else scalar; fp16 and fp32 too). It keeps the numerics contract of
+  kernels/fused_experts.py: fp32 products and sums, the activation rounded to the dtype, so it
+  differs from EXACT only by fp32 summation order (tests: <= 1e-5 relative per pair at fp32,
+  <= 1e-4 at bf16/fp16, where an activation that lands on a rounding boundary may round the other
+  way). If the module is not built, NATIVE falls back to TORCH with one log line.
+- TORCH: torch GEMMs in the weights' dtype (oneDNN; bf16 uses AVX512-BF16 where the CPU has it),
+  on one worker thread using torch's intra-op pool. Each GEMM accumulates in fp32 but rounds its
+  output to the dtype: gate/up and the down output take one extra bf16 rounding each against the
+  contract (~1e-2 relative at bf16, exact contract at fp32 up to GEMM summation order).
 - EXACT: the reference arithmetic of `fused_experts_reference` (weights upcast to fp32 per call,
   fp32 GEMMs, activation rounded to the input dtype). Bit-identical pair values to the reference;
   slow for bf16, since it converts every touched expert's weights.
-- NATIVE: torch GEMMs in the weights' dtype (oneDNN; bf16 uses AVX512-BF16 where the CPU has it).
-  Each GEMM accumulates in fp32 but rounds its output to the dtype: gate/up and the down output
-  take one extra bf16 rounding each against the contract (measured in tests and the benchmark:
-  ~1e-2 relative at bf16, exact contract at fp32 up to GEMM summation order).
 - HOOK: a caller-supplied function with `pair_outputs`' signature. `PrepackedMoeOpHook` adapts a
   fused CPU MoE op (vLLM's `torch.ops._C.cpu_fused_moe`, which the glue or a benchmark passes in;
   this module never imports vLLM): it prepacks each weight tensor once and runs every routed pair as
   a top-1 row, so per-pair outputs come back (rounded once to the dtype by the op).
 
-The glue's recipe for vLLM's op (measured fastest here: benchmarks/README.md), in patches/:
+The recipe for vLLM's op (vLLM CPU builds only; benchmarks/bench_cpu_experts.py times it):
 
     ops = torch.ops._C                                   # after `import vllm._C`
     def prepack(w):
@@ -37,16 +45,19 @@ The glue's recipe for vLLM's op (measured fastest here: benchmarks/README.md), i
     pool = CpuExpertPool(cfg.cpu_threads, "hook", PrepackedMoeOpHook(prepack, moe_op))
 
 The hook keeps one packed copy of every weight tensor it sees (host memory x2 for the layers the
-CPU serves); an ExpertStore that keeps only the packed layout would avoid that.
+CPU serves); the native backend reads the store as it is.
 
-Threads: PyTorch has one intra-op pool per process; `num_threads` sets it (process-wide,
-torch.set_num_threads) and the worker thread's GEMMs use it. A second worker would only split the
-same cores, so the pool has one.
+Threads: NATIVE runs `num_threads` threads of its own (default: every CPU this process may run
+on) and leaves torch's settings alone; they sleep on a condition variable between jobs. TORCH /
+EXACT / HOOK use PyTorch's one intra-op pool per process; `num_threads` sets it (process-wide,
+torch.set_num_threads) and the single worker thread's GEMMs use it.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from enum import Enum
@@ -58,6 +69,14 @@ from moespac_vllm.kernels.fused_experts import fused_experts_pairs, sum_over_top
 
 log = logging.getLogger(__name__)
 
+try:  # built from csrc/cpu_experts.cpp by the package install; absent in a bare checkout
+    from moespac_vllm import _cpu_experts as _native
+except ImportError:
+    _native = None
+
+# torch dtype -> the native module's dtype name
+_NATIVE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
 # (hidden [T,H], w13 [E,2I,H], w2 [E,H,I], ids [T,K], weights [T,K]) -> fp32 [T,K,H]
 PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                   torch.Tensor]
@@ -65,8 +84,19 @@ PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch
 
 class CpuBackend(str, Enum):
     EXACT = "exact"
+    TORCH = "torch"
     NATIVE = "native"
     HOOK = "hook"
+
+
+def native_available() -> bool:
+    """Whether `moespac_vllm._cpu_experts` was built and imports."""
+    return _native is not None
+
+
+def native_isas() -> tuple[str, ...]:
+    """The instruction sets the native kernel can use on this CPU (empty if it is not built)."""
+    return tuple(_native.supported_isas()) if _native is not None else ()
 
 
 def check_cpu_inputs(
@@ -121,7 +151,7 @@ def pair_outputs_exact(hidden, w13, w2, ids, weights) -> torch.Tensor:
     return fused_experts_pairs(hidden, w13, w2, ids, weights)
 
 
-def pair_outputs_native(hidden, w13, w2, ids, weights) -> torch.Tensor:
+def pair_outputs_torch(hidden, w13, w2, ids, weights) -> torch.Tensor:
     """GEMMs in the weights' dtype (oneDNN); SiLU*up and the weighting in fp32: fp32 [T,K,H]."""
     T, H = hidden.shape
     K = ids.shape[1]
@@ -176,16 +206,66 @@ class PrepackedMoeOpHook:
         return out.view(T, K, H)
 
 
+class _NativeJob(Future):
+    """A Future over one native job. The native pool never calls into Python, so completion is
+    observed by `result()` / `done()` / `exception()` (callbacks run then); `result` waits with the
+    GIL released. Holds the job's tensors until it is done: the kernel reads them by address."""
+
+    def __init__(self, job, out: torch.Tensor, keep: tuple[torch.Tensor, ...]) -> None:
+        super().__init__()
+        self._job = job
+        self._out = out
+        self._keep: tuple[torch.Tensor, ...] | None = keep
+        self._settle_lock = threading.Lock()
+
+    def _settle(self, timeout: float | None) -> None:
+        with self._settle_lock:
+            if Future.done(self):
+                return
+            try:
+                if not self._job.wait(-1.0 if timeout is None else max(0.0, float(timeout))):
+                    return  # still running; result() raises TimeoutError
+            except RuntimeError as e:
+                self.set_exception(e)
+            else:
+                self.set_result(self._out)
+            self._keep = None
+
+    def done(self) -> bool:
+        if not Future.done(self) and self._job.done():
+            self._settle(0.0)
+        return Future.done(self)
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        self._settle(timeout)
+        return super().result(timeout=0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._settle(timeout)
+        return super().exception(timeout=0)
+
+
+def _rows_contiguous(w: torch.Tensor) -> torch.Tensor:
+    """w [E, r, c] with each expert's rows contiguous (the store's layout); a copy otherwise."""
+    if w.stride(2) == 1 and w.stride(1) == w.shape[2]:
+        return w
+    return w.contiguous()
+
+
 class CpuExpertPool:
-    """Runs CPU expert work on one background thread: `submit` returns a Future at once, `wait`
-    blocks for it. Jobs run in submission order."""
+    """CPU expert work off the caller's thread: `submit` returns a Future at once, `wait` blocks
+    for it. Jobs run in submission order (NATIVE: on its own thread pool; the others: on one
+    Python worker thread)."""
 
     def __init__(
         self,
         num_threads: int | None = None,
         backend: CpuBackend | str = CpuBackend.NATIVE,
         hook: PairFn | None = None,
+        isa: str = "auto",
     ) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._native = None
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads: must be an int >= 1, got {num_threads!r}")
         try:
@@ -196,33 +276,91 @@ class CpuExpertPool:
             ) from None
         if (self.backend is CpuBackend.HOOK) != (hook is not None):
             raise ValueError("hook: give a hook exactly when backend is 'hook'")
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)  # process-wide: PyTorch has one intra-op pool
-        self.num_threads = torch.get_num_threads()
-        self._fn: PairFn = {CpuBackend.EXACT: pair_outputs_exact,
-                            CpuBackend.NATIVE: pair_outputs_native}.get(self.backend, hook)
-        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="moespac-cpu-experts")
-        log.debug("CpuExpertPool: backend %s, %d torch threads", self.backend.value,
-                  self.num_threads)
+        if self.backend is CpuBackend.NATIVE and _native is None:
+            log.warning("CpuExpertPool: moespac_vllm._cpu_experts is not built (reinstall the "
+                        "package to build csrc/); the CPU experts use the torch backend")
+            self.backend = CpuBackend.TORCH
+        if self.backend is not CpuBackend.NATIVE and isa != "auto":
+            raise ValueError(f"isa: only the native backend takes an isa, got {isa!r}")
+        self.isa = isa
+        self._inflight: deque[_NativeJob] = deque()
+        if self.backend is CpuBackend.NATIVE:
+            if isa != "auto" and isa not in _native.supported_isas():
+                raise ValueError(f"isa: expected auto or one of {_native.supported_isas()}, "
+                                 f"got {isa!r}")
+            self.num_threads = num_threads or len(os.sched_getaffinity(0))
+            self._native = _native.Pool(self.num_threads)
+        else:
+            if num_threads is not None:
+                torch.set_num_threads(num_threads)  # process-wide: one intra-op pool
+            self.num_threads = torch.get_num_threads()
+            self._fn: PairFn = {CpuBackend.EXACT: pair_outputs_exact,
+                                CpuBackend.TORCH: pair_outputs_torch}.get(self.backend, hook)
+            self._pool = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix="moespac-cpu-experts")
+        log.debug("CpuExpertPool: backend %s, %d threads", self.backend.value, self.num_threads)
+
+    @property
+    def closed(self) -> bool:
+        return self._pool is None and self._native is None
 
     def submit(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                ids: torch.Tensor, weights: torch.Tensor) -> Future:
-        """Validate now (errors surface in the caller), compute on the worker. The tensors must
+        """Validate now (errors surface in the caller), compute on the pool. The tensors must
         not be written until the future is done."""
-        if self._pool is None:
+        if self.closed:
             raise RuntimeError("CpuExpertPool: submit after close()")
         check_cpu_inputs(hidden, w13, w2, ids, weights)
-        return self._pool.submit(self._fn, hidden, w13, w2, ids, weights)
+        if self._native is None:
+            return self._pool.submit(self._fn, hidden, w13, w2, ids, weights)
+        return self._submit_native(hidden, w13, w2, ids, weights)
+
+    def _submit_native(self, hidden, w13, w2, ids, weights) -> Future:
+        dtype = _NATIVE_DTYPES.get(hidden.dtype)
+        if dtype is None:
+            raise ValueError(f"hidden: the native backend takes float32, bfloat16 or float16, "
+                             f"got {hidden.dtype}")
+        T, H = hidden.shape
+        E, two_i, _ = w13.shape
+        K = ids.shape[1]
+        while self._inflight and self._inflight[0].done():  # drop finished jobs' references
+            self._inflight.popleft()
+        x = hidden.contiguous()
+        w13 = _rows_contiguous(w13)
+        w2 = _rows_contiguous(w2)
+        ids32 = ids.to(torch.int32).contiguous()
+        wts = weights.to(torch.float32).contiguous()
+        out = torch.empty(T, K, H, dtype=torch.float32)
+        job = self._native.submit(
+            dtype, self.isa, x.data_ptr(), T, H, two_i // 2, K, E,
+            w13.data_ptr(), w13.stride(0), w2.data_ptr(), w2.stride(0),
+            ids32.data_ptr(), wts.data_ptr(), out.data_ptr())
+        fut = _NativeJob(job, out, (x, w13, w2, ids32, wts))
+        self._inflight.append(fut)
+        return fut
+
+    def pairs(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Submit and wait: the fp32 [T,K,H] per-pair outputs (a `PairFn`)."""
+        return self.submit(hidden, w13, w2, ids, weights).result()
 
     def wait(self, handle: Future) -> torch.Tensor:
         """The partial output, fp32 [T,H] (k summed in order). Re-raises the worker's error."""
         return sum_over_topk(handle.result())
 
     def close(self) -> None:
+        """Finish every submitted job, then stop the threads."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._native is not None:
+            self._native.close()  # runs the queued jobs first; their tensors are still held
+            self._native = None
+            self._inflight.clear()
+
+    def __del__(self) -> None:  # the native threads read tensors this object keeps alive
+        if self._native is not None:
+            self.close()
 
     def __enter__(self) -> CpuExpertPool:
         return self

@@ -195,22 +195,23 @@ def _device_kernel(device: torch.device) -> tuple[Callable[..., torch.Tensor], s
     return experts_reference, "offload.experts_reference (torch)"
 
 
-CPU_PATHS = ("layer", "native", "exact")
+CPU_PATHS = ("layer", "native", "torch", "exact")
 
 
 def _cpu_kernel(path: str = "layer") -> tuple[Callable[..., torch.Tensor], str]:
     """The CPU expert path to time: `layer` is what `offload.ThreadCpuExperts` /
-    `InlineCpuExperts` run (`pair_outputs`, weights upcast to fp32); `native` / `exact` are the
-    backends of `kernels.cpu_experts.CpuExpertPool` (bf16 oneDNN GEMMs / the reference arithmetic).
+    `InlineCpuExperts` run (`pair_outputs`, weights upcast to fp32); `native` / `torch` / `exact`
+    are the backends of `kernels.cpu_experts.CpuExpertPool` (the csrc/cpu_experts.cpp kernel /
+    oneDNN GEMMs in the dtype / the reference arithmetic), timed as submit + result.
     """
     if path == "layer":
         from moespac_vllm.offload import pair_outputs
         return pair_outputs, "offload.pair_outputs (torch, cpu)"
-    if path in ("native", "exact"):
+    if path in ("native", "torch", "exact"):
         from moespac_vllm.kernels import cpu_experts
 
-        fn = cpu_experts.pair_outputs_native if path == "native" else cpu_experts.pair_outputs_exact
-        return fn, f"kernels.cpu_experts.pair_outputs_{path}"
+        pool = cpu_experts.CpuExpertPool(backend=path)
+        return pool.pairs, f"kernels.cpu_experts.CpuExpertPool({pool.backend.value})"
     raise ValueError(f"cpu_path: expected one of {', '.join(CPU_PATHS)}, got {path!r}")
 
 

@@ -231,7 +231,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated tokens per expert to time (default 1,2,4,8,16,32)")
     p.add_argument("--quick", action="store_true", help="fewer token counts and repetitions")
     p.add_argument("--cpu-threads", type=int, default=None)
-    p.add_argument("--cpu-path", default="layer", choices=("layer", "native", "exact"),
+    p.add_argument("--cpu-path", default="layer", choices=("layer", "native", "torch", "exact"),
                    help="CPU expert path to time: the layer's (default) or a CpuExpertPool "
                         "backend")
 

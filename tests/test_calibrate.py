@@ -82,7 +82,10 @@ def test_calibrate_refuses_bad_arguments(kwargs, field):
 
 def test_calibrate_times_the_chosen_cpu_path():
     cal = calibrate(TINY, device="cpu", tokens=(1, 2), reps=2, cpu_experts=1, cpu_path="native")
-    assert cal.cpu_method == "kernels.cpu_experts.pair_outputs_native"
+    from moespac_vllm.kernels.cpu_experts import native_available
+
+    ran = "native" if native_available() else "torch"  # the pool's fallback when not built
+    assert cal.cpu_method == f"kernels.cpu_experts.CpuExpertPool({ran})"
     assert cal.device_method == cal.cpu_method  # no accelerator: the CPU path is the device
 
 

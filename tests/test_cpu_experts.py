@@ -1,12 +1,23 @@
-"""CPU expert path: backends against the reference, the submit/wait split, the op-hook adapter."""
+"""CPU expert path: backends against the reference, the submit/wait split, the op-hook adapter.
+
+The native kernel (csrc/cpu_experts.cpp) against the pure-torch reference `fused_experts_pairs`,
+per (token, k) pair, relative to the pair's norm:
+- float32: <= 1e-5 (fp32 summation order only);
+- bfloat16 / float16: median pair <= 1e-5, every pair <= one unit in the last place of the dtype
+  (2^-8 / 2^-11): the products and sums are fp32 as in the reference, but an activation that lands
+  within fp32 round-off of a rounding boundary may round to the neighbouring bf16/fp16 value.
+Pairs with ids < 0 are exact zeros on every backend."""
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 try:
     from moespac_vllm.kernels import cpu_experts as ce
@@ -56,14 +67,14 @@ def test_exact_backend_computes_each_pair_as_the_contract_says(dtype):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_native_backend_is_within_its_documented_rounding(dtype, tol):
+def test_torch_backend_is_within_its_documented_rounding(dtype, tol):
     x, w13, w2, ids, wts = _case(T=9, K=4, H=128, I=64, E=6, dtype=dtype, seed=2)
-    got = ce.sum_over_topk(ce.pair_outputs_native(x, w13, w2, ids, wts))
+    got = ce.sum_over_topk(ce.pair_outputs_torch(x, w13, w2, ids, wts))
     want = fe.fused_experts_reference(x, w13, w2, ids, wts)
     assert _rel(got, want) < tol
 
 
-@pytest.mark.parametrize("fn", [ce.pair_outputs_exact, ce.pair_outputs_native])
+@pytest.mark.parametrize("fn", [ce.pair_outputs_exact, ce.pair_outputs_torch])
 def test_negative_ids_come_back_as_exact_zeros(fn):
     x, w13, w2, ids, wts = _case(seed=3)
     ids[:, 1] = -1
@@ -213,3 +224,172 @@ def test_empty_batch_gives_an_empty_partial(pool):
     x, w13, w2, ids, wts = _case()
     fut = pool.submit(x[:0], w13, w2, ids[:0], wts[:0])
     assert fut.result().shape == (0, 4, 64) and pool.wait(fut).shape == (0, 64)
+
+
+# ---- the native kernel ---------------------------------------------------------------------------
+needs_native = pytest.mark.skipif(not ce.native_available(),
+                                  reason="moespac_vllm._cpu_experts is not built")
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2.0 ** -8),
+       torch.float16: (1e-5, 2.0 ** -11)}  # (median pair, worst pair), relative to the pair
+
+
+def _isas(dtype: torch.dtype) -> list[str]:
+    return [i for i in ce.native_isas() if i != "avx512bf16" or dtype == torch.bfloat16]
+
+
+def _assert_pairs_close(got: torch.Tensor, want: torch.Tensor, ids: torch.Tensor,
+                        dtype: torch.dtype) -> None:
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    off = ids < 0
+    assert torch.all(got[off] == 0), "pairs with ids < 0 must be exact zeros"
+    if not (~off).any():
+        return
+    diff, norm = (got - want).norm(dim=-1)[~off], want.norm(dim=-1)[~off]
+    median_tol, worst_tol = TOL[dtype]
+    err = diff / norm.clamp_min(1e-30)
+    assert float(err.median()) <= median_tol, f"median pair error {float(err.median()):.2e}"
+    # A pair whose gate/up sums cancel (tiny H, an output far below the batch's) carries the
+    # round-off of its terms, not of its result: scale the worst case by the batch's median too.
+    worst = diff / torch.maximum(norm, norm.median()).clamp_min(1e-30)
+    assert float(worst.max()) <= worst_tol, f"worst pair error {float(worst.max()):.2e}"
+
+
+def _native_case(T, K, H, I, E, dtype, seed):
+    x, w13, w2, ids, wts = fe.make_inputs(T, K, H, I, max(E, K), dtype, "cpu", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(-1, E, (T, K), generator=g, dtype=torch.int32)  # repeats, some -1
+    return x, w13[:E].contiguous(), w2[:E].contiguous(), ids, wts
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_matches_the_reference_per_pair_on_every_isa(dtype, threads):
+    shapes = [(1, 1, 64, 32, 4), (5, 4, 37, 19, 6), (16, 8, 130, 70, 9), (3, 8, 48, 1, 2)]
+    for isa in _isas(dtype):
+        with ce.CpuExpertPool(threads, backend="native", isa=isa) as p:
+            for seed, (T, K, H, I, E) in enumerate(shapes):
+                x, w13, w2, ids, wts = _native_case(T, K, H, I, E, dtype, seed)
+                ids[0, 0] = -1
+                got = p.submit(x, w13, w2, ids, wts).result()
+                _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids,
+                                    dtype)
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 16), K=st.integers(1, 8), H=st.integers(1, 80), I=st.integers(1, 40),
+       E=st.integers(1, 10), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 1000))
+def test_native_pairs_match_the_reference_on_random_problems(T, K, H, I, E, dtype, seed):
+    x, w13, w2, ids, wts = _native_case(T, K, H, I, E, dtype, seed)
+    with ce.CpuExpertPool(2, backend="native") as p:
+        got = p.submit(x, w13, w2, ids, wts).result()
+    _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids, dtype)
+
+
+@needs_native
+def test_native_repeated_expert_in_one_token_gives_each_pair_its_weight():
+    x, w13, w2, _, _ = _native_case(2, 3, 64, 32, 4, torch.bfloat16, 0)
+    ids = torch.tensor([[2, 2, 2], [1, -1, 1]], dtype=torch.int32)
+    wts = torch.tensor([[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]])
+    with ce.CpuExpertPool(2) as p:
+        got = p.submit(x, w13, w2, ids, wts).result()
+    torch.testing.assert_close(got[0, 0], 2 * got[0, 1], rtol=0, atol=0)  # same expert, 2x weight
+    torch.testing.assert_close(got[1, 0], 7 * got[1, 2], rtol=1e-6, atol=0)
+    _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids, torch.bfloat16)
+
+
+@needs_native
+def test_native_reads_a_store_slice_with_its_expert_stride():
+    # The host store's tensors may be views whose experts sit further apart than one expert
+    # (here every other expert of a bigger bank): read in place, rows contiguous.
+    x, w13, w2, ids, wts = _native_case(4, 4, 48, 24, 10, torch.float32, 3)
+    w13v, w2v = w13[::2], w2[::2]
+    ids = ids.clamp(max=4)
+    with ce.CpuExpertPool(1) as p:
+        got = p.submit(x, w13v, w2v, ids, wts).result()
+    _assert_pairs_close(got, fe.fused_experts_pairs(x, w13v, w2v, ids, wts), ids, torch.float32)
+
+
+@needs_native
+def test_native_submits_queue_in_order_and_each_wait_returns_its_own_job():
+    cases = [_native_case(T, 8, 96, 40, 12, torch.bfloat16, seed=T) for T in (1, 7, 16, 3)]
+    with ce.CpuExpertPool(2) as p:
+        futs = [p.submit(*c) for c in cases]  # all queued before any wait
+        outs = [p.wait(f) for f in reversed(futs)][::-1]
+        assert all(f.done() for f in futs)
+    for c, out in zip(cases, outs):
+        want = fe.sum_over_topk(fe.fused_experts_pairs(*c))
+        assert out.shape == want.shape and _rel(out, want) < 1e-4
+
+
+@needs_native
+def test_native_cpu_and_device_halves_add_up_to_the_whole_layer():
+    x, w13, w2, ids, wts = _case(T=8, K=4, E=8, dtype=torch.bfloat16, seed=4)
+    on_cpu = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    with ce.CpuExpertPool(2) as p:
+        cpu = p.submit(x, w13, w2, torch.where(on_cpu, ids, -1), wts).result()
+    device = fe.fused_experts_pairs(x, w13, w2, torch.where(on_cpu, -1, ids), wts)
+    whole = fe.fused_experts_pairs(x, w13, w2, ids, wts)
+    _assert_pairs_close(device + cpu, whole, ids, torch.bfloat16)
+
+
+@needs_native
+def test_native_pool_is_the_default_and_leaves_torch_threads_alone():
+    before = torch.get_num_threads()
+    with ce.CpuExpertPool(num_threads=1) as p:
+        assert p.backend is ce.CpuBackend.NATIVE and p.num_threads == 1
+    assert torch.get_num_threads() == before
+
+
+@needs_native
+def test_native_refuses_what_it_cannot_run_naming_the_field():
+    x, w13, w2, ids, wts = _case()
+    with ce.CpuExpertPool(1) as p:
+        with pytest.raises(ValueError, match="^hidden"):
+            p.submit(x.double(), w13.double(), w2.double(), ids, wts)
+    with pytest.raises(ValueError, match="^isa"):
+        ce.CpuExpertPool(1, isa="sse9")
+    with pytest.raises(ValueError, match="^isa"):
+        ce.CpuExpertPool(1, backend="torch", isa="scalar")
+
+
+@needs_native
+def test_native_empty_batch_gives_an_empty_partial():
+    x, w13, w2, ids, wts = _case()
+    with ce.CpuExpertPool(2) as p:
+        fut = p.submit(x[:0], w13, w2, ids[:0], wts[:0])
+        assert fut.result().shape == (0, 4, 64) and p.wait(fut).shape == (0, 64)
+        allneg = p.submit(x, w13, w2, torch.full_like(ids, -1), wts).result()
+    assert torch.all(allneg == 0)
+
+
+def test_missing_native_module_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(ce, "_native", None)
+    with caplog.at_level(logging.WARNING, logger=ce.log.name):
+        p = ce.CpuExpertPool(backend="native")
+    try:
+        assert p.backend is ce.CpuBackend.TORCH
+        assert len([r for r in caplog.records if "_cpu_experts" in r.getMessage()]) == 1
+        x, w13, w2, ids, wts = _case()
+        assert _rel(p.wait(p.submit(x, w13, w2, ids, wts)),
+                    fe.fused_experts_reference(x, w13, w2, ids, wts)) < 1e-5
+    finally:
+        p.close()
+
+
+@needs_native
+def test_read_probe_sums_every_word_of_the_buffer():
+    from moespac_vllm import _cpu_experts
+
+    buf = torch.arange(3 << 20, dtype=torch.int64)  # 24 MiB: several 1 MiB chunks and a tail
+    pool = _cpu_experts.Pool(2)
+    try:
+        job = pool.read(buf.data_ptr(), buf.numel() * 8)
+        assert job.wait()
+        assert job.checksum == int(buf.sum())
+        with pytest.raises(ValueError, match="^buffer"):
+            pool.read(buf.data_ptr() + 8, 64)
+    finally:
+        pool.close()

@@ -1,0 +1,791 @@
+// moespac_vllm._cpu_experts: the routed experts a layer sends to the CPU, in one call, at memory
+// bandwidth.
+//
+// Shape legend: T tokens, K top-k, E experts in the host store, H hidden, I intermediate,
+// P = T*K (token, k) pairs.
+//
+//   Pool(num_threads).submit(dtype, isa, hidden[T,H], w13[E,2I,H], w2[E,H,I], ids[T,K] int32,
+//                            weights[T,K] fp32, out[T,K,H] fp32) -> Job;  Job.wait()
+//
+//   out[t,k] = weights[t,k] * w2[e] @ round(silu(w13[e,:I] @ x[t]) * (w13[e,I:] @ x[t])),
+//              e = ids[t,k];  exact zeros where ids[t,k] < 0 (pairs another device runs)
+//
+// Numerics: the contract of kernels/fused_experts.py: products and sums in fp32 (bf16 x bf16
+// products are exact in fp32, so VDPBF16PS changes only the summation order), SiLU*up in fp32,
+// the activation rounded to the weights' dtype (round to nearest even), the routing weight
+// applied in fp32. Its pure-torch reference is `kernels.fused_experts.fused_experts_pairs`
+// (tests/test_cpu_experts.py compares them per dtype and ISA); its benchmark is
+// benchmarks/bench_cpu_experts.py (gbps and read_bandwidth_ratio against `Pool.read`, the
+// STREAM-like read probe below, same threads, same allocator).
+//
+// Weights are read in the host store's own layout (offload.ExpertStore: w13 [E(+S), 2I, H],
+// w2 [E(+S), H, I], rows contiguous, bf16 / fp16 / fp32): no packing, no second copy.
+//
+// Work: pairs are grouped by expert at submit (the caller's thread, microseconds), so each
+// expert's weights stream from memory once for all its tokens. A job is a list of chunks: first
+// every group's gate/up chunks (16 intermediate rows of gate and the same 16 of up, with
+// SiLU*up as their epilogue), then every group's down chunks (64 rows of H, scaled by the
+// routing weight). The pool's threads claim chunks with one atomic counter, so a slow core
+// (a shared machine) costs at most one chunk; a down chunk waits only for its own expert's
+// gate/up chunks, never for a barrier. Jobs run in FIFO order; a thread that finds no chunk
+// left moves straight on to the next job. Idle threads block on a condition variable.
+//
+// Inner kernel (one per ISA x dtype, chosen at run time with __builtin_cpu_supports, never
+// -march=native, so one build runs on any x86-64): a tile of 4 weight rows x up to 4 tokens held
+// in registers, the weight row read once per tile. bf16 on AVX512-BF16: VDPBF16PS on the raw
+// bf16 pairs (32 per instruction); elsewhere bf16 is widened by a 16-bit shift, fp16 by VCVTPH2PS,
+// into fp32 FMAs (AVX-512 or AVX2+FMA+F16C); a portable scalar loop is the last resort.
+//
+// Why C++ with pybind11: the module takes raw pointers (tensor.data_ptr()) and sizes, never a
+// torch C++ type, so one build serves torch 2.11-2.14, CPU and CUDA builds alike, and needs only
+// a C++17 compiler. The threads are our own std::threads, not torch's OpenMP pool: on a GPU host
+// torch's pool belongs to the caller, and the caller's thread must stay free to launch device
+// work while the CPU experts run (submit returns at once; the GIL is released while waiting).
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// ---- dtypes, ISAs ------------------------------------------------------------------------------
+enum class DType { F32 = 0, BF16 = 1, F16 = 2 };
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+
+const char* isa_name(Isa i) {
+    switch (i) {
+        case Isa::Scalar: return "scalar";
+        case Isa::Avx2: return "avx2";
+        case Isa::Avx512: return "avx512";
+        case Isa::Avx512Bf16: return "avx512bf16";
+    }
+    return "?";
+}
+
+DType parse_dtype(const std::string& s) {
+    if (s == "float32") return DType::F32;
+    if (s == "bfloat16") return DType::BF16;
+    if (s == "float16") return DType::F16;
+    throw py::value_error("dtype: expected float32, bfloat16 or float16, got '" + s + "'");
+}
+
+bool isa_supported(Isa i) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    switch (i) {
+        case Isa::Scalar: return true;
+        case Isa::Avx2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                   __builtin_cpu_supports("f16c");
+        case Isa::Avx512:
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl");
+        case Isa::Avx512Bf16:
+            return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16");
+    }
+    return false;
+#else
+    return i == Isa::Scalar;
+#endif
+}
+
+// The fastest ISA this CPU has for a dtype (AVX512-BF16 serves only bf16).
+Isa best_isa(DType dt) {
+    if (dt == DType::BF16 && isa_supported(Isa::Avx512Bf16)) return Isa::Avx512Bf16;
+    if (isa_supported(Isa::Avx512)) return Isa::Avx512;
+    if (isa_supported(Isa::Avx2)) return Isa::Avx2;
+    return Isa::Scalar;
+}
+
+Isa parse_isa(const std::string& s, DType dt) {
+    Isa i;
+    if (s == "auto") return best_isa(dt);
+    if (s == "scalar") i = Isa::Scalar;
+    else if (s == "avx2") i = Isa::Avx2;
+    else if (s == "avx512") i = Isa::Avx512;
+    else if (s == "avx512bf16") i = Isa::Avx512Bf16;
+    else throw py::value_error("isa: expected auto, scalar, avx2, avx512 or avx512bf16, got '" +
+                               s + "'");
+    if (!isa_supported(i)) throw py::value_error("isa: this CPU lacks " + s);
+    if (i == Isa::Avx512Bf16 && dt != DType::BF16)
+        throw py::value_error("isa: avx512bf16 serves bfloat16 only");
+    return i;
+}
+
+// ---- scalar conversions (round to nearest even), used by the epilogues and the scalar path ------
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t b = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x40u);  // quiet NaN
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return uint16_t(b >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, b;
+    if (e == 0) {
+        float f = float(m) * (1.0f / 16777216.0f);  // subnormal: m * 2^-24
+        std::memcpy(&b, &f, 4);
+        b |= sign;
+    } else if (e == 31) {
+        b = sign | 0x7f800000u | (m << 13);
+    } else {
+        b = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+
+inline uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)  // inf, NaN (kept quiet)
+        return uint16_t(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+    if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 rounds to inf
+    if (ax < 0x38800000u) {  // below 2^-14: subnormal; the FPU rounds at 2^-24 granularity
+        float af, t;
+        std::memcpy(&af, &ax, 4);
+        t = af + 0.5f;
+        uint32_t tb;
+        std::memcpy(&tb, &t, 4);
+        return uint16_t(sign | (tb - 0x3f000000u));
+    }
+    ax += 0xc8000fffu + ((ax >> 13) & 1u);  // rebias the exponent by -112 and round
+    return uint16_t(sign | (ax >> 13));
+}
+
+// ---- the GEMV tile -----------------------------------------------------------------------------
+// y[t * ystride] = sum_c w[c] * x[t][c] for t < TT: one weight row against TT activation vectors
+// of length n, in the weights' dtype, U column steps unrolled (independent accumulators, so a
+// single token is not bound by the multiply-add latency). A Loader L gives the element type (T),
+// the operand vector (V) and accumulator (A) types, the step, loads (zero-padded tail), the
+// multiply-add and the horizontal sum.
+//
+// gemv_rows: nrows consecutive rows (leading dimension ld) against ntok vectors x[t]:
+// y [nrows, ntok] fp32. One row at a time, all its tokens (8 per tile) before the next row: the
+// weights stream from DRAM strictly in address order, which the hardware prefetchers follow.
+// (Measured on this Zen 4: 4 rows of 4 KiB read interleaved reach 16 GB/s on one core,
+// row after row 24 GB/s, the same as a plain sequential sum.)
+//
+// Defined once per ISA region (namespace) below, so that every instantiation carries its
+// region's target attribute and the loaders' intrinsics inline into it.
+#define MOESPAC_GEMV_KERNELS \
+template <class L, int TT, int U> \
+inline void tile(const typename L::T* w, const typename L::T* const* x, int64_t n, float* y, \
+                 int64_t ystride) { \
+    typename L::A acc[U][TT]; \
+    for (int u = 0; u < U; ++u) \
+        for (int t = 0; t < TT; ++t) acc[u][t] = L::zero(); \
+    int64_t c = 0; \
+    for (; c + U * L::step <= n; c += U * L::step) { \
+        for (int u = 0; u < U; ++u) { \
+            typename L::V wv = L::load(w + c + u * L::step); \
+            for (int t = 0; t < TT; ++t) \
+                acc[u][t] = L::madd(acc[u][t], wv, L::load(x[t] + c + u * L::step)); \
+        } \
+    } \
+    for (; c + L::step <= n; c += L::step) { \
+        typename L::V wv = L::load(w + c); \
+        for (int t = 0; t < TT; ++t) acc[0][t] = L::madd(acc[0][t], wv, L::load(x[t] + c)); \
+    } \
+    if (c < n) { \
+        const int rem = int(n - c); \
+        typename L::V wv = L::load_tail(w + c, rem); \
+        for (int t = 0; t < TT; ++t) acc[0][t] = L::madd(acc[0][t], wv, L::load_tail(x[t] + c, rem)); \
+    } \
+    for (int t = 0; t < TT; ++t) { \
+        typename L::A s = acc[0][t]; \
+        for (int u = 1; u < U; ++u) s = L::add(s, acc[u][t]); \
+        y[t * ystride] = L::sum(s); \
+    } \
+} \
+ \
+template <class L> \
+void gemv_rows(const void* wv, int64_t ld, int64_t nrows, int64_t n, const void* const* xv, \
+               int ntok, float* y) { \
+    using T = typename L::T; \
+    const T* const* x = reinterpret_cast<const T* const*>(xv); \
+    for (int64_t r = 0; r < nrows; ++r) { \
+        const T* w = static_cast<const T*>(wv) + r * ld; \
+        float* yr = y + r * ntok; \
+        int t = 0; \
+        for (; t + 8 <= ntok; t += 8) tile<L, 8, 1>(w, x + t, n, yr + t, 1); \
+        switch (ntok - t) { \
+            case 7: tile<L, 7, 1>(w, x + t, n, yr + t, 1); break; \
+            case 6: tile<L, 6, 1>(w, x + t, n, yr + t, 1); break; \
+            case 5: tile<L, 5, 1>(w, x + t, n, yr + t, 1); break; \
+            case 4: tile<L, 4, 1>(w, x + t, n, yr + t, 1); break; \
+            case 3: tile<L, 3, 2>(w, x + t, n, yr + t, 1); break; \
+            case 2: tile<L, 2, 2>(w, x + t, n, yr + t, 1); break; \
+            case 1: tile<L, 1, 4>(w, x + t, n, yr + t, 1); break; \
+            default: break; \
+        } \
+    } \
+}
+
+// Sum of 64-byte lines over [p, p + nbytes) (nbytes a multiple of 64): the read probe's body.
+using ReadFn = uint64_t (*)(const uint8_t* p, int64_t nbytes);
+using GemvFn = void (*)(const void*, int64_t, int64_t, int64_t, const void* const*, int, float*);
+
+// ---- scalar (portable) -------------------------------------------------------------------------
+namespace scalar {
+struct ScalarF32 {
+    using T = float; using V = float; using A = float;
+    static constexpr int step = 1;
+    static A zero() { return 0.f; }
+    static V load(const T* p) { return *p; }
+    static V load_tail(const T* p, int) { return *p; }
+    static A madd(A a, V w, V x) { return a + w * x; }
+    static A add(A a, A b) { return a + b; }
+    static float sum(A a) { return a; }
+};
+struct ScalarBF16 : ScalarF32 {
+    using T = uint16_t;
+    static V load(const T* p) { return bf16_to_f32(*p); }
+    static V load_tail(const T* p, int) { return bf16_to_f32(*p); }
+};
+struct ScalarF16 : ScalarF32 {
+    using T = uint16_t;
+    static V load(const T* p) { return f16_to_f32(*p); }
+    static V load_tail(const T* p, int) { return f16_to_f32(*p); }
+};
+
+MOESPAC_GEMV_KERNELS
+
+uint64_t read_scalar(const uint8_t* p, int64_t nbytes) {
+    const uint64_t* q = reinterpret_cast<const uint64_t*>(p);
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t i = 0; i < nbytes / 8; i += 4) {
+        s0 += q[i]; s1 += q[i + 1]; s2 += q[i + 2]; s3 += q[i + 3];
+    }
+    return s0 + s1 + s2 + s3;
+}
+}  // namespace scalar
+
+// ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------
+#if defined(__x86_64__)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+namespace avx2 {
+
+struct Avx2F32 {
+    using T = float; using V = __m256; using A = __m256;
+    static constexpr int step = 8;
+    static A zero() { return _mm256_setzero_ps(); }
+    static V load(const T* p) { return _mm256_loadu_ps(p); }
+    static V load_tail(const T* p, int rem) {
+        alignas(32) float b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(b, p, size_t(rem) * sizeof(T));
+        return _mm256_load_ps(b);
+    }
+    static A madd(A a, V w, V x) { return _mm256_fmadd_ps(w, x, a); }
+    static A add(A a, A b) { return _mm256_add_ps(a, b); }
+    static float sum(A a) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        return _mm_cvtss_f32(s);
+    }
+};
+struct Avx2BF16 : Avx2F32 {
+    using T = uint16_t;
+    static V widen(__m128i h) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    static V load(const T* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static V load_tail(const T* p, int rem) {
+        alignas(16) uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(b, p, size_t(rem) * sizeof(T));
+        return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+    }
+};
+struct Avx2F16 : Avx2F32 {
+    using T = uint16_t;
+    static V load(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static V load_tail(const T* p, int rem) {
+        alignas(16) uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(b, p, size_t(rem) * sizeof(T));
+        return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+    }
+};
+
+MOESPAC_GEMV_KERNELS
+
+uint64_t read_avx2(const uint8_t* p, int64_t nbytes) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    for (int64_t i = 0; i < nbytes; i += 64) {
+        s0 = _mm256_add_epi64(s0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i)));
+        s1 = _mm256_add_epi64(s1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    }
+    alignas(32) uint64_t b[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b), _mm256_add_epi64(s0, s1));
+    return b[0] + b[1] + b[2] + b[3];
+}
+}  // namespace avx2
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// ---- AVX-512 (F + BW + VL), and AVX512-BF16 ------------------------------------------------------
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")
+#endif
+namespace avx512 {
+
+struct Avx512F32 {
+    using T = float; using V = __m512; using A = __m512;
+    static constexpr int step = 16;
+    static A zero() { return _mm512_setzero_ps(); }
+    static V load(const T* p) { return _mm512_loadu_ps(p); }
+    static V load_tail(const T* p, int rem) { return _mm512_maskz_loadu_ps(__mmask16((1u << rem) - 1), p); }
+    static A madd(A a, V w, V x) { return _mm512_fmadd_ps(w, x, a); }
+    static A add(A a, A b) { return _mm512_add_ps(a, b); }
+    static float sum(A a) { return _mm512_reduce_add_ps(a); }
+};
+struct Avx512BF16Widen : Avx512F32 {
+    using T = uint16_t;
+    static V widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+    static V load(const T* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static V load_tail(const T* p, int rem) { return widen(_mm256_maskz_loadu_epi16(__mmask16((1u << rem) - 1), p)); }
+};
+struct Avx512F16 : Avx512F32 {
+    using T = uint16_t;
+    static V load(const T* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static V load_tail(const T* p, int rem) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << rem) - 1), p)); }
+};
+// VDPBF16PS: each fp32 lane accumulates two bf16 x bf16 products (exact in fp32).
+struct Avx512Dp {
+    using T = uint16_t; using V = __m512i; using A = __m512;
+    static constexpr int step = 32;
+    static A zero() { return _mm512_setzero_ps(); }
+    static V load(const T* p) { return _mm512_loadu_si512(p); }
+    static V load_tail(const T* p, int rem) {
+        return _mm512_maskz_loadu_epi16(__mmask32(rem >= 32 ? 0xffffffffu : (1u << rem) - 1u), p);
+    }
+    static A madd(A a, V w, V x) { return _mm512_dpbf16_ps(a, (__m512bh)w, (__m512bh)x); }
+    static A add(A a, A b) { return _mm512_add_ps(a, b); }
+    static float sum(A a) { return _mm512_reduce_add_ps(a); }
+};
+
+MOESPAC_GEMV_KERNELS
+
+uint64_t read_avx512(const uint8_t* p, int64_t nbytes) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+    for (int64_t i = 0; i < nbytes; i += 128) {
+        s0 = _mm512_add_epi64(s0, _mm512_load_si512(p + i));
+        if (i + 64 < nbytes) s1 = _mm512_add_epi64(s1, _mm512_load_si512(p + i + 64));
+    }
+    return uint64_t(_mm512_reduce_add_epi64(_mm512_add_epi64(s0, s1)));
+}
+}  // namespace avx512
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // __x86_64__
+
+GemvFn gemv_for(Isa isa, DType dt) {
+    switch (isa) {
+#if defined(__x86_64__)
+        case Isa::Avx512Bf16:
+            return &avx512::gemv_rows<avx512::Avx512Dp>;
+        case Isa::Avx512:
+            return dt == DType::F32    ? &avx512::gemv_rows<avx512::Avx512F32>
+                   : dt == DType::BF16 ? &avx512::gemv_rows<avx512::Avx512BF16Widen>
+                                       : &avx512::gemv_rows<avx512::Avx512F16>;
+        case Isa::Avx2:
+            return dt == DType::F32    ? &avx2::gemv_rows<avx2::Avx2F32>
+                   : dt == DType::BF16 ? &avx2::gemv_rows<avx2::Avx2BF16>
+                                       : &avx2::gemv_rows<avx2::Avx2F16>;
+#endif
+        default:
+            return dt == DType::F32    ? &scalar::gemv_rows<scalar::ScalarF32>
+                   : dt == DType::BF16 ? &scalar::gemv_rows<scalar::ScalarBF16>
+                                       : &scalar::gemv_rows<scalar::ScalarF16>;
+    }
+}
+
+ReadFn read_for(Isa isa) {
+#if defined(__x86_64__)
+    if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) return &avx512::read_avx512;
+    if (isa == Isa::Avx2) return &avx2::read_avx2;
+#endif
+    return &scalar::read_scalar;
+}
+
+// ---- jobs ----------------------------------------------------------------------------------------
+constexpr int64_t kGateUpChunk = 16;  // intermediate rows per gate/up chunk (x2: gate and up)
+constexpr int64_t kDownChunk = 64;    // hidden rows per down chunk
+constexpr int64_t kReadChunk = 1 << 20;
+
+struct Group {
+    int64_t expert;
+    int64_t first;  // into Job::pairs
+    int count;
+};
+
+struct Job {
+    enum Kind { Experts, Read } kind = Experts;
+    // experts
+    DType dt = DType::F32;
+    GemvFn gemv = nullptr;
+    int64_t T = 0, K = 0, H = 0, I = 0, esize = 0;
+    const uint8_t* x = nullptr;
+    const uint8_t* w13 = nullptr;
+    const uint8_t* w2 = nullptr;
+    int64_t w13_estride = 0, w2_estride = 0;  // bytes between experts
+    const float* wts = nullptr;
+    float* out = nullptr;
+    std::vector<int32_t> pairs;       // pair indices t*K+k grouped by expert, ascending within
+    std::vector<Group> groups;
+    // [P_routed, act_ld] activations in the weights' dtype; rows 64-byte aligned (a 512-bit load
+    // that splits a cache line costs two)
+    std::vector<uint8_t> act_raw;
+    uint8_t* act = nullptr;
+    int64_t act_ld = 0;  // bytes per row
+    int64_t gu_per_group = 0, dn_per_group = 0, n_gate_up = 0;
+    std::unique_ptr<std::atomic<int64_t>[]> gate_up_left;  // per group
+    // read probe
+    ReadFn read = nullptr;
+    const uint8_t* buf = nullptr;
+    int64_t nbytes = 0;
+    std::atomic<uint64_t> checksum{0};
+    // both
+    int64_t n_items = 0;
+    std::atomic<int64_t> next{0};
+    std::atomic<int> left{0};
+    uint64_t seq = 0;
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    std::string error;
+
+    const void* act_row(int64_t routed_pair) const {
+        return act + routed_pair * act_ld;
+    }
+};
+
+struct Scratch {
+    std::vector<const void*> xs;
+    std::vector<float> y0, y1;
+};
+
+void run_gate_up(Job& j, const Group& g, int64_t chunk, Scratch& s) {
+    const int64_t i0 = chunk * kGateUpChunk, rows = std::min(kGateUpChunk, j.I - i0);
+    const int n = g.count;
+    s.xs.resize(n);
+    for (int p = 0; p < n; ++p)
+        s.xs[p] = j.x + (j.pairs[g.first + p] / j.K) * j.H * j.esize;
+    s.y0.resize(size_t(rows) * n);
+    s.y1.resize(size_t(rows) * n);
+    const uint8_t* w = j.w13 + g.expert * j.w13_estride;
+    j.gemv(w + i0 * j.H * j.esize, j.H, rows, j.H, s.xs.data(), n, s.y0.data());
+    j.gemv(w + (j.I + i0) * j.H * j.esize, j.H, rows, j.H, s.xs.data(), n, s.y1.data());
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int p = 0; p < n; ++p) {
+            const float gt = s.y0[r * n + p], up = s.y1[r * n + p];
+            const float a = gt / (1.0f + std::exp(-gt)) * up;
+            uint8_t* row = j.act + (g.first + p) * j.act_ld;
+            if (j.dt == DType::F32) reinterpret_cast<float*>(row)[i0 + r] = a;
+            else if (j.dt == DType::BF16) reinterpret_cast<uint16_t*>(row)[i0 + r] = f32_to_bf16(a);
+            else reinterpret_cast<uint16_t*>(row)[i0 + r] = f32_to_f16(a);
+        }
+    }
+}
+
+void run_down(Job& j, const Group& g, int64_t chunk, Scratch& s) {
+    const int64_t h0 = chunk * kDownChunk, rows = std::min(kDownChunk, j.H - h0);
+    const int n = g.count;
+    s.xs.resize(n);
+    for (int p = 0; p < n; ++p) s.xs[p] = j.act_row(g.first + p);
+    s.y0.resize(size_t(rows) * n);
+    const uint8_t* w = j.w2 + g.expert * j.w2_estride;
+    j.gemv(w + h0 * j.I * j.esize, j.I, rows, j.I, s.xs.data(), n, s.y0.data());
+    for (int p = 0; p < n; ++p) {
+        const int32_t pair = j.pairs[g.first + p];
+        const float wt = j.wts[pair];
+        float* o = j.out + int64_t(pair) * j.H + h0;
+        for (int64_t r = 0; r < rows; ++r) o[r] = s.y0[r * n + p] * wt;
+    }
+}
+
+void run_item(Job& j, int64_t it, Scratch& s) {
+    if (j.kind == Job::Read) {
+        const int64_t off = it * kReadChunk, len = std::min(kReadChunk, j.nbytes - off);
+        j.checksum.fetch_add(j.read(j.buf + off, len), std::memory_order_relaxed);
+        return;
+    }
+    if (it < j.n_gate_up) {
+        const int64_t g = it / j.gu_per_group;
+        run_gate_up(j, j.groups[g], it % j.gu_per_group, s);
+        j.gate_up_left[g].fetch_sub(1, std::memory_order_release);
+        return;
+    }
+    const int64_t d = it - j.n_gate_up, g = d / j.dn_per_group;
+    // Chunks are claimed in order, so every gate/up chunk of this expert is already being
+    // computed by some thread: this wait is bounded by one chunk's time.
+    for (int spins = 0; j.gate_up_left[g].load(std::memory_order_acquire) > 0; ++spins) {
+        if (spins < 64) {
+#if defined(__x86_64__)
+            _mm_pause();
+#endif
+        } else {
+            std::this_thread::yield();
+        }
+    }
+    run_down(j, j.groups[g], d % j.dn_per_group, s);
+}
+
+// ---- the pool ------------------------------------------------------------------------------------
+class Pool {
+public:
+    explicit Pool(int num_threads) : n_(num_threads) {
+        if (num_threads < 1) throw py::value_error("num_threads: must be >= 1");
+        for (int i = 0; i < n_; ++i) threads_.emplace_back([this] { worker(); });
+    }
+    ~Pool() { close(); }
+
+    int num_threads() const { return n_; }
+
+    void close() {
+        {
+            std::lock_guard<std::mutex> lk(m_);
+            if (stop_) return;
+            stop_ = true;
+        }
+        cv_.notify_all();
+        for (auto& t : threads_) t.join();  // the workers finish every queued job first
+        threads_.clear();
+    }
+
+    void enqueue(const std::shared_ptr<Job>& j) {
+        {
+            std::lock_guard<std::mutex> lk(m_);
+            if (stop_) throw std::runtime_error("Pool: submit after close()");
+            j->seq = next_seq_++;
+            q_.push_back(j);
+        }
+        cv_.notify_all();
+    }
+
+private:
+    void worker() {
+        Scratch s;
+        uint64_t mine = 0;  // the next job this thread works on
+        for (;;) {
+            std::shared_ptr<Job> j;
+            {
+                std::unique_lock<std::mutex> lk(m_);
+                auto queued = [&] { return !q_.empty() && q_.back()->seq >= mine; };
+                cv_.wait(lk, [&] { return queued() || stop_; });
+                if (!queued()) return;  // stopping, and every job this thread owes is done
+                j = q_[size_t(mine - q_.front()->seq)];
+            }
+            try {
+                for (int64_t it; (it = j->next.fetch_add(1, std::memory_order_relaxed)) < j->n_items;)
+                    run_item(*j, it, s);
+            } catch (const std::exception& e) {
+                std::lock_guard<std::mutex> lk(j->m);
+                if (j->error.empty()) j->error = e.what();
+                j->next.store(j->n_items);
+            }
+            ++mine;
+            if (j->left.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+                // Every thread has left this job, hence (FIFO) every earlier one: it is the front.
+                {
+                    std::lock_guard<std::mutex> lk(m_);
+                    q_.pop_front();
+                }
+                {
+                    std::lock_guard<std::mutex> lk(j->m);
+                    j->done = true;
+                }
+                j->cv.notify_all();
+            }
+        }
+    }
+
+    int n_;
+    std::vector<std::thread> threads_;
+    std::mutex m_;
+    std::condition_variable cv_;
+    std::deque<std::shared_ptr<Job>> q_;
+    uint64_t next_seq_ = 0;
+    bool stop_ = false;
+};
+
+class JobHandle {
+public:
+    explicit JobHandle(std::shared_ptr<Job> j) : j_(std::move(j)) {}
+    bool done() const {
+        std::lock_guard<std::mutex> lk(j_->m);
+        return j_->done;
+    }
+    // Blocks (GIL released) until the job is done; True if done, False on timeout (seconds < 0:
+    // no limit). Raises RuntimeError if a worker failed.
+    bool wait(double timeout_s) {
+        {
+            py::gil_scoped_release nogil;
+            std::unique_lock<std::mutex> lk(j_->m);
+            if (timeout_s < 0) {
+                j_->cv.wait(lk, [&] { return j_->done; });
+            } else if (!j_->cv.wait_for(lk, std::chrono::duration<double>(timeout_s),
+                                        [&] { return j_->done; })) {
+                return false;
+            }
+        }
+        if (!j_->error.empty()) throw std::runtime_error("cpu_experts worker: " + j_->error);
+        return true;
+    }
+    uint64_t checksum() const { return j_->checksum.load(); }
+
+private:
+    std::shared_ptr<Job> j_;
+};
+
+JobHandle submit_experts(Pool& pool, const std::string& dtype, const std::string& isa,
+                         uintptr_t x, int64_t T, int64_t H, int64_t I, int64_t K, int64_t E,
+                         uintptr_t w13, int64_t w13_estride, uintptr_t w2, int64_t w2_estride,
+                         uintptr_t ids, uintptr_t wts, uintptr_t out) {
+    auto j = std::make_shared<Job>();
+    j->dt = parse_dtype(dtype);
+    const Isa i = parse_isa(isa, j->dt);
+    j->gemv = gemv_for(i, j->dt);
+    j->esize = j->dt == DType::F32 ? 4 : 2;
+    if (T < 0 || K < 0) throw py::value_error("ids: negative shape");
+    if (H < 1 || I < 1 || E < 0) throw py::value_error("w13: H and I must be >= 1");
+    if (w13_estride < 2 * I * H || w2_estride < H * I)
+        throw py::value_error("w13/w2: expert stride smaller than one expert");
+    j->T = T; j->K = K; j->H = H; j->I = I;
+    j->x = reinterpret_cast<const uint8_t*>(x);
+    j->w13 = reinterpret_cast<const uint8_t*>(w13);
+    j->w2 = reinterpret_cast<const uint8_t*>(w2);
+    j->w13_estride = w13_estride * j->esize;
+    j->w2_estride = w2_estride * j->esize;
+    j->wts = reinterpret_cast<const float*>(wts);
+    j->out = reinterpret_cast<float*>(out);
+    const int32_t* id = reinterpret_cast<const int32_t*>(ids);
+    const int64_t P = T * K;
+    // Group the routed pairs by expert (counting sort), ascending pair order within an expert;
+    // zero the rows of the pairs that are not ours.
+    std::vector<int32_t> count;
+    for (int64_t p = 0; p < P; ++p) {
+        const int32_t e = id[p];
+        if (e < 0) {
+            std::memset(j->out + p * H, 0, size_t(H) * sizeof(float));
+            continue;
+        }
+        if (e >= E) throw py::value_error("ids: expert id " + std::to_string(e) +
+                                          " out of range for E=" + std::to_string(E));
+        if (size_t(e) >= count.size()) count.resize(size_t(e) + 1, 0);
+        ++count[e];
+    }
+    int64_t routed = 0;
+    std::vector<int64_t> start(count.size());
+    for (size_t e = 0; e < count.size(); ++e) {
+        start[e] = routed;
+        if (count[e]) j->groups.push_back(Group{int64_t(e), routed, count[e]});
+        routed += count[e];
+    }
+    j->pairs.resize(size_t(routed));
+    for (int64_t p = 0; p < P; ++p)
+        if (id[p] >= 0) j->pairs[size_t(start[id[p]]++)] = int32_t(p);
+    j->act_ld = (I * j->esize + 63) / 64 * 64;
+    j->act_raw.resize(size_t(routed * j->act_ld + 64));
+    j->act = j->act_raw.data() + (64 - uintptr_t(j->act_raw.data()) % 64) % 64;
+    j->gu_per_group = (I + kGateUpChunk - 1) / kGateUpChunk;
+    j->dn_per_group = (H + kDownChunk - 1) / kDownChunk;
+    const int64_t G = int64_t(j->groups.size());
+    j->n_gate_up = G * j->gu_per_group;
+    j->n_items = j->n_gate_up + G * j->dn_per_group;
+    j->gate_up_left.reset(new std::atomic<int64_t>[size_t(std::max<int64_t>(G, 1))]);
+    for (int64_t g = 0; g < G; ++g) j->gate_up_left[g].store(j->gu_per_group);
+    pool.enqueue(j);
+    return JobHandle(j);
+}
+
+JobHandle submit_read(Pool& pool, uintptr_t buf, int64_t nbytes, const std::string& isa) {
+    if (buf % 64 || nbytes <= 0 || nbytes % 64)
+        throw py::value_error("buffer: needs a 64-byte aligned address and a size that is a "
+                              "positive multiple of 64");
+    auto j = std::make_shared<Job>();
+    j->kind = Job::Read;
+    j->read = read_for(isa == "auto" ? best_isa(DType::F32) : parse_isa(isa, DType::F32));
+    j->buf = reinterpret_cast<const uint8_t*>(buf);
+    j->nbytes = nbytes;
+    j->n_items = (nbytes + kReadChunk - 1) / kReadChunk;
+    pool.enqueue(j);
+    return JobHandle(j);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu_experts, m) {
+    m.doc() = "CPU experts at memory bandwidth: see csrc/cpu_experts.cpp's header.";
+    m.def("best_isa", [](const std::string& dtype) { return std::string(isa_name(best_isa(parse_dtype(dtype)))); },
+          py::arg("dtype"), "The ISA `auto` picks for a dtype on this CPU.");
+    m.def("supported_isas", [] {
+        std::vector<std::string> out;
+        for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
+            if (isa_supported(i)) out.emplace_back(isa_name(i));
+        return out;
+    }, "The ISAs this CPU can run (avx512bf16 serves bfloat16 only).");
+    py::class_<JobHandle>(m, "Job")
+        .def("done", &JobHandle::done)
+        .def("wait", &JobHandle::wait, py::arg("timeout_s") = -1.0)
+        .def_property_readonly("checksum", &JobHandle::checksum);
+    py::class_<Pool>(m, "Pool")
+        .def(py::init<int>(), py::arg("num_threads"))
+        .def_property_readonly("num_threads", &Pool::num_threads)
+        .def("close", [](Pool& p) { py::gil_scoped_release nogil; p.close(); })
+        .def("submit", &submit_experts, py::arg("dtype"), py::arg("isa"), py::arg("x"),
+             py::arg("T"), py::arg("H"), py::arg("I"), py::arg("K"), py::arg("E"),
+             py::arg("w13"), py::arg("w13_expert_stride"), py::arg("w2"),
+             py::arg("w2_expert_stride"), py::arg("ids"), py::arg("weights"), py::arg("out"),
+             "Start one layer's CPU experts; returns a Job at once. Pointers are data_ptr()s: "
+             "x [T,H], w13 rows [2I,H] every w13_expert_stride elements, w2 rows [H,I] every "
+             "w2_expert_stride elements (all in `dtype`), ids [T,K] int32, weights [T,K] fp32, "
+             "out [T,K,H] fp32. The buffers must live until the Job is done.")
+        .def("read", &submit_read, py::arg("buffer"), py::arg("nbytes"), py::arg("isa") = "auto",
+             "The read-bandwidth probe: every thread of the pool sums 1 MiB chunks of the buffer "
+             "(64-byte aligned); returns a Job whose checksum is the sum of its 64-bit words.");
+}
