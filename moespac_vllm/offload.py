@@ -98,22 +98,52 @@ def _device_kernel(hidden: torch.Tensor) -> Callable[..., torch.Tensor] | None:
 
 
 # ---- host store and device slots ----------------------------------------------------------------
+HOST_PAGE_BYTES = 4096
+_PART_ALIGN_BYTES = 256  # w2 starts this aligned inside a layer's buffer
+
+
+def cuda_host_register(t: torch.Tensor) -> None:
+    """Page-lock `t`'s memory in place (cudaHostRegister): exactly its bytes, unlike
+    `pin_memory=True`, whose caching host allocator rounds every block up to a power of two
+    (~77 GB locked for Qwen3-30B-A3B's 58 GB of experts). Unregistered when `t` is collected."""
+    import weakref
+
+    cudart = torch.cuda.cudart()
+    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    err = cudart.cudaHostRegister(ptr, nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"moespac: cudaHostRegister of {nbytes / 1e6:.1f} MB failed ({err}); "
+                           "is the memlock limit (ulimit -l) too low?")
+    weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+
+
 class ExpertStore:
     """All experts of every MoE layer in host memory. Layers are added one at a time (vLLM builds
-    them one by one); a layer's tensors never move once added."""
+    them one by one); a layer's tensors never move once added.
 
-    def __init__(self, pin_memory: bool = False) -> None:
+    Host memory is allocated exactly. Without pinning (CPU-only engines) a contiguous CPU weight
+    is kept as it is (no copy). With pinning (CUDA), each layer's w13 and w2 are copied into ONE
+    page-aligned buffer of their exact size (rounded up to a page, w2 aligned to 256 bytes inside)
+    which is then registered as page-locked (`host_register`, default `cuda_host_register`): the
+    pages are the layer's own, so no registration overlaps another allocation's.
+    `allocated_bytes` counts what the store allocated; `allocations` how many buffers."""
+
+    def __init__(self, pin_memory: bool = False,
+                 host_register: Callable[[torch.Tensor], None] | None = None) -> None:
         self._w13: dict[int, torch.Tensor] = {}
         self._w2: dict[int, torch.Tensor] = {}
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layers with spare rows
         self.pin_memory = pin_memory
+        self._register = host_register if host_register is not None else cuda_host_register
+        self.allocated_bytes = 0
+        self.allocations = 0
 
     def add_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor,
                   spare_rows: int = 0) -> None:
-        """w13 [E,2I,H], w2 [E,H,I], any device: copied to (pinned) host memory unless already a
-        contiguous CPU tensor of the right pinning. With `spare_rows` S > 0 the layer lives in one
-        [E+S, ...] tensor per weight whose rows E.. start zeroed: `spare(layer)` hands them out (as
-        host-fused slot buffers), `rows(layer)` the whole tensor; `w13(layer)` stays rows 0..E-1."""
+        """w13 [E,2I,H], w2 [E,H,I], any device: kept, or copied to (page-locked) host memory.
+        With `spare_rows` S > 0 the layer lives in one [E+S, ...] tensor per weight whose rows E..
+        start zeroed: `spare(layer)` hands them out (as host-fused slot buffers), `rows(layer)` the
+        whole tensor; `w13(layer)` stays rows 0..E-1."""
         if layer in self._w13:
             raise ValueError(f"layer: {layer} already in the expert store")
         if w13.dim() != 3 or w2.dim() != 3:
@@ -124,18 +154,53 @@ class ExpertStore:
             raise ValueError(f"w2: shape {tuple(w2.shape)} does not match w13 {tuple(w13.shape)}")
         if spare_rows < 0:
             raise ValueError(f"spare_rows: must be >= 0, got {spare_rows}")
-        if spare_rows == 0:
-            self._w13[layer] = self._host(w13)
-            self._w2[layer] = self._host(w2)
-            return
-        rows = []
-        for t in (w13, w2):
-            full = torch.zeros((E + spare_rows, *t.shape[1:]), dtype=t.dtype, device="cpu",
-                               pin_memory=self.pin_memory)
-            full[:E].copy_(t.detach())
-            rows.append(full)
-        self._rows[layer] = (rows[0], rows[1])
-        self._w13[layer], self._w2[layer] = rows[0][:E], rows[1][:E]
+        rows = E + spare_rows
+        if not self.pin_memory:
+            if spare_rows == 0:
+                self._w13[layer], self._w2[layer] = self._keep(w13), self._keep(w2)
+                return
+            full = [self._alloc((rows, *t.shape[1:]), t.dtype) for t in (w13, w2)]
+        else:
+            full = self._pinned_layer((rows, *w13.shape[1:]), w13.dtype,
+                                      (rows, *w2.shape[1:]), w2.dtype)
+        for dst, src in zip(full, (w13, w2)):
+            dst[:E].copy_(src.detach())
+            if spare_rows:
+                dst[E:].zero_()
+        if spare_rows:
+            self._rows[layer] = (full[0], full[1])
+        self._w13[layer], self._w2[layer] = full[0][:E], full[1][:E]
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.device.type == "cpu" and t.is_contiguous():
+            return t
+        host = self._alloc(tuple(t.shape), t.dtype)
+        host.copy_(t)
+        return host
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device="cpu")
+        self.allocated_bytes += t.numel() * t.element_size()
+        self.allocations += 1
+        return t
+
+    def _pinned_layer(self, shape13: tuple[int, ...], dtype13: torch.dtype,
+                      shape2: tuple[int, ...], dtype2: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        n13 = math.prod(shape13) * torch.empty((), dtype=dtype13).element_size()
+        n2 = math.prod(shape2) * torch.empty((), dtype=dtype2).element_size()
+        off2 = -(-n13 // _PART_ALIGN_BYTES) * _PART_ALIGN_BYTES
+        size = -(-(off2 + n2) // HOST_PAGE_BYTES) * HOST_PAGE_BYTES
+        raw = torch.empty(size + HOST_PAGE_BYTES, dtype=torch.uint8, device="cpu")
+        start = (-raw.data_ptr()) % HOST_PAGE_BYTES
+        buf = raw[start:start + size]
+        self._register(buf)
+        self.allocated_bytes += size
+        self.allocations += 1
+        w13 = buf[:n13].view(dtype13).view(shape13)
+        w2 = buf[off2:off2 + n2].view(dtype2).view(shape2)
+        return w13, w2
 
     def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [E+S,2I,H], w2 [E+S,H,I]) of a layer added with spare rows."""
@@ -148,14 +213,6 @@ class ExpertStore:
         w13, w2 = self.rows(layer)
         E = self.num_experts(layer)
         return w13[E:], w2[E:]
-
-    def _host(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if t.device.type == "cpu" and t.is_contiguous() and (t.is_pinned() or not self.pin_memory):
-            return t
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin_memory)
-        host.copy_(t)
-        return host
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -51,21 +52,32 @@ from moespac_vllm.trace import ModelDims, StepKind, TraceRecorder
 logger = logging.getLogger("moespac_vllm.layer")
 
 
-def default_costs(config: MoESpacConfig, dims: ModelDims) -> tuple[ExpertCosts, str]:
-    """The expert costs the balancer uses and their label. A configured profile (`profile`: a
-    name or a calibrated JSON) is resolved by `cost_model.get_profile` (an unknown one raises
-    ValueError naming the field); `auto` keeps the built-in estimate from dims (so labelled)."""
-    if config.profile != "auto":
-        from moespac_vllm.cost_model import get_profile
+def default_costs(config: MoESpacConfig, dims: ModelDims,
+                  device: torch.device | None = None) -> tuple[ExpertCosts, str]:
+    """The expert costs the balancer uses and the label of the profile in force. A configured
+    profile (`profile`: a name or a calibrated JSON) is resolved by `cost_model.get_profile` (an
+    unknown one raises ValueError naming the field); `auto` (the default) is measured on this
+    machine at the model's dims, or read from the per-machine cache (`startup_profile`). Without a
+    `device` (drivers that only want the arithmetic) `auto` is the built-in estimate, so labelled."""
+    if config.profile != "auto" or device is not None:
+        from moespac_vllm import startup_profile
 
-        profile = get_profile(config.profile)
-        return profile.expert_costs(dims), profile.name
+        kind = "cuda" if device is not None and device.type == "cuda" else "cpu"
+        name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
+        profile, label = startup_profile.resolve(config.profile, dims, device=kind,
+                                                 device_name=name)
+        return profile.expert_costs(dims), label if config.profile == "auto" else profile.name
     b = dims.expert_bytes
     f = dims.expert_flops_per_token
     # PCIe 5 x16 ~25 GB/s effective; device ~2 TB/s, 400 TFLOP/s; CPU ~50 GB/s, 1 TFLOP/s.
     return ExpertCosts(gpu_fixed_ms=b / 2e12 * 1e3, gpu_per_token_ms=f / 4e14 * 1e3,
                        cpu_fixed_ms=b / 5e10 * 1e3, cpu_per_token_ms=f / 1e12 * 1e3,
                        fetch_ms=b / 2.5e10 * 1e3), "builtin-estimate"
+
+
+# Warm-up / profiling / dummy runs make a few forwards before the first scheduled step; this many
+# in a row without a step boundary means the driver's hooks are not firing.
+NO_BOUNDARY_WARN_STEPS = 64
 
 
 class MonotonicClock:
@@ -132,6 +144,8 @@ class OffloadRuntime:
         self._recorder: TraceRecorder | None = None
         self._steps_since_log = 0
         self.decode_steps = 0
+        self._implicit_steps = 0  # implicit steps since the driver's last step boundary
+        self._boundary_warned = False
         self._closed = False
         self.lock = threading.Lock()
 
@@ -210,7 +224,7 @@ class OffloadRuntime:
         if self._costs is not None:
             costs = self._costs
         else:
-            costs, self.costs_label = default_costs(self.config, self.dims)
+            costs, self.costs_label = default_costs(self.config, self.dims, self.device)
         if self.device.type == "cuda":
             self.mover = CudaStreamMover(self.store, self.slots)
         else:
@@ -241,12 +255,23 @@ class OffloadRuntime:
                 "model": self.model_name, "spec_method": self.spec_method or "none",
                 "num_spec_tokens": self.num_spec_tokens})
         logger.info("moespac: MoE layers (transformer index): %s", self.model_layers)
-        logger.info(
-            "moespac: offloading %d MoE layers x %d experts (%.1f MB/expert): %d slots/layer "
-            "(%.1f MB on %s), host store %.1f MB, policy %s, costs %s, signal %s, experts run by %s",
-            self.dims.num_layers, E, self.dims.expert_bytes / 1e6, num_slots,
-            self.slots.total_bytes / 1e6, self.device, self.store.total_bytes / 1e6,
-            self.config.policy.value, self.costs_label, self.signal_source, self.compute_path)
+        logger.info("%s", self.offloading_line())
+
+    def offloading_line(self) -> str:
+        """The one `moespac: offloading ...` line: what is in force (after build)."""
+        assert self.dims is not None
+        E, S = self.dims.num_experts, self.slots.num_slots(0)
+        cache = self.config.cache
+        budget = (f"gpu_expert_budget_gb {cache.gpu_expert_budget_gb}"
+                  if cache.gpu_expert_budget_gb is not None else
+                  f"cache_ratio {cache.effective_ratio:g}"
+                  + ("" if cache.cache_ratio is not None else " (default)"))
+        return (f"moespac: offloading {self.dims.num_layers} MoE layers x {E} experts "
+                f"({self.dims.expert_bytes / 1e6:.1f} MB/expert): {budget} -> {S} slots/layer "
+                f"({S / E:.2f} of E; {self.slots.total_bytes / 1e6:.1f} MB on {self.device}), "
+                f"host store {self.store.total_bytes / 1e6:.1f} MB, policy "
+                f"{self.config.policy.value}, cost profile {self.costs_label}, signal "
+                f"{self.signal_source}, experts run by {self.compute_path}")
 
     @property
     def compute_path(self) -> str:
@@ -297,6 +322,17 @@ class OffloadRuntime:
             self._draft_ids = {}
             self._open, self._explicit = True, explicit
             self._planned = set()
+            if explicit:
+                self._implicit_steps = 0
+            else:
+                self._implicit_steps += 1
+                if self._implicit_steps >= NO_BOUNDARY_WARN_STEPS and not self._boundary_warned:
+                    self._boundary_warned = True
+                    logger.warning(
+                        "moespac: %d forwards of the model without a step boundary from the "
+                        "runner: the speculative signal (verify windows, accepted tokens, draft "
+                        "phase) is lost and every forward is planned as its own step; is this "
+                        "vLLM runner hooked (patches/spec_hook.py)?", self._implicit_steps)
 
     def next_step_index(self) -> int:
         self._step += 1
@@ -324,7 +360,7 @@ class OffloadRuntime:
                 self.report()
 
     def report(self) -> None:
-        s = self.engine.stats()
+        s = self.stats()
         logger.info("%s, signal: %s", format_log_line(s), self.signal_source)
         if self._stats_writer is not None:
             self._stats_writer.write(s, signal=self.signal_source, policy=self.config.policy.value,
@@ -374,7 +410,15 @@ class OffloadRuntime:
 
     # ---- results -------------------------------------------------------------------------------
     def stats(self) -> EngineStats | None:
-        return None if self.engine is None else self.engine.stats()
+        """The engine's statistics, times named for what was measured: on a host-fused engine
+        (CPU-only vLLM) one host call computes device-slot and CPU pairs together, and the layer
+        reports that call's time through the device branch; it is `host_fused_ms` here."""
+        if self.engine is None:
+            return None
+        s = self.engine.stats()
+        if self.host_kernels and len(self.host_kernels) == self.num_layers:
+            s = replace(s, host_fused_ms=s.gpu_ms + s.cpu_ms, gpu_ms=0.0, cpu_ms=0.0)
+        return s
 
     def summary(self) -> dict[str, Any]:
         """Engine stats + what really ran where (for tests, the demo and benchmarks)."""
@@ -415,4 +459,4 @@ class OffloadRuntime:
             self._own_pool = None
 
 
-__all__ = ["MonotonicClock", "OffloadRuntime", "default_costs"]
+__all__ = ["MonotonicClock", "NO_BOUNDARY_WARN_STEPS", "OffloadRuntime", "default_costs"]

@@ -79,30 +79,25 @@ def check_supported(vllm_config: Any, moe_config: Any, quant_method: Any = None)
 
 
 def check_cudagraph_mode(vllm_config: Any) -> None:
-    """FULL CUDA graphs would capture the host-side plan once and replay stale slot ids: refused.
-    PIECEWISE is fine only when the MoE op is a graph split point (it syncs with the host)."""
+    """Refuse a config whose CUDA graphs would capture the offloaded MoE layers. FULL graphs replay
+    one expert placement; PIECEWISE graphs split at the MoE op read the op's output (and shared
+    experts') from the address captured once, while each call allocates afresh (engine_config.py
+    says why). vLLM's own default is made safe where the config is built (engine_config.py); this
+    check meets configs built around that hook (a VllmConfig made by hand)."""
     if vllm_config is None:
         return
     model_config = vllm_config.model_config
     if model_config is not None and model_config.enforce_eager:
         return
-    cc = vllm_config.compilation_config
-    mode = cc.cudagraph_mode  # None until VllmConfig's post-init resolves it (vLLM 0.32)
-    if mode is None:
+    mode = vllm_config.compilation_config.cudagraph_mode  # None until VllmConfig's post-init
+    if mode is None or mode.name == "NONE":
         return
-    if mode.has_full_cudagraphs():
-        raise ValueError(
-            f"moespac: cudagraph_mode {mode.name} captures the MoE layers in FULL CUDA graphs, "
-            "which would replay one fixed expert placement; use --enforce-eager or "
-            "-O '{\"cudagraph_mode\": \"PIECEWISE\", \"splitting_ops\": [\"vllm::moe_forward\", "
-            "\"vllm::moe_forward_shared\", ...attention ops]}'")
-    if mode.requires_piecewise_compilation():
-        split = set(cc.splitting_ops or ())
-        if not {"vllm::moe_forward", "vllm::moe_forward_shared"} <= split:
-            raise ValueError(
-                "moespac: PIECEWISE CUDA graphs need the MoE op as a split point: add "
-                "\"vllm::moe_forward\" and \"vllm::moe_forward_shared\" to "
-                "compilation_config.splitting_ops, or use --enforce-eager")
+    kind = "FULL" if mode.has_full_cudagraphs() else "PIECEWISE"
+    raise ValueError(
+        f"moespac: cudagraph_mode {mode.name} captures the MoE layers in {kind} CUDA graphs, "
+        "which would replay one expert placement / output buffer; build the engine through "
+        "EngineArgs (LLM, vllm serve: moespac then picks NONE with torch.compile kept), set "
+        "cudagraph_mode NONE, or use --enforce-eager")
 
 
 # ---- registry of runtimes -----------------------------------------------------------------------
@@ -170,8 +165,27 @@ def _layer_number(layer_name: str) -> int | None:
     return None
 
 
+# vLLM builds every drafter's model under `set_model_tag(...)` (vllm.compilation.backends): V1
+# draft_model / V2 standalone_ar "draft_model" (prefix `draft_model.`), eagle/eagle3/mtp (V1
+# llm_base_proposer, V2 eagle/utils.load_eagle_model, which mtp uses too) "eagle_head" with the
+# model's own prefix (`model.layers.N...`, like the target's), medusa/dflash/dspark/lilicorr
+# `<name>_head`. The tag is the one signal common to all of them (vLLM 0.32/0.33).
+DRAFT_MODEL_TAGS = frozenset({"draft_model", "eagle_head", "medusa_head", "dflash_head",
+                              "dspark_head", "lilicorr_head", "extract_hidden_states"})
+
+
+def _model_tag() -> str:
+    from vllm.compilation import backends
+
+    return str(backends.model_tag)
+
+
 def _role(layer_name: str) -> str:
-    return "draft" if layer_name.startswith(DRAFT_PREFIX) else "target"
+    """`draft` for a layer of any speculative proposer's model, else `target`."""
+    if layer_name.startswith(DRAFT_PREFIX):
+        return "draft"
+    tag = _model_tag()
+    return "draft" if tag in DRAFT_MODEL_TAGS or tag.endswith("_head") else "target"
 
 
 class StockCpuExpertsKernel:
@@ -217,6 +231,19 @@ def _stock_cpu_experts(experts_cls: Any) -> bool:
     return isinstance(experts_cls, type) and issubclass(experts_cls, CPUUnquantizedExperts)
 
 
+def check_host_resident(layer: Any, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """vLLM's `requires_device_loading = False` contract, checked after loading: no expert weight
+    of the layer is on the device, and the parameters the layer reads ARE the store's tensors."""
+    for name, param, stored in (("w13_weight", layer.w13_weight, w13),
+                                ("w2_weight", layer.w2_weight, w2)):
+        if param.device.type != "cpu":
+            raise RuntimeError(f"moespac: {layer.layer_name}.{name} is on {param.device} after "
+                               "loading; expert weights must stay in host memory")
+        if param.data_ptr() != stored.data_ptr() or param.shape != stored.shape:
+            raise RuntimeError(f"moespac: {layer.layer_name}.{name} is not the expert store's "
+                               "tensor after loading")
+
+
 class _HostWeightsMethod(UnquantizedFusedMoEMethod):
     """Unquantized weights kept in host memory.
 
@@ -256,11 +283,13 @@ class _HostWeightsMethod(UnquantizedFusedMoEMethod):
             self.moe_kernel = None
             kernel = StockCpuExpertsKernel(experts, layer.moe_config.activation)
         rt = layer.moespac_runtime
-        # the store may have made a (pinned / spare-row) copy: point the parameters at it, which
-        # frees the original
+        # the store may have made a (spare-row) copy: point the parameters at it, which frees the
+        # original
+        idx = layer.moespac_index
         layer.w13_weight.data, layer.w2_weight.data = rt.weights_loaded(
-            layer.moespac_index, layer.w13_weight.data, layer.w2_weight.data, kernel,
+            idx, layer.w13_weight.data, layer.w2_weight.data, kernel,
             kernel.name if kernel is not None else "")
+        check_host_resident(layer, rt.store.w13(idx), rt.store.w2(idx))
 
     @property
     def is_monolithic(self) -> bool:
@@ -427,6 +456,7 @@ __all__ = [
     "default_costs",
     "OffloadedRoutedExperts",
     "check_cudagraph_mode",
+    "check_host_resident",
     "check_supported",
     "latest_runtime",
     "register",

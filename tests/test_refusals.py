@@ -96,14 +96,14 @@ def test_full_cuda_graphs_are_refused(mode):
         routed_experts.check_cudagraph_mode(_EngineView(cudagraph_mode=mode))
 
 
-def test_piecewise_needs_the_moe_op_as_split_point():
-    with pytest.raises(ValueError, match="split point"):
-        routed_experts.check_cudagraph_mode(
-            _EngineView(cudagraph_mode="PIECEWISE", splitting_ops=["vllm::unified_attention"]))
-    routed_experts.check_cudagraph_mode(_EngineView(
-        cudagraph_mode="PIECEWISE",
-        splitting_ops=["vllm::unified_attention", "vllm::moe_forward",
-                       "vllm::moe_forward_shared"]))
+def test_piecewise_graphs_are_refused_even_split_at_the_moe_op():
+    """The graph after a split reads the MoE op's output from its capture-time address; the op
+    (and vLLM's shared experts) allocate afresh on every call: a stale pointer."""
+    for split in (["vllm::unified_attention"],
+                  ["vllm::unified_attention", "vllm::moe_forward", "vllm::moe_forward_shared"]):
+        with pytest.raises(ValueError, match="PIECEWISE CUDA graphs"):
+            routed_experts.check_cudagraph_mode(
+                _EngineView(cudagraph_mode="PIECEWISE", splitting_ops=split))
 
 
 def test_no_cuda_graphs_pass():
@@ -113,6 +113,44 @@ def test_no_cuda_graphs_pass():
 
 def test_enforce_eager_passes_whatever_the_graph_mode():
     routed_experts.check_cudagraph_mode(_EngineView(enforce_eager=True, cudagraph_mode="FULL"))
+
+
+@pytest.mark.parametrize("tag,prefix", [
+    ("backbone", "model.layers.3.mlp.experts"),
+    ("draft_model", "draft_model.model.layers.0.mlp.experts"),  # V1 draft_model, V2 standalone
+    ("eagle_head", "model.layers.0.mlp.experts"),  # eagle/eagle3/mtp: the model's own prefix
+    ("eagle_head", "model.layers.48.mlp.experts"),  # an MTP head numbered after the target
+    ("medusa_head", "model.layers.0.mlp.experts"),
+])
+def test_every_proposers_layers_are_draft_layers(tag, prefix):
+    from vllm.compilation.backends import set_model_tag
+
+    want = "target" if tag == "backbone" else "draft"
+    if tag == "backbone":
+        assert routed_experts._role(prefix) == want
+        return
+    with set_model_tag(tag):
+        assert routed_experts._role(prefix) == want
+    assert routed_experts._role("model.layers.0.mlp.experts") == "target"  # tag restored
+
+
+class _LayerView:
+    """The three attributes of a RoutedExperts the check reads."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        self.layer_name = "model.layers.0.mlp.experts"
+        self.w13_weight = torch.nn.Parameter(w13, requires_grad=False)
+        self.w2_weight = torch.nn.Parameter(w2, requires_grad=False)
+
+
+def test_after_loading_the_layer_reads_the_stores_host_tensors():
+    w13, w2 = torch.zeros(4, 8, 16), torch.zeros(4, 16, 4)
+    routed_experts.check_host_resident(_LayerView(w13, w2), w13, w2)
+    with pytest.raises(RuntimeError, match="not the expert store's tensor"):
+        routed_experts.check_host_resident(_LayerView(w13.clone(), w2), w13, w2)
+    meta = _LayerView(torch.empty(4, 8, 16, device="meta"), w2)
+    with pytest.raises(RuntimeError, match="must stay in host memory"):
+        routed_experts.check_host_resident(meta, w13, w2)
 
 
 def test_unverified_vllm_version_leaves_plugin_inert(monkeypatch):
