@@ -9,8 +9,11 @@ arguments pass through unchanged.
 What moespac adds, each only when the user did not say otherwise:
 - `VLLM_PLUGINS` names `moespac` (set before vLLM loads plugins, so every process it spawns loads it);
 - `--host 127.0.0.1` (never listen on all interfaces by accident);
-- on a machine without CUDA: `--enforce-eager` and `--kv-cache-memory-bytes 512M`, because vLLM's CPU
-  backend otherwise reserves 92% of the node's memory and refuses to start on a shared machine.
+- on a machine without CUDA: `--kv-cache-memory-bytes 512M`, because vLLM's CPU backend otherwise
+  reserves 92% of the node's memory and refuses to start on a shared machine.
+
+vLLM's own compilation defaults are kept (no `--enforce-eager` added): the plugin makes them safe
+where the engine config is built (patches/engine_config.py).
 
 (`python -m vllm.entrypoints.openai.api_server` also works with the plugin, but it ignores the
 positional model: it needs `--model MODEL`.)
@@ -38,9 +41,6 @@ def serve_argv(model: str, vllm_args: Sequence[str], cuda: bool) -> list[str]:
     if not _given(vllm_args, "--host"):
         argv += ["--host", DEFAULT_HOST]
     if not cuda:
-        if not _given(vllm_args, "--enforce-eager", "--no-enforce-eager", "-O",
-                      "--compilation-config", "-cc"):
-            argv.append("--enforce-eager")
         if not _given(vllm_args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
             argv += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
     return argv
