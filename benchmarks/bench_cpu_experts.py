@@ -1,28 +1,39 @@
-"""Benchmark the CPU expert path at Qwen3-30B-A3B expert dims (H=2048, I=768).
+"""Benchmark the CPU expert path at Qwen3-30B-A3B expert dims (H=2048, I=768) against this
+machine's measured read bandwidth.
 
-    python benchmarks/bench_cpu_experts.py --json [--quick] [--threads N] [--plot out.png]
+    python benchmarks/bench_cpu_experts.py --json [--quick] [--threads N] [--dtypes bfloat16]
+                                          [--isas] [--no-vllm] [--plot out.png]
 
-For n tokens per expert in 1..16 (T = n tokens, each routed to the same 8 experts, so 8 experts x n
-tokens per call), bf16 and fp32, it times one call of each way to compute those pairs:
-- `exact`:   kernels.cpu_experts.pair_outputs_exact (the reference arithmetic, fp32 upcast);
-- `native`:  kernels.cpu_experts.pair_outputs_native (torch GEMMs in the dtype: oneDNN);
-- `vllm-op`: vLLM's torch.ops._C.cpu_fused_moe, standard top-8 layout, prepacked weights
-             (the op alone: no per-pair outputs, no negative ids) -- when vLLM's CPU ops import;
-- `vllm-hook`: the same op through kernels.cpu_experts.PrepackedMoeOpHook (per-pair outputs);
-- `pool-native`: CpuExpertPool(native) submit + wait, i.e. `native` plus the thread round trip.
-An `overlap` line submits to the pool and sleeps as long as the CPU work takes (standing in for
-waiting on a device kernel): overlap_fraction 1 means the two ran fully side by side.
-Each line gives ms, GFLOP/s (2 * 3 * H * I FLOP per pair) and GB/s (the 8 experts' weight bytes
-per call, read once), and the machine's estimated peaks (how estimated: the `peak_note` field) and
-a measured copy bandwidth. The machine is shared with other workers: the load average at start is
-printed; numbers are medians and are noisy on a loaded machine.
+One call = one layer's CPU work: 8 experts x n tokens per expert (n = 1, 2, 4, 8, 16; every token
+routed to the same 8 experts), per-pair outputs as `CpuExpertPool` returns them. Backends, one row
+each per n:
+- `native`:  CpuExpertPool(backend="native") submit + result (csrc/cpu_experts.cpp; what the
+             layer runs, Python overhead included); with --isas also `native:<isa>` for every
+             other instruction set the kernel has on this CPU (e.g. bf16 widened to fp32 FMAs);
+- `torch`:   kernels.cpu_experts.pair_outputs_torch (oneDNN GEMMs in the dtype), called directly;
+- `vllm-op`: vLLM's torch.ops._C.cpu_fused_moe, prepacked weights, standard top-8 layout (the op
+             alone: k-summed output, no per-pair outputs) -- only where vLLM's CPU ops import.
+Weights are never served from cache: the experts come from a bank of --bank experts (default 64,
+i.e. 604 MB at bf16, against a 32 MiB L3 here) and successive calls take successive groups of 8,
+so a call's weights were last read 7 calls (~530 MB of other weights) earlier.
+Each row: median_ms / min_ms over the reps, ms_per_expert, gbps (the 8 experts' weight bytes,
+3*H*I*bytes each, over the median time) and read_bandwidth_ratio = gbps / read_gbps, where
+read_gbps is this machine's read bandwidth measured STREAM-like right before and after the row
+(mean of the two): the native module's read probe (every thread sums 1 MiB chunks of a --probe-gib
+GiB buffer, 512-bit loads) with the same thread count as the kernel, on a buffer from torch's
+allocator like the bank. Also per row: rel_err_vs_reference against
+kernels.fused_experts.fused_experts_reference, and the 1-minute load average (the machine may be
+shared: numbers on a loaded machine are noisy, the ratio less so since both sides share the load).
+An `overlap` line submits to the native pool and sleeps as long as the CPU work takes (standing in
+for a device kernel): overlap_fraction 1 means the two ran fully side by side.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
+import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,80 +47,10 @@ except ModuleNotFoundError:  # uninstalled checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import cpu_experts as ce
     from kernels import fused_experts as fe
+from moespac_vllm.calibrate import describe_device
 
-H, I, E_RUN = 2048, 768, 8
-
-
-def cpu_model() -> tuple[str, str, int, int]:
-    """(model name, vendor, family, model) from /proc/cpuinfo."""
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if ":" in line:
-                k, v = (s.strip() for s in line.split(":", 1))
-                info.setdefault(k, v)
-    except OSError:
-        pass
-    return (info.get("model name", platform.processor()), info.get("vendor_id", "?"),
-            int(info.get("cpu family", 0) or 0), int(info.get("model", 0) or 0))
-
-
-def peak_estimate(threads: int) -> dict:
-    """cores x GHz x FLOP/cycle. GHz: the TSC rate (BogoMIPS / 2; no boost assumed).
-    FLOP/cycle per core: AMD Zen 4 (family 25, AVX-512 on two 256-bit FMA pipes): fp32 2x8x2 =
-    32, bf16 (VDPBF16PS, two bf16 products per fp32 lane) 64. Intel AVX-512 with two 512-bit FMA
-    units: fp32 64, bf16 128. Other CPUs: AVX2, two 256-bit FMA units: fp32 32, bf16 = fp32."""
-    name, vendor, fam, _ = cpu_model()
-    ghz = 0.0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("bogomips"):
-                ghz = float(line.split(":")[1]) / 2 / 1000
-                break
-    except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    avx512 = "avx512f" in flags
-    bf16 = "avx512_bf16" in flags
-    if vendor == "AuthenticAMD" and fam == 25:
-        fp32, bf = 32, (64 if bf16 else 32)
-        how = "Zen4: AVX-512 double-pumped on 2x256-bit FMA pipes"
-    elif vendor == "GenuineIntel" and avx512:
-        fp32, bf = 64, (128 if bf16 else 64)
-        how = "Intel AVX-512, 2 FMA units"
-    else:
-        fp32, bf = 32, 32
-        how = "AVX2, 2x256-bit FMA"
-    return {"cpu": name, "threads": threads, "ghz_est": round(ghz, 3),
-            "peak_fp32_gflops": threads * ghz * fp32, "peak_bf16_gflops": threads * ghz * bf,
-            "peak_note": f"{threads} cores x {ghz:.2f} GHz (BogoMIPS/2) x {fp32} fp32 / {bf} bf16 "
-                         f"FLOP/cycle ({how})"}
-
-
-def copy_gbps(nbytes: int = 256 << 20) -> float:
-    """Memory bandwidth seen by torch: a large copy, bytes read + written over time."""
-    a = torch.empty(nbytes, dtype=torch.uint8)
-    a.fill_(1)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        ts.append(time.perf_counter() - t0)
-    return 2 * nbytes / sorted(ts)[2] / 1e9
-
-
-def _time(fn, iters: int) -> tuple[float, float]:
-    """(median, min) ms. On a shared machine the min is the closest to the uncontended cost."""
-    fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3, ts[0] * 1e3
+H, I, E_CALL = 2048, 768, 8
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _vllm_ops():
@@ -118,28 +59,78 @@ def _vllm_ops():
     except ImportError:
         return None
     ops = torch.ops._C
-    return ops if hasattr(ops, "cpu_fused_moe") else None
+    return ops if hasattr(ops, "cpu_fused_moe") and hasattr(ops, "prepack_moe_weight") else None
+
+
+class ReadProbe:
+    """The machine's read bandwidth, GB/s: the native read probe over `gib` GiB, `threads`
+    threads. The buffer comes from torch's allocator, as the expert bank does."""
+
+    def __init__(self, threads: int, gib: float) -> None:
+        from moespac_vllm import _cpu_experts
+
+        nbytes = int(gib * (1 << 30)) // (1 << 20) * (1 << 20)
+        self.buf = torch.ones(nbytes + 64, dtype=torch.uint8)
+        self.off = (-self.buf.data_ptr()) % 64
+        self.nbytes = nbytes
+        self.pool = _cpu_experts.Pool(threads)
+        self.samples: list[float] = []
+        self.gbps()  # first touch done; warm the threads
+
+    def gbps(self) -> float:
+        t0 = time.perf_counter()
+        self.pool.read(self.buf.data_ptr() + self.off, self.nbytes).wait()
+        g = self.nbytes / (time.perf_counter() - t0) / 1e9
+        self.samples.append(g)
+        return g
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _times_ms(fn, calls: int) -> list[float]:
+    fn(0)  # warm-up (its weights are re-read from DRAM later: the bank cycles)
+    ts = []
+    for i in range(1, calls + 1):
+        t0 = time.perf_counter()
+        fn(i)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return ts
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="JSON lines only (default: also a table)")
-    ap.add_argument("--quick", action="store_true", help="n in {1, 4, 16}, 3 iterations")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--quick", action="store_true", help="n in {1, 4, 16}, fewer calls")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for every backend and the probe (default: all CPUs)")
+    ap.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float16,float32")
+    ap.add_argument("--bank", type=int, default=64, help="distinct experts cycled (>= 8)")
+    ap.add_argument("--probe-gib", type=float, default=1.0, help="read-probe buffer size")
+    ap.add_argument("--isas", action="store_true", help="also a row per other native ISA")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's op even if importable")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    peak = peak_estimate(threads)
-    device = f"cpu:{peak['cpu']} x{threads} threads"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    threads = args.threads if args.threads is not None else len(os.sched_getaffinity(0))
+    if threads < 1:
+        raise ValueError(f"threads: must be >= 1, got {threads}")
+    if args.bank < E_CALL or args.bank % E_CALL:
+        raise ValueError(f"bank: must be a multiple of {E_CALL}, got {args.bank}")
+    if args.probe_gib <= 0:
+        raise ValueError(f"probe_gib: must be > 0, got {args.probe_gib}")
+    dtypes = []
+    for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            raise ValueError(f"dtypes: expected names from {sorted(DTYPES)}, got {name!r}")
+        dtypes.append(DTYPES[name])
+    if not ce.native_available():
+        raise RuntimeError("moespac_vllm._cpu_experts is not built: reinstall the package")
+    torch.set_num_threads(threads)
+    command = shlex.join(["python", "benchmarks/bench_cpu_experts.py",
+                          *(sys.argv[1:] if argv is None else argv)])
+    device = describe_device()
     ns = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
-    iters = 3 if args.quick else 7
+    calls = args.bank // E_CALL * (1 if args.quick else 2)  # each bank group once / twice
     ops = None if args.no_vllm else _vllm_ops()
     rows: list[dict] = []
 
@@ -148,119 +139,144 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    emit({"kind": "machine", **peak, "copy_gbps": copy_gbps(), "loadavg_1m": load,
-          "mkldnn": torch.backends.mkldnn.is_available(),
+    probe = ReadProbe(threads, args.probe_gib)
+    pools = {"native": ce.CpuExpertPool(threads, backend="native")}
+    if args.isas:
+        for isa in ce.native_isas():
+            pools[f"native:{isa}"] = ce.CpuExpertPool(threads, backend="native", isa=isa)
+    emit({"kind": "machine", "threads": threads, "read_gbps": probe.gbps(),
+          "probe_bytes": probe.nbytes, "native_isas": list(ce.native_isas()),
           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-          "vllm_op": ops is not None})
+          "vllm_op": ops is not None, "loadavg_1m": os.getloadavg()[0]})
 
-    pool = ce.CpuExpertPool(backend="native")
-    for dtype in (torch.bfloat16, torch.float32):
-        # E_RUN experts in the store, each token routed to all of them: n tokens per expert.
-        x, w13, w2, _, _ = fe.make_inputs(max(ns), E_RUN, H, I, E_RUN, dtype, "cpu", seed=0)
+    for dtype in dtypes:
+        g = torch.Generator().manual_seed(0)
+        w13 = (torch.randn(args.bank, 2 * I, H, generator=g) / H ** 0.5).to(dtype)
+        w2 = (torch.randn(args.bank, H, I, generator=g) / I ** 0.5).to(dtype)
+        weight_gb = E_CALL * 3 * H * I * w13.element_size() / 1e9
         packed = None
         if ops is not None:
-            def prepack(w):
-                p = torch.empty_like(w)
-                ops.prepack_moe_weight(w, p, "vec")
-                return p
-
-            def moe_op(out, xx, w13p, w2p, tw, ti):
-                ops.cpu_fused_moe(out, xx, w13p, w2p, None, None, tw, ti, False, "silu", "vec")
-
             try:
-                hook = ce.PrepackedMoeOpHook(prepack, moe_op)
-                packed = (hook.packed(w13), hook.packed(w2))
+                packed = []
+                for w in (w13, w2):
+                    p = torch.empty_like(w)
+                    ops.prepack_moe_weight(w, p, "vec")
+                    packed.append(p)
             except RuntimeError as e:  # e.g. a dtype the op does not take
+                packed = None
                 emit({"kind": "note", "dtype": str(dtype), "backend": "vllm-op",
                       "note": f"vLLM op refused: {str(e).splitlines()[0][:200]}"})
-        weight_gb = E_RUN * 3 * H * I * x.element_size() / 1e9
+        names = [k for k in pools if k == "native" or dtype == torch.bfloat16
+                 or not k.endswith("avx512bf16")]
         for n in ns:
-            xs = x[:n].contiguous()
-            ids = torch.arange(E_RUN, dtype=torch.int32).repeat(n, 1)
-            wts = torch.softmax(torch.randn(n, E_RUN), dim=-1)
-            ways = {
-                "exact": lambda: ce.pair_outputs_exact(xs, w13, w2, ids, wts),
-                "native": lambda: ce.pair_outputs_native(xs, w13, w2, ids, wts),
-                "pool-native": lambda: pool.wait(pool.submit(xs, w13, w2, ids, wts)),
-            }
+            x = torch.randn(n, H, generator=g).to(dtype)
+            wts = torch.softmax(torch.randn(n, E_CALL, generator=g), dim=-1)
+            groups = [torch.arange(E_CALL, dtype=torch.int32).add(E_CALL * i).repeat(n, 1)
+                      for i in range(args.bank // E_CALL)]
+            out = torch.empty(n, H, dtype=dtype)
+
+            def ids_of(i):
+                return groups[i % len(groups)]
+
+            ways = {name: (lambda i, p=pools[name]: p.submit(x, w13, w2, ids_of(i), wts).result())
+                    for name in names}
+            ways["torch"] = lambda i: ce.pair_outputs_torch(x, w13, w2, ids_of(i), wts)
             if packed is not None:
-                out = torch.empty(n, H, dtype=dtype)
-                ways["vllm-op"] = lambda: moe_op(out, xs, packed[0], packed[1], wts, ids)
-                ways["vllm-hook"] = lambda: hook(xs, w13, w2, ids, wts)
-            want = fe.fused_experts_reference(xs, w13, w2, ids, wts).float()
+                def vllm_op(i):
+                    ops.cpu_fused_moe(out, x, packed[0], packed[1], None, None, wts, ids_of(i),
+                                      False, "silu", "vec")
+                    return out
+                ways["vllm-op"] = vllm_op
+            want = fe.fused_experts_reference(x, w13, w2, ids_of(0), wts).float()
             for name, fn in ways.items():
-                try:
-                    ms, min_ms = _time(fn, iters)
-                except RuntimeError as e:
-                    emit({"kind": "note", "dtype": str(dtype), "backend": name,
-                          "note": str(e).splitlines()[0][:200]})
-                    continue
-                res = fn()
-                if res is None:  # the raw op fills `out`
-                    got = out
-                else:
-                    got = ce.sum_over_topk(res) if res.dim() == 3 else res
+                res = fn(0)
+                got = ce.sum_over_topk(res) if res.dim() == 3 else res.float()
                 err = float((got.float() - want).norm() / want.norm())
-                gflop = 2 * 3 * H * I * n * E_RUN / 1e9
-                pk = peak["peak_bf16_gflops" if dtype == torch.bfloat16 else "peak_fp32_gflops"]
-                emit({"kind": "result", "backend": name, "dtype": str(dtype),
-                      "tokens_per_expert": n, "experts": E_RUN, "hidden": H, "intermediate": I,
-                      "median_ms": ms, "min_ms": min_ms, "ms_per_expert": ms / E_RUN,
-                      "min_ms_per_expert": min_ms / E_RUN,
-                      "gflops": gflop / (ms / 1e3), "pct_of_peak": 100 * gflop / (ms / 1e3) / pk,
-                      "weight_gbps": weight_gb / (ms / 1e3), "rel_err_vs_reference": err,
-                      "loadavg_1m": os.getloadavg()[0]})
-    # Overlap: while the pool computes, the caller sleeps as it would while waiting on a GPU
-    # kernel. With the GIL released by torch, wall ~= max(cpu, other) rather than the sum.
-    x, w13, w2, _, _ = fe.make_inputs(1, E_RUN, H, I, E_RUN, torch.bfloat16, "cpu", seed=1)
-    ids = torch.arange(E_RUN, dtype=torch.int32)[None]
-    wts = torch.full((1, E_RUN), 1.0 / E_RUN)
-    cpu_ms, _ = _time(lambda: pool.wait(pool.submit(x, w13, w2, ids, wts)), iters)
+                bw_before = probe.gbps()
+                ts = _times_ms(fn, calls)
+                bw = (bw_before + probe.gbps()) / 2
+                ms = statistics.median(ts)
+                gbps = weight_gb / (ms / 1e3)
+                row = {"kind": "result", "backend": name, "dtype": str(dtype).split(".")[-1],
+                       "tokens_per_expert": n, "experts": E_CALL, "bank_experts": args.bank,
+                       "hidden": H, "intermediate": I, "threads": threads, "calls": calls,
+                       "median_ms": ms, "min_ms": min(ts), "ms_per_expert": ms / E_CALL,
+                       "gbps": gbps, "read_gbps": bw, "read_bandwidth_ratio": gbps / bw,
+                       "rel_err_vs_reference": err, "loadavg_1m": os.getloadavg()[0]}
+                if name.startswith("native"):
+                    row["isa"] = name.split(":")[1] if ":" in name else \
+                        _native_isa(dtype)
+                emit(row)
+        del w13, w2, packed
+
+    # Overlap: while the pool computes, the caller sleeps as it would while waiting on a device
+    # kernel; the native threads run without the GIL, so wall ~= max(cpu, other), not the sum.
+    pool = pools["native"]
+    x, w13, w2, _, _ = fe.make_inputs(1, E_CALL, H, I, E_CALL, torch.bfloat16, "cpu", seed=1)
+    ids = torch.arange(E_CALL, dtype=torch.int32)[None]
+    wts = torch.full((1, E_CALL), 1.0 / E_CALL)
+    cpu_ms = statistics.median(_times_ms(lambda i: pool.wait(pool.submit(x, w13, w2, ids, wts)),
+                                         9))
     walls = []
-    for _ in range(iters):
+    for _ in range(9):
         t0 = time.perf_counter()
         fut = pool.submit(x, w13, w2, ids, wts)
         time.sleep(cpu_ms / 1e3)  # the "device" work, as long as the CPU work
         pool.wait(fut)
         walls.append((time.perf_counter() - t0) * 1e3)
-    wall = sorted(walls)[len(walls) // 2]
-    emit({"kind": "overlap", "backend": "pool-native", "dtype": "torch.bfloat16",
-          "tokens_per_expert": 1, "experts": E_RUN, "cpu_ms": cpu_ms, "other_ms": cpu_ms,
-          "wall_ms": wall, "serial_ms": 2 * cpu_ms,
-          "overlap_fraction": max(0.0, (2 * cpu_ms - wall) / cpu_ms),
+    wall = statistics.median(walls)
+    emit({"kind": "overlap", "backend": "native", "dtype": "bfloat16", "tokens_per_expert": 1,
+          "experts": E_CALL, "cpu_ms": cpu_ms, "other_ms": cpu_ms, "wall_ms": wall,
+          "serial_ms": 2 * cpu_ms, "overlap_fraction": max(0.0, (2 * cpu_ms - wall) / cpu_ms),
           "loadavg_1m": os.getloadavg()[0]})
-    pool.close()
+    emit({"kind": "read_bandwidth", "threads": threads, "samples": len(probe.samples),
+          "median_gbps": statistics.median(probe.samples), "max_gbps": max(probe.samples),
+          "min_gbps": min(probe.samples)})
+    for p in pools.values():
+        p.close()
+    probe.close()
 
     if args.plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, dt in zip(axes, ("torch.bfloat16", "torch.float32")):
-            for name in ("exact", "native", "pool-native", "vllm-op", "vllm-hook"):
-                pts = [(r["tokens_per_expert"], r["ms_per_expert"]) for r in rows
-                       if r.get("backend") == name and r.get("dtype") == dt
-                       and r["kind"] == "result"]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name)
-            ax.set_title(f"{dt.split('.')[-1]}: H={H} I={I}", fontsize=9)
-            ax.set_xlabel("tokens per expert")
-            ax.set_xscale("log", base=2)
-        axes[0].set_ylabel("ms per expert")
-        axes[0].legend()
-        fig.suptitle(device, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        _plot(rows, args.plot, device)
     if not args.json:
         for r in rows:
             if r["kind"] == "result":
-                print(f"{r['backend']:>12} {r['dtype']:>15} n={r['tokens_per_expert']:>2} "
-                      f"{r['ms_per_expert']:8.2f} ms/expert {r['gflops']:7.1f} GFLOP/s "
-                      f"{r['weight_gbps']:6.1f} GB/s err {r['rel_err_vs_reference']:.1e}",
-                      file=sys.stderr)
+                print(f"{r['backend']:>18} {r['dtype']:>9} n={r['tokens_per_expert']:>2} "
+                      f"{r['ms_per_expert']:7.3f} ms/expert {r['gbps']:6.1f} GB/s "
+                      f"(read {r['read_gbps']:5.1f}: {r['read_bandwidth_ratio']:.2f}) "
+                      f"err {r['rel_err_vs_reference']:.1e}", file=sys.stderr)
     return 0
+
+
+def _native_isa(dtype: torch.dtype) -> str:
+    from moespac_vllm import _cpu_experts
+
+    return _cpu_experts.best_isa(str(dtype).split(".")[-1])
+
+
+def _plot(rows: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = [r for r in rows if r["kind"] == "result"]
+    dts = sorted({r["dtype"] for r in res})
+    fig, axes = plt.subplots(1, len(dts), figsize=(5 * len(dts), 4), squeeze=False)
+    for ax, dt in zip(axes[0], dts):
+        for name in dict.fromkeys(r["backend"] for r in res if r["dtype"] == dt):
+            pts = [(r["tokens_per_expert"], r["read_bandwidth_ratio"]) for r in res
+                   if r["backend"] == name and r["dtype"] == dt]
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.axhline(0.75, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{dt}: 8 experts, H={H} I={I}", fontsize=9)
+        ax.set_xlabel("tokens per expert")
+        ax.set_xscale("log", base=2)
+        ax.set_ylabel("weight GB/s / measured read GB/s")
+        ax.legend(fontsize=8)
+    fig.suptitle(device, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

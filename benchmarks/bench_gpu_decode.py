@@ -354,10 +354,10 @@ def resolve_kernel(device: torch.device, choice: str) -> tuple[Any, Any, str]:
 
 
 def resolve_cpu_path(device: torch.device, choice: str) -> tuple[Any, str, Callable[[], None]]:
-    """`layer`: what the vLLM plugin's layer runs (offload's pair_outputs, weights upcast to fp32;
-    on a worker thread when a GPU computes beside it). `native` / `exact`: the kernels issue's
-    CpuExpertPool backends (bf16 oneDNN GEMMs / reference arithmetic). The third item releases
-    the path's threads."""
+    """`native` (default; what the vLLM plugin's runtime runs on a GPU) / `torch` / `exact`: the
+    CpuExpertPool backends (csrc/cpu_experts.cpp / bf16 oneDNN GEMMs / reference arithmetic).
+    `layer`: offload's own pair_outputs (weights upcast to fp32; on a worker thread when a GPU
+    computes beside it). The third item releases the path's threads."""
     if choice == "layer":
         if device.type == "cuda":
             pool = ThreadCpuExperts()
@@ -367,7 +367,8 @@ def resolve_cpu_path(device: torch.device, choice: str) -> tuple[Any, str, Calla
     from moespac_vllm.kernels.cpu_experts import CpuExpertPool
 
     cpu_pool = CpuExpertPool(backend=choice)
-    return cpu_pool, f"kernels.cpu_experts.CpuExpertPool({choice})", cpu_pool.close
+    return (cpu_pool, f"kernels.cpu_experts.CpuExpertPool({cpu_pool.backend.value})",
+            cpu_pool.close)
 
 
 def resolve_costs(spec: str, dims: ModelDims, device: torch.device, quick: bool,
@@ -502,7 +503,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--profile", default="calibrate",
                    help="'calibrate' (measure here first) or a cost_model profile name/path")
-    p.add_argument("--cpu-path", default="layer", choices=("layer", "native", "exact"),
+    p.add_argument("--cpu-path", default="native", choices=("native", "torch", "exact", "layer"),
                    help="CPU experts: the layer's own path, or a CpuExpertPool backend")
     p.add_argument("--tiny", action="store_true", help=f"H={TINY_H}, I={TINY_I} (CPU / CI)")
     p.add_argument("--distinct-layers", action="store_true",

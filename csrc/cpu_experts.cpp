@@ -453,8 +453,12 @@ ReadFn read_for(Isa isa) {
 }
 
 // ---- jobs ----------------------------------------------------------------------------------------
-constexpr int64_t kGateUpChunk = 16;  // intermediate rows per gate/up chunk (x2: gate and up)
-constexpr int64_t kDownChunk = 64;    // hidden rows per down chunk
+// Chunk sizes: big enough that each is a long sequential read (measured here at n=1: 16 rows per
+// gate/up chunk 0.79 of the read bandwidth, 64 rows 0.98), small enough that every thread gets
+// several per job (the last chunk is the imbalance).
+constexpr int64_t kGateUpRowsMin = 16, kGateUpRowsMax = 64;  // intermediate rows (x2: gate, up)
+constexpr int64_t kDownRowsMin = 32, kDownRowsMax = 128;     // hidden rows
+constexpr int64_t kChunksPerThread = 4;
 constexpr int64_t kReadChunk = 1 << 20;
 
 struct Group {
@@ -482,8 +486,9 @@ struct Job {
     std::vector<uint8_t> act_raw;
     uint8_t* act = nullptr;
     int64_t act_ld = 0;  // bytes per row
-    int64_t gu_per_group = 0, dn_per_group = 0, n_gate_up = 0;
-    std::unique_ptr<std::atomic<int64_t>[]> gate_up_left;  // per group
+    int64_t gu_rows = 0, dn_rows = 0, gu_per_group = 0, dn_per_group = 0, n_gate_up = 0;
+    std::unique_ptr<std::atomic<int64_t>[]> gate_up_left;  // per group: gate/up chunks not done
+    std::unique_ptr<std::atomic<int64_t>[]> down_next;     // per group: next down chunk to claim
     // read probe
     ReadFn read = nullptr;
     const uint8_t* buf = nullptr;
@@ -510,7 +515,7 @@ struct Scratch {
 };
 
 void run_gate_up(Job& j, const Group& g, int64_t chunk, Scratch& s) {
-    const int64_t i0 = chunk * kGateUpChunk, rows = std::min(kGateUpChunk, j.I - i0);
+    const int64_t i0 = chunk * j.gu_rows, rows = std::min(j.gu_rows, j.I - i0);
     const int n = g.count;
     s.xs.resize(n);
     for (int p = 0; p < n; ++p)
@@ -533,7 +538,7 @@ void run_gate_up(Job& j, const Group& g, int64_t chunk, Scratch& s) {
 }
 
 void run_down(Job& j, const Group& g, int64_t chunk, Scratch& s) {
-    const int64_t h0 = chunk * kDownChunk, rows = std::min(kDownChunk, j.H - h0);
+    const int64_t h0 = chunk * j.dn_rows, rows = std::min(j.dn_rows, j.H - h0);
     const int n = g.count;
     s.xs.resize(n);
     for (int p = 0; p < n; ++p) s.xs[p] = j.act_row(g.first + p);
@@ -548,31 +553,64 @@ void run_down(Job& j, const Group& g, int64_t chunk, Scratch& s) {
     }
 }
 
-void run_item(Job& j, int64_t it, Scratch& s) {
+inline void backoff(int spins) {
+    if (spins < 64) {
+#if defined(__x86_64__)
+        _mm_pause();
+#endif
+    } else {
+        std::this_thread::yield();
+    }
+}
+
+// One thread's share of a job: claim chunks until none is left.
+void work(Job& j, Scratch& s) {
     if (j.kind == Job::Read) {
-        const int64_t off = it * kReadChunk, len = std::min(kReadChunk, j.nbytes - off);
-        j.checksum.fetch_add(j.read(j.buf + off, len), std::memory_order_relaxed);
+        for (int64_t it; (it = j.next.fetch_add(1, std::memory_order_relaxed)) < j.n_items;) {
+            const int64_t off = it * kReadChunk, len = std::min(kReadChunk, j.nbytes - off);
+            j.checksum.fetch_add(j.read(j.buf + off, len), std::memory_order_relaxed);
+        }
         return;
     }
-    if (it < j.n_gate_up) {
+    // Gate/up chunks in expert order from one counter.
+    for (int64_t it; (it = j.next.fetch_add(1, std::memory_order_relaxed)) < j.n_gate_up;) {
         const int64_t g = it / j.gu_per_group;
         run_gate_up(j, j.groups[g], it % j.gu_per_group, s);
         j.gate_up_left[g].fetch_sub(1, std::memory_order_release);
-        return;
     }
-    const int64_t d = it - j.n_gate_up, g = d / j.dn_per_group;
-    // Chunks are claimed in order, so every gate/up chunk of this expert is already being
-    // computed by some thread: this wait is bounded by one chunk's time.
-    for (int spins = 0; j.gate_up_left[g].load(std::memory_order_acquire) > 0; ++spins) {
-        if (spins < 64) {
-#if defined(__x86_64__)
-            _mm_pause();
-#endif
-        } else {
-            std::this_thread::yield();
+    // Down chunks of any expert whose gate/up is complete, so a thread whose gate/up chunk is
+    // late (descheduled on a shared machine) holds up only its own expert's down rows.
+    const int64_t G = int64_t(j.groups.size());
+    int64_t first = 0;  // groups before it have no down chunk left
+    for (int spins = 0;;) {
+        bool pending = false;
+        bool ran = false;
+        for (int64_t g = first; g < G && !ran; ++g) {
+            if (j.down_next[g].load(std::memory_order_relaxed) >= j.dn_per_group) {
+                if (g == first) ++first;
+                continue;
+            }
+            pending = true;
+            if (j.gate_up_left[g].load(std::memory_order_acquire) > 0) continue;
+            const int64_t c = j.down_next[g].fetch_add(1, std::memory_order_relaxed);
+            if (c < j.dn_per_group) {
+                run_down(j, j.groups[g], c, s);
+                ran = true;
+            }
         }
+        if (!pending) return;
+        if (ran) spins = 0;
+        else backoff(spins++);
     }
-    run_down(j, j.groups[g], d % j.dn_per_group, s);
+}
+
+// A job that failed: no chunk is left to claim.
+void abandon(Job& j) {
+    j.next.store(j.n_items);
+    for (size_t g = 0; g < j.groups.size(); ++g) {
+        j.gate_up_left[g].store(0);
+        j.down_next[g].store(j.dn_per_group);
+    }
 }
 
 // ---- the pool ------------------------------------------------------------------------------------
@@ -621,12 +659,11 @@ private:
                 j = q_[size_t(mine - q_.front()->seq)];
             }
             try {
-                for (int64_t it; (it = j->next.fetch_add(1, std::memory_order_relaxed)) < j->n_items;)
-                    run_item(*j, it, s);
+                work(*j, s);
             } catch (const std::exception& e) {
                 std::lock_guard<std::mutex> lk(j->m);
                 if (j->error.empty()) j->error = e.what();
-                j->next.store(j->n_items);
+                abandon(*j);
             }
             ++mine;
             if (j->left.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
@@ -732,13 +769,24 @@ JobHandle submit_experts(Pool& pool, const std::string& dtype, const std::string
     j->act_ld = (I * j->esize + 63) / 64 * 64;
     j->act_raw.resize(size_t(routed * j->act_ld + 64));
     j->act = j->act_raw.data() + (64 - uintptr_t(j->act_raw.data()) % 64) % 64;
-    j->gu_per_group = (I + kGateUpChunk - 1) / kGateUpChunk;
-    j->dn_per_group = (H + kDownChunk - 1) / kDownChunk;
     const int64_t G = int64_t(j->groups.size());
+    const int64_t want = kChunksPerThread * pool.num_threads();
+    auto rows_for = [&](int64_t rows, int64_t lo, int64_t hi) {  // ~want chunks over all experts
+        const int64_t r = (rows * std::max<int64_t>(G, 1) + want - 1) / want;
+        return std::min(std::max(r, lo), hi);
+    };
+    j->gu_rows = rows_for(I, kGateUpRowsMin, kGateUpRowsMax);
+    j->dn_rows = rows_for(H, kDownRowsMin, kDownRowsMax);
+    j->gu_per_group = (I + j->gu_rows - 1) / j->gu_rows;
+    j->dn_per_group = (H + j->dn_rows - 1) / j->dn_rows;
     j->n_gate_up = G * j->gu_per_group;
     j->n_items = j->n_gate_up + G * j->dn_per_group;
     j->gate_up_left.reset(new std::atomic<int64_t>[size_t(std::max<int64_t>(G, 1))]);
-    for (int64_t g = 0; g < G; ++g) j->gate_up_left[g].store(j->gu_per_group);
+    j->down_next.reset(new std::atomic<int64_t>[size_t(std::max<int64_t>(G, 1))]);
+    for (int64_t g = 0; g < G; ++g) {
+        j->gate_up_left[g].store(j->gu_per_group);
+        j->down_next[g].store(0);
+    }
     pool.enqueue(j);
     return JobHandle(j);
 }

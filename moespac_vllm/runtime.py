@@ -36,6 +36,7 @@ import torch
 from moespac_vllm.config import EstimatorSource, MoESpacConfig
 from moespac_vllm.cost_model import ExpertCosts
 from moespac_vllm.engine import ExpertEngine
+from moespac_vllm.kernels.cpu_experts import CpuExpertPool
 from moespac_vllm.mover import CudaStreamMover, Mover, SyncMover
 from moespac_vllm.offload import (
     CpuExperts,
@@ -43,7 +44,6 @@ from moespac_vllm.offload import (
     HostFusedKernel,
     OffloadedExperts,
     SlotCache,
-    ThreadCpuExperts,
 )
 from moespac_vllm.stats import EngineStats, StatsWriter, format_log_line
 from moespac_vllm.step_context import Phase, StepBoard, StepContext
@@ -131,7 +131,7 @@ class OffloadRuntime:
         self._costs = costs
         self.costs_label = costs_label if costs is not None else ""
         self._cpu_experts = cpu_experts
-        self._own_pool: ThreadCpuExperts | None = None
+        self._own_pool: CpuExpertPool | None = None
         self._device_kernel = device_kernel
         self.spec_method: str | None = None
         self.num_spec_tokens = 0
@@ -241,7 +241,7 @@ class OffloadRuntime:
                         E, warm)
         cpu_pool = self._cpu_experts
         if cpu_pool is None and self.device.type == "cuda":
-            cpu_pool = self._own_pool = ThreadCpuExperts()
+            cpu_pool = self._own_pool = CpuExpertPool(self.config.cpu_threads)  # native kernel
         for i in range(self.num_layers):
             self.experts[i] = OffloadedExperts(self.store, self.engine, i, self.device, self.slots,
                                                self.mover, cpu_experts=cpu_pool,

@@ -393,3 +393,18 @@ def test_read_probe_sums_every_word_of_the_buffer():
             pool.read(buf.data_ptr() + 8, 64)
     finally:
         pool.close()
+
+
+@needs_native
+@pytest.mark.parametrize("spare_rows", [0, 3])
+def test_native_reads_the_expert_store_in_place(spare_rows):
+    # offload.ExpertStore's own tensors (rows 0..E-1 of an [E+S] bank when it has spare rows),
+    # driven through the layer's CpuExperts protocol: submit(...).result() is fp32 [T,K,H].
+    from moespac_vllm.offload import ExpertStore
+
+    x, w13, w2, ids, wts = _native_case(6, 4, 96, 40, 8, torch.bfloat16, 7)
+    store = ExpertStore()
+    store.add_layer(0, w13, w2, spare_rows=spare_rows)
+    with ce.CpuExpertPool(2) as p:
+        got = p.submit(x, store.w13(0), store.w2(0), ids, wts).result()
+    _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids, torch.bfloat16)
