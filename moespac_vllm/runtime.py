@@ -75,6 +75,11 @@ def default_costs(config: MoESpacConfig, dims: ModelDims,
                        fetch_ms=b / 2.5e10 * 1e3), "builtin-estimate"
 
 
+# Sizing by device memory (cache_ratio and gpu_expert_budget_gb unset, a driver that can say what
+# the device has): the slots get this share of what the engine's memory budget leaves after the
+# weights; the rest stays for the KV cache and activations.
+KV_RESERVE_FRACTION = 0.5
+
 # Warm-up / profiling / dummy runs make a few forwards before the first scheduled step; this many
 # in a row without a step boundary means the driver's hooks are not firing.
 NO_BOUNDARY_WARN_STEPS = 64
@@ -95,7 +100,12 @@ class OffloadRuntime:
     `default_costs`, the `cpu_experts` path (default: a worker thread beside a CUDA device, inline
     on a CPU), the `device_kernel` of every layer. `owner` is the object the runtime serves (the
     glue: its VllmConfig), kept only so that a registry keyed by id() can tell reused ids apart.
-    `model_name` goes into the recorded trace's notes."""
+    `model_name` goes into the recorded trace's notes.
+
+    `device_memory() -> (free_bytes, total_bytes)` of the device and `memory_share` (the share of
+    it the engine may use, vLLM's gpu_memory_utilization) let the runtime size the slots when
+    neither `cache_ratio` nor `gpu_expert_budget_gb` is set (KV_RESERVE_FRACTION of what is left
+    after the weights stays for the KV cache), and check any budget leaves KV cache at all."""
 
     _serials = iter(range(1 << 62))
 
@@ -103,7 +113,9 @@ class OffloadRuntime:
                  costs: ExpertCosts | None = None, costs_label: str = "given",
                  cpu_experts: CpuExperts | None = None,
                  device_kernel: Callable[..., torch.Tensor] | None = None,
-                 model_name: str = "", owner: object | None = None) -> None:
+                 model_name: str = "", owner: object | None = None,
+                 device_memory: Callable[[], tuple[int, int]] | None = None,
+                 memory_share: float = 1.0) -> None:
         if not isinstance(config, MoESpacConfig):
             raise ValueError(f"config: expected MoESpacConfig, got {type(config).__name__}")
         if costs is not None and not isinstance(costs, ExpertCosts):
@@ -133,6 +145,9 @@ class OffloadRuntime:
         self._cpu_experts = cpu_experts
         self._own_pool: CpuExpertPool | None = None
         self._device_kernel = device_kernel
+        self._device_memory = device_memory
+        self._memory_share = float(memory_share)
+        self.sizing = ""  # what the device-memory sizing decided (offloading line)
         self.spec_method: str | None = None
         self.num_spec_tokens = 0
         self._step = 0
@@ -200,8 +215,52 @@ class OffloadRuntime:
             self.host_kernel_name = host_kernel_name or type(host_kernel).__name__
         else:
             self.store.add_layer(idx, w13, w2)
-            self.slots.add_layer(idx, num_slots, self.store.w13(idx), self.store.w2(idx))
+            if not self.sized_by_device:  # else build() allocates them, every weight loaded
+                self.slots.add_layer(idx, num_slots, self.store.w13(idx), self.store.w2(idx))
         return self.store.w13(idx), self.store.w2(idx)
+
+    @property
+    def sized_by_device(self) -> bool:
+        """Slots sized from device memory at build: no cache_ratio, no byte budget, no host-fused
+        layers, and a driver that reports device memory."""
+        cache = self.config.cache
+        return (self._device_memory is not None and not self.host_kernels
+                and cache.cache_ratio is None and cache.gpu_expert_budget_gb is None)
+
+    def _size_slots(self) -> None:
+        """Device-memory sizing (see `sized_by_device`), or the check that the configured slots
+        leave KV cache. Raises ValueError with the numbers (MB, 1 decimal) when the budget holds
+        no slot or leaves no KV cache."""
+        if self._device_memory is None or self.host_kernels:
+            return
+        free, total = (int(v) for v in self._device_memory())
+        used = total - free
+        left = self._memory_share * total - used
+        eb, L, E = self.store.expert_bytes(0), self.num_layers, self.store.num_experts(0)
+        where = (f"{left / 1e6:.1f} MB left on {self.device} (memory share "
+                 f"{self._memory_share:g} x {total / 1e6:.1f} MB - {used / 1e6:.1f} MB in use)")
+        if self.sized_by_device:
+            budget = max(0.0, left) * (1.0 - KV_RESERVE_FRACTION)
+            per_layer = int(budget // (eb * L))
+            if per_layer < 1:
+                raise ValueError(
+                    f"cache_ratio: unset, and {where} less a {KV_RESERVE_FRACTION:.0%} KV-cache "
+                    f"reserve ({budget / 1e6:.1f} MB) holds no expert slot ({L} layers x "
+                    f"{eb / 1e6:.1f} MB = {L * eb / 1e6:.1f} MB per slot); set cache_ratio or "
+                    "gpu_expert_budget_gb, or give the engine more device memory")
+            S = min(E, per_layer)
+            for i in range(L):
+                self.slots.add_layer(i, S, self.store.w13(i), self.store.w2(i))
+            self.sizing = (f"sized by device memory: {where}; slots {S * L * eb / 1e6:.1f} MB, "
+                           f"{KV_RESERVE_FRACTION:.0%} of it kept for the KV cache")
+            return
+        slot_bytes = self.slots.total_bytes  # already allocated: `used` includes them
+        field = ("gpu_expert_budget_gb" if self.config.cache.gpu_expert_budget_gb is not None
+                 else "cache_ratio")
+        if left <= 0:
+            raise ValueError(f"{field}: {slot_bytes / 1e6:.1f} MB of expert slots leave no KV "
+                             f"cache: {where}")
+        self.sizing = f"KV cache and activations keep {where}"
 
     @property
     def ready(self) -> bool:
@@ -216,6 +275,7 @@ class OffloadRuntime:
         if not self.layer_names or missing:
             raise RuntimeError(f"moespac: MoE layers {missing[:4]} ran before their weights were "
                                "loaded")
+        self._size_slots()
         w13 = self.store.w13(0)
         E, two_i, H = w13.shape
         self.dims = ModelDims(num_layers=self.num_layers, num_experts=E, top_k=self.top_k[0],
@@ -262,16 +322,20 @@ class OffloadRuntime:
         assert self.dims is not None
         E, S = self.dims.num_experts, self.slots.num_slots(0)
         cache = self.config.cache
-        budget = (f"gpu_expert_budget_gb {cache.gpu_expert_budget_gb}"
-                  if cache.gpu_expert_budget_gb is not None else
-                  f"cache_ratio {cache.effective_ratio:g}"
-                  + ("" if cache.cache_ratio is not None else " (default)"))
+        if self.sized_by_device:
+            budget = "cache_ratio unset, sized by device memory"
+        elif cache.gpu_expert_budget_gb is not None:
+            budget = f"gpu_expert_budget_gb {cache.gpu_expert_budget_gb}"
+        else:
+            budget = (f"cache_ratio {cache.effective_ratio:g}"
+                      + ("" if cache.cache_ratio is not None else " (default)"))
         return (f"moespac: offloading {self.dims.num_layers} MoE layers x {E} experts "
                 f"({self.dims.expert_bytes / 1e6:.1f} MB/expert): {budget} -> {S} slots/layer "
                 f"({S / E:.2f} of E; {self.slots.total_bytes / 1e6:.1f} MB on {self.device}), "
                 f"host store {self.store.total_bytes / 1e6:.1f} MB, policy "
                 f"{self.config.policy.value}, cost profile {self.costs_label}, signal "
-                f"{self.signal_source}, experts run by {self.compute_path}")
+                f"{self.signal_source}, experts run by {self.compute_path}"
+                + (f"; {self.sizing}" if self.sizing else ""))
 
     @property
     def compute_path(self) -> str:
@@ -428,7 +492,8 @@ class OffloadRuntime:
         d["cpu_pairs"] = sum(e.counters.cpu_pairs for e in self.experts.values())
         d["device_pairs"] = sum(e.counters.device_pairs for e in self.experts.values())
         d["fetches_run"] = sum(e.counters.fetches for e in self.experts.values())
-        d["slots_per_layer"] = self.slots.num_slots(0) if self.store.layers else 0
+        d["slots_per_layer"] = self.slots.num_slots(0) if self.engine is not None or (
+            self.store.layers and not self.sized_by_device) else 0
         d["num_experts"] = self.dims.num_experts if self.dims else 0
         d["decode_steps"] = self.decode_steps
         return d
@@ -459,4 +524,4 @@ class OffloadRuntime:
             self._own_pool = None
 
 
-__all__ = ["MonotonicClock", "NO_BOUNDARY_WARN_STEPS", "OffloadRuntime", "default_costs"]
+__all__ = ["KV_RESERVE_FRACTION", "MonotonicClock", "NO_BOUNDARY_WARN_STEPS", "OffloadRuntime", "default_costs"]

@@ -133,8 +133,15 @@ def _new_runtime(vllm_config: Any) -> OffloadRuntime:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     model_config = vllm_config.model_config if vllm_config is not None else None
+    sizing: dict[str, Any] = {}
+    if device.type == "cuda" and vllm_config is not None:
+        # what the device has, and the share vLLM may use: slots sized from it at the first
+        # forward (vLLM's profile run), when no cache_ratio / gpu_expert_budget_gb is set
+        sizing = dict(device_memory=lambda: torch.cuda.mem_get_info(device),
+                      memory_share=float(vllm_config.cache_config.gpu_memory_utilization))
     rt = OffloadRuntime(config, device, owner=vllm_config,
-                        model_name=str(model_config.model) if model_config is not None else "")
+                        model_name=str(model_config.model) if model_config is not None else "",
+                        **sizing)
     spec = vllm_config.speculative_config if vllm_config is not None else None
     if spec is not None:
         rt.spec_method = str(spec.method)

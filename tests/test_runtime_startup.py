@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from moespac_vllm import startup_profile
@@ -102,3 +103,52 @@ def test_host_fused_time_is_not_called_gpu_time():
     assert s.as_dict()["prefetch_precision"] is None
     line = format_log_line(EngineStats(hits=3, misses=1, gpu_ms=2.0, cpu_ms=3.0))
     assert "hit rate: 75.0%" in line and "device experts: 2.0 ms, CPU experts: 3.0 ms" in line
+
+
+# ---- sizing on a small card (item 8): a fake device-memory probe, the CPU standing in ---------
+EXPERT_BYTES = 3 * H * INTER * 4  # fp32
+
+
+def _sized(probe, share: float = 0.9, **cfg) -> OffloadRuntime:
+    rt = OffloadRuntime(MoESpacConfig().replace(profile="rtx4090-pcie4", **cfg), "cpu",
+                        device_memory=probe, memory_share=share)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(L):
+        rt.add_target_layer(f"model.layers.{layer}.mlp.experts", num_experts=E, top_k=K)
+    for layer in range(L):
+        rt.weights_loaded(layer, torch.randn(E, 2 * INTER, H, generator=g),
+                          torch.randn(E, H, INTER, generator=g))
+    return rt
+
+
+def test_unset_ratio_sizes_slots_from_what_the_device_leaves():
+    total = 100 * EXPERT_BYTES
+    # 90% of the device is the engine's; 70 experts' worth in use -> 20 left, half for slots:
+    # 10 experts over 2 layers = 5 slots per layer
+    rt = _sized(lambda: (total - 70 * EXPERT_BYTES, total))
+    assert rt.sized_by_device
+    rt.build()
+    assert rt.slots.num_slots(0) == rt.slots.num_slots(1) == 5
+    line = rt.offloading_line()
+    assert "cache_ratio unset, sized by device memory -> 5 slots/layer" in line
+    assert f"{20 * EXPERT_BYTES / 1e6:.1f} MB left on cpu" in line and "50%" in line
+    rt.close()
+
+
+def test_a_device_too_small_for_one_slot_fails_with_the_numbers():
+    total = 100 * EXPERT_BYTES
+    rt = _sized(lambda: (total - 89 * EXPERT_BYTES, total))  # 1 expert left: 0.5 for 2 layers
+    with pytest.raises(ValueError, match=r"^cache_ratio: unset, .* holds no expert slot") as e:
+        rt.build()
+    assert f"{EXPERT_BYTES / 1e6:.1f} MB left" in str(e.value)
+
+
+def test_a_budget_that_leaves_no_kv_cache_fails_with_the_numbers():
+    total = 100 * EXPERT_BYTES
+    rt = _sized(lambda: (5 * EXPERT_BYTES, total), cache_ratio=0.5)  # 95 in use > 90 allowed
+    with pytest.raises(ValueError, match=r"^cache_ratio: .* MB of expert slots leave no KV cache"):
+        rt.build()
+    ok = _sized(lambda: (50 * EXPERT_BYTES, total), gpu_expert_budget_gb=1.0)
+    ok.build()
+    assert "KV cache and activations keep" in ok.offloading_line()
+    ok.close()
