@@ -159,7 +159,7 @@ def stats_line() -> str:
         return "moespac: offloaded layer installed, no offloaded model has run in this process"
     from moespac_vllm.stats import format_log_line
 
-    return f"{format_log_line(rt.engine.stats())}, signal: {rt.signal_source}"
+    return f"{format_log_line(rt.stats())}, signal: {rt.signal_source}"
 
 
 # ---- the layer ----------------------------------------------------------------------------------
