@@ -19,10 +19,11 @@ so a call's weights were last read 7 calls (~530 MB of other weights) earlier.
 Each row: median_ms / min_ms over the reps, ms_per_expert, gbps (the 8 experts' weight bytes,
 3*H*I*bytes each, over the median time) and read_bandwidth_ratio = gbps / read_gbps, where
 read_gbps is this machine's read bandwidth measured STREAM-like right before and after the row
-(mean of the two): the native module's read probe (every thread sums 1 MiB chunks of a --probe-gib
-GiB buffer, 512-bit loads) with the same thread count as the kernel, on a buffer from torch's
-allocator like the bank. Also per row: rel_err_vs_reference against
-kernels.fused_experts.fused_experts_reference, and the 1-minute load average (the machine may be
+(mean of the two): the native module's read probe (the threads sum 4 MiB chunks of a --probe-gib
+GiB buffer with 512-bit loads; the best of 1, 2 and 4 sequential streams per chunk) with the same
+thread count as the kernel, on a buffer from torch's allocator like the bank. Also per row: rel_err_vs_reference against the pure-torch reference's
+fp32 k-sum (kernels.fused_experts.fused_experts_pairs + sum_over_topk; an op that returns the
+activation dtype shows that rounding, ~2e-3 at bf16), and the 1-minute load average (the machine may be
 shared: numbers on a loaded machine are noisy, the ratio less so since both sides share the load).
 An `overlap` line submits to the native pool and sleeps as long as the CPU work takes (standing in
 for a device kernel): overlap_fraction 1 means the two ran fully side by side.
@@ -50,6 +51,7 @@ except ModuleNotFoundError:  # uninstalled checkout
 from moespac_vllm.calibrate import describe_device
 
 H, I, E_CALL = 2048, 768, 8
+STREAMS = (1, 2, 4)  # read-probe streams per chunk
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -64,7 +66,9 @@ def _vllm_ops():
 
 class ReadProbe:
     """The machine's read bandwidth, GB/s: the native read probe over `gib` GiB, `threads`
-    threads. The buffer comes from torch's allocator, as the expert bank does."""
+    threads, the best of 1, 2 and 4 sequential streams per chunk (a core may pull more from
+    several streams than from one; the kernel reads two). The buffer comes from torch's
+    allocator, as the expert bank does."""
 
     def __init__(self, threads: int, gib: float) -> None:
         from moespac_vllm import _cpu_experts
@@ -74,15 +78,18 @@ class ReadProbe:
         self.off = (-self.buf.data_ptr()) % 64
         self.nbytes = nbytes
         self.pool = _cpu_experts.Pool(threads)
-        self.samples: list[float] = []
+        self.samples: dict[int, list[float]] = {s: [] for s in STREAMS}
         self.gbps()  # first touch done; warm the threads
 
     def gbps(self) -> float:
-        t0 = time.perf_counter()
-        self.pool.read(self.buf.data_ptr() + self.off, self.nbytes).wait()
-        g = self.nbytes / (time.perf_counter() - t0) / 1e9
-        self.samples.append(g)
-        return g
+        best = 0.0
+        for streams in STREAMS:
+            t0 = time.perf_counter()
+            self.pool.read(self.buf.data_ptr() + self.off, self.nbytes, streams=streams).wait()
+            g = self.nbytes / (time.perf_counter() - t0) / 1e9
+            self.samples[streams].append(g)
+            best = max(best, g)
+        return best
 
     def close(self) -> None:
         self.pool.close()
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                       False, "silu", "vec")
                     return out
                 ways["vllm-op"] = vllm_op
-            want = fe.fused_experts_reference(x, w13, w2, ids_of(0), wts).float()
+            want = fe.sum_over_topk(fe.fused_experts_pairs(x, w13, w2, ids_of(0), wts))
             for name, fn in ways.items():
                 res = fn(0)
                 got = ce.sum_over_topk(res) if res.dim() == 3 else res.float()
@@ -229,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
           "experts": E_CALL, "cpu_ms": cpu_ms, "other_ms": cpu_ms, "wall_ms": wall,
           "serial_ms": 2 * cpu_ms, "overlap_fraction": max(0.0, (2 * cpu_ms - wall) / cpu_ms),
           "loadavg_1m": os.getloadavg()[0]})
-    emit({"kind": "read_bandwidth", "threads": threads, "samples": len(probe.samples),
-          "median_gbps": statistics.median(probe.samples), "max_gbps": max(probe.samples),
-          "min_gbps": min(probe.samples)})
+    for streams, samples in probe.samples.items():
+        emit({"kind": "read_bandwidth", "threads": threads, "streams": streams,
+              "samples": len(samples), "median_gbps": statistics.median(samples),
+              "max_gbps": max(samples), "min_gbps": min(samples)})
     for p in pools.values():
         p.close()
     probe.close()

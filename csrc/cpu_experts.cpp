@@ -182,77 +182,103 @@ inline uint16_t f32_to_f16(float f) {
 }
 
 // ---- the GEMV tile -----------------------------------------------------------------------------
-// y[t * ystride] = sum_c w[c] * x[t][c] for t < TT: one weight row against TT activation vectors
-// of length n, in the weights' dtype, U column steps unrolled (independent accumulators, so a
-// single token is not bound by the multiply-add latency). A Loader L gives the element type (T),
-// the operand vector (V) and accumulator (A) types, the step, loads (zero-padded tail), the
-// multiply-add and the horizontal sum.
+// tile<L, S, TT, U>: S weight rows w[s] (S = 1 or 2) against TT activation vectors x[t], all of
+// length n, in the weights' dtype: y[s][t * ystride] = sum_c w[s][c] * x[t][c], fp32 sums, U
+// column steps unrolled (independent accumulators, so one token is not bound by the multiply-add
+// latency). A Loader L gives the element type (T), the operand vector (V) and accumulator (A)
+// types, the step, loads (zero-padded tail), the multiply-add and the horizontal sum.
 //
-// gemv_rows: nrows consecutive rows (leading dimension ld) against ntok vectors x[t]:
-// y [nrows, ntok] fp32. One row at a time, all its tokens (8 per tile) before the next row: the
-// weights stream from DRAM strictly in address order, which the hardware prefetchers follow.
-// (Measured on this Zen 4: 4 rows of 4 KiB read interleaved reach 16 GB/s on one core,
-// row after row 24 GB/s, the same as a plain sequential sum.)
+// gemv2: rows a[0..nrows) and b[0..nrows) (two runs of consecutive rows, leading dimension ld;
+// b may be null) against ntok vectors: ya / yb [nrows, ntok] fp32. Row k of a and row k of b go
+// together, all their tokens (8 per tile) before row k+1, so
+// - DRAM sees two strictly sequential streams, which the hardware prefetchers follow (measured
+//   on this Zen 4, one core: 4 rows of 4 KiB read interleaved 16 GB/s, row after row 24 GB/s,
+//   the same as a plain sequential sum), and
+// - each activation load serves two rows: at 4 tokens 6 loads per 8 multiply-adds instead of 5
+//   per 4 (Zen 4 issues one 512-bit load per cycle).
+// The gate/up chunk pairs gate row i with up row i; the down chunk pairs its two halves.
 //
 // Defined once per ISA region (namespace) below, so that every instantiation carries its
 // region's target attribute and the loaders' intrinsics inline into it.
 #define MOESPAC_GEMV_KERNELS \
-template <class L, int TT, int U> \
-inline void tile(const typename L::T* w, const typename L::T* const* x, int64_t n, float* y, \
-                 int64_t ystride) { \
-    typename L::A acc[U][TT]; \
-    for (int u = 0; u < U; ++u) \
-        for (int t = 0; t < TT; ++t) acc[u][t] = L::zero(); \
+template <class L, int S, int TT, int U> \
+inline void tile(const typename L::T* const* w, const typename L::T* const* x, int64_t n, \
+                 float* const* y, int64_t yoff) { \
+    typename L::A acc[S][U][TT]; \
+    for (int s = 0; s < S; ++s) \
+        for (int u = 0; u < U; ++u) \
+            for (int t = 0; t < TT; ++t) acc[s][u][t] = L::zero(); \
     int64_t c = 0; \
     for (; c + U * L::step <= n; c += U * L::step) { \
         for (int u = 0; u < U; ++u) { \
-            typename L::V wv = L::load(w + c + u * L::step); \
-            for (int t = 0; t < TT; ++t) \
-                acc[u][t] = L::madd(acc[u][t], wv, L::load(x[t] + c + u * L::step)); \
+            typename L::V wv[S]; \
+            for (int s = 0; s < S; ++s) wv[s] = L::load(w[s] + c + u * L::step); \
+            for (int t = 0; t < TT; ++t) { \
+                const typename L::V xv = L::load(x[t] + c + u * L::step); \
+                for (int s = 0; s < S; ++s) acc[s][u][t] = L::madd(acc[s][u][t], wv[s], xv); \
+            } \
         } \
     } \
     for (; c + L::step <= n; c += L::step) { \
-        typename L::V wv = L::load(w + c); \
-        for (int t = 0; t < TT; ++t) acc[0][t] = L::madd(acc[0][t], wv, L::load(x[t] + c)); \
+        typename L::V wv[S]; \
+        for (int s = 0; s < S; ++s) wv[s] = L::load(w[s] + c); \
+        for (int t = 0; t < TT; ++t) { \
+            const typename L::V xv = L::load(x[t] + c); \
+            for (int s = 0; s < S; ++s) acc[s][0][t] = L::madd(acc[s][0][t], wv[s], xv); \
+        } \
     } \
     if (c < n) { \
         const int rem = int(n - c); \
-        typename L::V wv = L::load_tail(w + c, rem); \
-        for (int t = 0; t < TT; ++t) acc[0][t] = L::madd(acc[0][t], wv, L::load_tail(x[t] + c, rem)); \
+        typename L::V wv[S]; \
+        for (int s = 0; s < S; ++s) wv[s] = L::load_tail(w[s] + c, rem); \
+        for (int t = 0; t < TT; ++t) { \
+            const typename L::V xv = L::load_tail(x[t] + c, rem); \
+            for (int s = 0; s < S; ++s) acc[s][0][t] = L::madd(acc[s][0][t], wv[s], xv); \
+        } \
     } \
-    for (int t = 0; t < TT; ++t) { \
-        typename L::A s = acc[0][t]; \
-        for (int u = 1; u < U; ++u) s = L::add(s, acc[u][t]); \
-        y[t * ystride] = L::sum(s); \
+    for (int s = 0; s < S; ++s) \
+        for (int t = 0; t < TT; ++t) { \
+            typename L::A sum = acc[s][0][t]; \
+            for (int u = 1; u < U; ++u) sum = L::add(sum, acc[s][u][t]); \
+            y[s][yoff + t] = L::sum(sum); \
+        } \
+} \
+ \
+template <class L, int S> \
+inline void row_tokens(const typename L::T* const* w, const typename L::T* const* x, int64_t n, \
+                       int ntok, float* const* y) { \
+    int t = 0; \
+    for (; t + 8 <= ntok; t += 8) tile<L, S, 8, 1>(w, x + t, n, y, t); \
+    switch (ntok - t) { \
+        case 7: tile<L, S, 7, 1>(w, x + t, n, y, t); break; \
+        case 6: tile<L, S, 6, 1>(w, x + t, n, y, t); break; \
+        case 5: tile<L, S, 5, 1>(w, x + t, n, y, t); break; \
+        case 4: tile<L, S, 4, 1>(w, x + t, n, y, t); break; \
+        case 3: tile<L, S, 3, 2>(w, x + t, n, y, t); break; \
+        case 2: tile<L, S, 2, 2>(w, x + t, n, y, t); break; \
+        case 1: tile<L, S, 1, 4>(w, x + t, n, y, t); break; \
+        default: break; \
     } \
 } \
  \
 template <class L> \
-void gemv_rows(const void* wv, int64_t ld, int64_t nrows, int64_t n, const void* const* xv, \
-               int ntok, float* y) { \
+void gemv2(const void* a, const void* b, int64_t ld, int64_t nrows, int64_t n, \
+           const void* const* xv, int ntok, float* ya, float* yb) { \
     using T = typename L::T; \
     const T* const* x = reinterpret_cast<const T* const*>(xv); \
     for (int64_t r = 0; r < nrows; ++r) { \
-        const T* w = static_cast<const T*>(wv) + r * ld; \
-        float* yr = y + r * ntok; \
-        int t = 0; \
-        for (; t + 8 <= ntok; t += 8) tile<L, 8, 1>(w, x + t, n, yr + t, 1); \
-        switch (ntok - t) { \
-            case 7: tile<L, 7, 1>(w, x + t, n, yr + t, 1); break; \
-            case 6: tile<L, 6, 1>(w, x + t, n, yr + t, 1); break; \
-            case 5: tile<L, 5, 1>(w, x + t, n, yr + t, 1); break; \
-            case 4: tile<L, 4, 1>(w, x + t, n, yr + t, 1); break; \
-            case 3: tile<L, 3, 2>(w, x + t, n, yr + t, 1); break; \
-            case 2: tile<L, 2, 2>(w, x + t, n, yr + t, 1); break; \
-            case 1: tile<L, 1, 4>(w, x + t, n, yr + t, 1); break; \
-            default: break; \
-        } \
+        const T* w[2] = {static_cast<const T*>(a) + r * ld, \
+                         b ? static_cast<const T*>(b) + r * ld : nullptr}; \
+        float* y[2] = {ya + r * ntok, b ? yb + r * ntok : nullptr}; \
+        if (b) row_tokens<L, 2>(w, x, n, ntok, y); \
+        else row_tokens<L, 1>(w, x, n, ntok, y); \
     } \
 }
 
 // Sum of 64-byte lines over [p, p + nbytes) (nbytes a multiple of 64): the read probe's body.
 using ReadFn = uint64_t (*)(const uint8_t* p, int64_t nbytes);
-using GemvFn = void (*)(const void*, int64_t, int64_t, int64_t, const void* const*, int, float*);
+using GemvFn = void (*)(const void* a, const void* b, int64_t ld, int64_t nrows, int64_t n,
+                        const void* const* x, int ntok, float* ya, float* yb);
 
 // ---- scalar (portable) -------------------------------------------------------------------------
 namespace scalar {
@@ -279,13 +305,21 @@ struct ScalarF16 : ScalarF32 {
 
 MOESPAC_GEMV_KERNELS
 
-uint64_t read_scalar(const uint8_t* p, int64_t nbytes) {
-    const uint64_t* q = reinterpret_cast<const uint64_t*>(p);
-    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (int64_t i = 0; i < nbytes / 8; i += 4) {
-        s0 += q[i]; s1 += q[i + 1]; s2 += q[i + 2]; s3 += q[i + 3];
-    }
-    return s0 + s1 + s2 + s3;
+template <int S>
+uint64_t read_lines(const uint8_t* p, int64_t nbytes) {
+    const int64_t part = nbytes / (64 * S) * 64;
+    uint64_t acc[S][8] = {};
+    auto line = [](uint64_t* a, const uint8_t* q) {
+        const uint64_t* w = reinterpret_cast<const uint64_t*>(q);
+        for (int k = 0; k < 8; ++k) a[k] += w[k];
+    };
+    for (int64_t i = 0; i < part; i += 64)
+        for (int s = 0; s < S; ++s) line(acc[s], p + s * part + i);
+    for (int64_t i = S * part; i < nbytes; i += 64) line(acc[0], p + i);
+    uint64_t t = 0;
+    for (int s = 0; s < S; ++s)
+        for (int k = 0; k < 8; ++k) t += acc[s][k];
+    return t;
 }
 }  // namespace scalar
 
@@ -342,14 +376,23 @@ struct Avx2F16 : Avx2F32 {
 
 MOESPAC_GEMV_KERNELS
 
-uint64_t read_avx2(const uint8_t* p, int64_t nbytes) {
-    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
-    for (int64_t i = 0; i < nbytes; i += 64) {
-        s0 = _mm256_add_epi64(s0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i)));
-        s1 = _mm256_add_epi64(s1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
-    }
+inline __m256i line(__m256i a, const uint8_t* q) {
+    return _mm256_add_epi64(
+        _mm256_add_epi64(a, _mm256_load_si256(reinterpret_cast<const __m256i*>(q))),
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32)));
+}
+
+template <int S>
+uint64_t read_lines(const uint8_t* p, int64_t nbytes) {
+    const int64_t part = nbytes / (64 * S) * 64;
+    __m256i acc[S];
+    for (int s = 0; s < S; ++s) acc[s] = _mm256_setzero_si256();
+    for (int64_t i = 0; i < part; i += 64)
+        for (int s = 0; s < S; ++s) acc[s] = line(acc[s], p + s * part + i);
+    for (int64_t i = S * part; i < nbytes; i += 64) acc[0] = line(acc[0], p + i);
+    for (int s = 1; s < S; ++s) acc[0] = _mm256_add_epi64(acc[0], acc[s]);
     alignas(32) uint64_t b[4];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(b), _mm256_add_epi64(s0, s1));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b), acc[0]);
     return b[0] + b[1] + b[2] + b[3];
 }
 }  // namespace avx2
@@ -406,13 +449,18 @@ struct Avx512Dp {
 
 MOESPAC_GEMV_KERNELS
 
-uint64_t read_avx512(const uint8_t* p, int64_t nbytes) {
-    __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-    for (int64_t i = 0; i < nbytes; i += 128) {
-        s0 = _mm512_add_epi64(s0, _mm512_load_si512(p + i));
-        if (i + 64 < nbytes) s1 = _mm512_add_epi64(s1, _mm512_load_si512(p + i + 64));
-    }
-    return uint64_t(_mm512_reduce_add_epi64(_mm512_add_epi64(s0, s1)));
+template <int S>
+uint64_t read_lines(const uint8_t* p, int64_t nbytes) {
+    const int64_t part = nbytes / (64 * S) * 64;
+    __m512i acc[S];
+    for (int s = 0; s < S; ++s) acc[s] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < part; i += 64)
+        for (int s = 0; s < S; ++s)
+            acc[s] = _mm512_add_epi64(acc[s], _mm512_load_si512(p + s * part + i));
+    for (int64_t i = S * part; i < nbytes; i += 64)
+        acc[0] = _mm512_add_epi64(acc[0], _mm512_load_si512(p + i));
+    for (int s = 1; s < S; ++s) acc[0] = _mm512_add_epi64(acc[0], acc[s]);
+    return uint64_t(_mm512_reduce_add_epi64(acc[0]));
 }
 }  // namespace avx512
 
@@ -427,29 +475,34 @@ GemvFn gemv_for(Isa isa, DType dt) {
     switch (isa) {
 #if defined(__x86_64__)
         case Isa::Avx512Bf16:
-            return &avx512::gemv_rows<avx512::Avx512Dp>;
+            return &avx512::gemv2<avx512::Avx512Dp>;
         case Isa::Avx512:
-            return dt == DType::F32    ? &avx512::gemv_rows<avx512::Avx512F32>
-                   : dt == DType::BF16 ? &avx512::gemv_rows<avx512::Avx512BF16Widen>
-                                       : &avx512::gemv_rows<avx512::Avx512F16>;
+            return dt == DType::F32    ? &avx512::gemv2<avx512::Avx512F32>
+                   : dt == DType::BF16 ? &avx512::gemv2<avx512::Avx512BF16Widen>
+                                       : &avx512::gemv2<avx512::Avx512F16>;
         case Isa::Avx2:
-            return dt == DType::F32    ? &avx2::gemv_rows<avx2::Avx2F32>
-                   : dt == DType::BF16 ? &avx2::gemv_rows<avx2::Avx2BF16>
-                                       : &avx2::gemv_rows<avx2::Avx2F16>;
+            return dt == DType::F32    ? &avx2::gemv2<avx2::Avx2F32>
+                   : dt == DType::BF16 ? &avx2::gemv2<avx2::Avx2BF16>
+                                       : &avx2::gemv2<avx2::Avx2F16>;
 #endif
         default:
-            return dt == DType::F32    ? &scalar::gemv_rows<scalar::ScalarF32>
-                   : dt == DType::BF16 ? &scalar::gemv_rows<scalar::ScalarBF16>
-                                       : &scalar::gemv_rows<scalar::ScalarF16>;
+            return dt == DType::F32    ? &scalar::gemv2<scalar::ScalarF32>
+                   : dt == DType::BF16 ? &scalar::gemv2<scalar::ScalarBF16>
+                                       : &scalar::gemv2<scalar::ScalarF16>;
     }
 }
 
-ReadFn read_for(Isa isa) {
+// The read probe: `streams` sequential streams per chunk (its equal parts read side by side; a
+// core may pull more bandwidth from several streams than from one).
+ReadFn read_for(Isa isa, int streams) {
+#define MOESPAC_READ_FOR(ns) \
+    return streams == 1 ? &ns::read_lines<1> : streams == 2 ? &ns::read_lines<2> : &ns::read_lines<4>
 #if defined(__x86_64__)
-    if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) return &avx512::read_avx512;
-    if (isa == Isa::Avx2) return &avx2::read_avx2;
+    if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) MOESPAC_READ_FOR(avx512);
+    if (isa == Isa::Avx2) MOESPAC_READ_FOR(avx2);
 #endif
-    return &scalar::read_scalar;
+    MOESPAC_READ_FOR(scalar);
+#undef MOESPAC_READ_FOR
 }
 
 // ---- jobs ----------------------------------------------------------------------------------------
@@ -459,7 +512,7 @@ ReadFn read_for(Isa isa) {
 constexpr int64_t kGateUpRowsMin = 16, kGateUpRowsMax = 64;  // intermediate rows (x2: gate, up)
 constexpr int64_t kDownRowsMin = 32, kDownRowsMax = 128;     // hidden rows
 constexpr int64_t kChunksPerThread = 4;
-constexpr int64_t kReadChunk = 1 << 20;
+constexpr int64_t kReadChunk = 4 << 20;
 
 struct Group {
     int64_t expert;
@@ -523,8 +576,8 @@ void run_gate_up(Job& j, const Group& g, int64_t chunk, Scratch& s) {
     s.y0.resize(size_t(rows) * n);
     s.y1.resize(size_t(rows) * n);
     const uint8_t* w = j.w13 + g.expert * j.w13_estride;
-    j.gemv(w + i0 * j.H * j.esize, j.H, rows, j.H, s.xs.data(), n, s.y0.data());
-    j.gemv(w + (j.I + i0) * j.H * j.esize, j.H, rows, j.H, s.xs.data(), n, s.y1.data());
+    j.gemv(w + i0 * j.H * j.esize, w + (j.I + i0) * j.H * j.esize, j.H, rows, j.H, s.xs.data(), n,
+           s.y0.data(), s.y1.data());
     for (int64_t r = 0; r < rows; ++r) {
         for (int p = 0; p < n; ++p) {
             const float gt = s.y0[r * n + p], up = s.y1[r * n + p];
@@ -544,7 +597,14 @@ void run_down(Job& j, const Group& g, int64_t chunk, Scratch& s) {
     for (int p = 0; p < n; ++p) s.xs[p] = j.act_row(g.first + p);
     s.y0.resize(size_t(rows) * n);
     const uint8_t* w = j.w2 + g.expert * j.w2_estride;
-    j.gemv(w + h0 * j.I * j.esize, j.I, rows, j.I, s.xs.data(), n, s.y0.data());
+    // the chunk's two halves as the two streams (an odd last row alone)
+    const int64_t half = rows / 2;
+    const uint8_t* w0 = w + h0 * j.I * j.esize;
+    j.gemv(w0, w0 + half * j.I * j.esize, j.I, half, j.I, s.xs.data(), n, s.y0.data(),
+           s.y0.data() + half * n);
+    if (rows % 2)
+        j.gemv(w0 + 2 * half * j.I * j.esize, nullptr, j.I, 1, j.I, s.xs.data(), n,
+               s.y0.data() + 2 * half * n, nullptr);
     for (int p = 0; p < n; ++p) {
         const int32_t pair = j.pairs[g.first + p];
         const float wt = j.wts[pair];
@@ -791,13 +851,16 @@ JobHandle submit_experts(Pool& pool, const std::string& dtype, const std::string
     return JobHandle(j);
 }
 
-JobHandle submit_read(Pool& pool, uintptr_t buf, int64_t nbytes, const std::string& isa) {
+JobHandle submit_read(Pool& pool, uintptr_t buf, int64_t nbytes, const std::string& isa,
+                      int streams) {
     if (buf % 64 || nbytes <= 0 || nbytes % 64)
         throw py::value_error("buffer: needs a 64-byte aligned address and a size that is a "
                               "positive multiple of 64");
+    if (streams != 1 && streams != 2 && streams != 4)
+        throw py::value_error("streams: expected 1, 2 or 4");
     auto j = std::make_shared<Job>();
     j->kind = Job::Read;
-    j->read = read_for(isa == "auto" ? best_isa(DType::F32) : parse_isa(isa, DType::F32));
+    j->read = read_for(isa == "auto" ? best_isa(DType::F32) : parse_isa(isa, DType::F32), streams);
     j->buf = reinterpret_cast<const uint8_t*>(buf);
     j->nbytes = nbytes;
     j->n_items = (nbytes + kReadChunk - 1) / kReadChunk;
@@ -834,6 +897,8 @@ PYBIND11_MODULE(_cpu_experts, m) {
              "w2_expert_stride elements (all in `dtype`), ids [T,K] int32, weights [T,K] fp32, "
              "out [T,K,H] fp32. The buffers must live until the Job is done.")
         .def("read", &submit_read, py::arg("buffer"), py::arg("nbytes"), py::arg("isa") = "auto",
-             "The read-bandwidth probe: every thread of the pool sums 1 MiB chunks of the buffer "
-             "(64-byte aligned); returns a Job whose checksum is the sum of its 64-bit words.");
+             py::arg("streams") = 1,
+             "The read-bandwidth probe: the pool's threads sum 4 MiB chunks of the buffer "
+             "(64-byte aligned), each chunk as `streams` (1, 2 or 4) sequential streams side by "
+             "side; returns a Job whose checksum is the sum of its 64-bit words.");
 }

@@ -383,14 +383,17 @@ def test_missing_native_module_falls_back_to_torch_with_one_log_line(monkeypatch
 def test_read_probe_sums_every_word_of_the_buffer():
     from moespac_vllm import _cpu_experts
 
-    buf = torch.arange(3 << 20, dtype=torch.int64)  # 24 MiB: several 1 MiB chunks and a tail
+    buf = torch.arange(3 << 21, dtype=torch.int64)  # 48 MiB: several 4 MiB chunks and a tail
     pool = _cpu_experts.Pool(2)
     try:
-        job = pool.read(buf.data_ptr(), buf.numel() * 8)
-        assert job.wait()
-        assert job.checksum == int(buf.sum())
+        for streams in (1, 2, 4):
+            job = pool.read(buf.data_ptr(), buf.numel() * 8 - 64, streams=streams)  # odd tail
+            assert job.wait()
+            assert job.checksum == int(buf[:-8].sum())
         with pytest.raises(ValueError, match="^buffer"):
             pool.read(buf.data_ptr() + 8, 64)
+        with pytest.raises(ValueError, match="^streams"):
+            pool.read(buf.data_ptr(), 64, streams=3)
     finally:
         pool.close()
 
