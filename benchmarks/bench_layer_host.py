@@ -1,22 +1,33 @@
-"""Host time of one offloaded MoE layer forward, per cache_ratio and policy, on REAL routing.
+"""Host time of one offloaded MoE layer forward, per policy, cache_ratio and window.
 
-    python benchmarks/bench_layer_host.py --json [--steps 200] [--window 4]
+    python benchmarks/bench_layer_host.py --dims qwen3-30b-a3b --json [--windows 1,4,9]
+    python benchmarks/bench_layer_host.py --dims mixtral-8x7b --json [--steps 200] [--window 4]
 
-What it measures: `offload.OffloadedExperts.forward` driven by the real `engine.ExpertEngine` and a
-`mover.SyncMover`, with the expert kernel replaced by a no-op. What is left is the plugin's own
-host work per layer: the plan (estimator, balancer, slot table, victim search), slot copies of tiny
-experts (H=64, I=32, so a copy costs microseconds), the fixed-table path of whole layers, and the
-per-step books. On a GPU this time sits between a layer's routing and its kernels; at
-cache_ratio 1.0 it is what `bench_overhead.py` compares with stock vLLM.
+`--dims qwen3-30b-a3b` (issue 11's target): the engine's own work per planned layer forward at
+Qwen3-30B-A3B scale (48 layers, E=128, top-8; `--ratios` default 0.17 = 22 slots), i.e.
+`ExpertEngine.plan_layer` + `finish_layer` (slot lookup, miss set, the exact balancer, pin/touch,
+fetch admission, the commit after the layer), and per step `begin_step` + `end_step` (prefetch
+scan, eviction order, books). Routing: the SYNTHETIC Qwen3-scale decode stream
+(`moespac_vllm.trace.synthetic_trace(QWEN3_30B_A3B, k=0)`, calibrated on the shared OLMoE stats
+and Mixtral traces; rows say `trace: synthetic`) cut into windows of 1, 4 and 9 tokens. The
+copies run on the simulator's serial PCIe link (`SimMover`) over a modelled clock: each layer
+advances it by the layer's modelled time (the cost profile's device / CPU branch) and each step by
+a 2 ms-per-draft-token draft phase, so the engine sees the same copy timing whatever the host's
+speed; host time is measured with `perf_counter` around the engine calls only (no weights move:
+a Qwen3 layer's experts do not fit this machine). `--path python` times the Python reference.
 
-The balancer decides with a real cost profile at Mixtral-8x7B's expert size (`--profile`,
-default rtx4090-pcie4), and a modelled draft phase of 2 ms per draft token separates the steps
-(the clock skips it), so prefetch has its idle window as in a deployment.
+`--dims mixtral-8x7b` (the original run): `offload.OffloadedExperts.forward` driven by the real
+engine and a `mover.SyncMover`, with the expert kernel replaced by a no-op, on the real Mixtral
+decode trace (`mixtral-8x7b-routing/humaneval_2_routing.jsonl`, 32 layers, E=8, top-2) cut into
+windows of `--window` tokens. What is left is the plugin's own host work per layer: the plan, slot
+copies of tiny experts (H=64, I=32, so a copy costs microseconds), the fixed-table path of whole
+layers, and the per-step books (added to the step's last forward). The balancer decides with a
+real cost profile at Mixtral-8x7B's expert size (`--profile`, default rtx4090-pcie4), and a
+modelled draft phase of 2 ms per draft token separates the steps (the clock skips it).
 
-Routing: the shared Mixtral-8x7B decode trace (`mixtral-8x7b-routing/humaneval_2_routing.jsonl`,
-32 layers, E=8, top-2), cut into verification-sized windows of `--window` consecutive tokens per
-request. One JSON line per (policy, cache_ratio): median and p90 microseconds per layer forward,
-plus how many forwards took the plan-free path. Tagged with the device and the command.
+One JSON line per (policy, cache_ratio, window): median / p90 / mean microseconds per layer
+forward, median / p90 microseconds of per-step work, plan-free forwards, hit rate, whether the
+native planner ran; tagged with the device and the command.
 """
 from __future__ import annotations
 
@@ -31,13 +42,15 @@ import numpy as np
 import torch
 
 from moespac_vllm.calibrate import describe_device
-from moespac_vllm.config import MoESpacConfig, shared_data_dir
-from moespac_vllm.cost_model import get_profile
+from moespac_vllm.config import MoESpacConfig, Policy, shared_data_dir
+from moespac_vllm.cost_model import ExpertCosts, get_profile
 from moespac_vllm.engine import ExpertEngine
 from moespac_vllm.mover import SyncMover
 from moespac_vllm.offload import ExpertStore, OffloadedExperts, SlotCache
+from moespac_vllm.simulate import SimClock, SimMover
 from moespac_vllm.step_context import Phase, StepContext
-from moespac_vllm.trace import MIXTRAL_8X7B, ModelDims, read_mixtral_jsonl, request_streams
+from moespac_vllm.trace import (MIXTRAL_8X7B, QWEN3_30B_A3B, ModelDims, read_mixtral_jsonl,
+                                request_streams, synthetic_trace)
 
 MIXTRAL = "mixtral-8x7b-routing/humaneval_2_routing.jsonl"
 H, I = 64, 32  # the tensors' size: copies cost microseconds; the costs below are Mixtral's
@@ -61,8 +74,12 @@ def _noop_kernel(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 def windows(trace_path: Path, window: int, steps: int) -> list[np.ndarray]:
     """[steps] arrays [window, L, K]: consecutive windows of each request's decode stream."""
+    return cut(request_streams(read_mixtral_jsonl(trace_path)), window, steps)
+
+
+def cut(streams: list[np.ndarray], window: int, steps: int) -> list[np.ndarray]:
     out: list[np.ndarray] = []
-    for stream in request_streams(read_mixtral_jsonl(trace_path)):
+    for stream in streams:
         for s in range(0, stream.shape[0] - window + 1, window):
             out.append(stream[s:s + window])
             if len(out) == steps:
@@ -70,8 +87,24 @@ def windows(trace_path: Path, window: int, steps: int) -> list[np.ndarray]:
     return out
 
 
+def _quantiles(xs: list[float]) -> tuple[float, float]:
+    q = np.quantile(xs, [0.5, 0.9])
+    return round(float(q[0]), 1), round(float(q[1]), 1)
+
+
+def _future(steps: list[np.ndarray], E: int) -> np.ndarray:
+    """[steps, L, E] token counts (the oracle's future routing)."""
+    L = steps[0].shape[1]
+    out = np.zeros((len(steps), L, E), dtype=np.int64)
+    for i, w in enumerate(steps):
+        for layer in range(L):
+            out[i, layer] = np.bincount(w[:, layer].ravel(), minlength=E)
+    return out
+
+
 def run(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDims,
-        profile: str) -> dict:
+        profile: str, native: bool | None = None) -> dict:
+    """The Mixtral run: whole `OffloadedExperts` forwards on tiny tensors (see the docstring)."""
     L, E = dims.num_layers, dims.num_experts
     cfg = MoESpacConfig().replace(policy=policy, cache_ratio=ratio, stats_file=None)
     num_slots = cfg.cache.slots_per_layer(E, L, dims.expert_bytes)
@@ -84,7 +117,9 @@ def run(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDims,
     mover = SyncMover(store, slots)
     costs = get_profile(profile).expert_costs(MIXTRAL_8X7B)  # the balancer decides as on it
     clock = _Clock()
-    engine = ExpertEngine(cfg, dims, costs, mover, clock, num_slots=num_slots)
+    future = _future(steps, E) if Policy(policy) is Policy.ORACLE else None
+    engine = ExpertEngine(cfg, dims, costs, mover, clock, num_slots=num_slots,
+                          future_counts=future, native=native)
     engine.load_full_layers()
     layers = [OffloadedExperts(store, engine, layer, "cpu", slots, mover, host_fused=_noop_kernel)
               for layer in range(L)]
@@ -92,9 +127,12 @@ def run(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDims,
     x = torch.zeros(W, H)
     w = torch.full((W, dims.top_k), 1.0 / dims.top_k)
     per_forward_us: list[float] = []
+    per_step_us: list[float] = []
     plan_free = 0
     for i, routing in enumerate(steps):
+        t0 = time.perf_counter()
         engine.begin_step(StepContext(i, Phase.VERIFY, W, (W,), W - 1))
+        step_us = (time.perf_counter() - t0) * 1e6
         for layer in range(L):
             ids = torch.from_numpy(np.ascontiguousarray(routing[:, layer]).astype(np.int32))
             t0 = time.perf_counter()
@@ -103,46 +141,142 @@ def run(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDims,
             plan_free += layers[layer].last_plan is None
         t0 = time.perf_counter()
         engine.end_step(W - 1)
-        per_forward_us[-1] += (time.perf_counter() - t0) * 1e6  # the step's books, once
+        step_us += (time.perf_counter() - t0) * 1e6
+        per_forward_us[-1] += step_us  # the step's books, once
+        per_step_us.append(step_us)
         clock.skipped_ms += DRAFT_MS_PER_TOKEN * (W - 1)
-    q = np.quantile(per_forward_us, [0.5, 0.9])
+    med, p90 = _quantiles(per_forward_us)
+    smed, sp90 = _quantiles(per_step_us)
     s = engine.stats()
-    return {"bench": "layer_host", "policy": policy, "cache_ratio": ratio,
-            "slots_per_layer": num_slots, "window_tokens": W, "steps": len(steps),
-            "us_per_layer_forward_median": round(float(q[0]), 1),
-            "us_per_layer_forward_p90": round(float(q[1]), 1),
+    return {"bench": "layer_host", "dims": "mixtral-8x7b", "trace": "real", "policy": policy,
+            "cache_ratio": ratio, "slots_per_layer": num_slots, "window_tokens": W,
+            "steps": len(steps), "native": engine._native is not None,
+            "us_per_layer_forward_median": med, "us_per_layer_forward_p90": p90,
             "us_per_layer_forward_mean": round(statistics.fmean(per_forward_us), 1),
+            "us_per_step_median": smed, "us_per_step_p90": sp90,
             "profile": profile, "plan_free_forwards": plan_free,
-            "forwards": len(per_forward_us),
-            "hit_rate": round(s.hit_rate, 3)}
+            "forwards": len(per_forward_us), "hit_rate": round(s.hit_rate, 3)}
+
+
+def _layer_ms(counts: np.ndarray, plan, costs: ExpertCosts) -> float:
+    """Modelled time of one planned layer: the slower of the device branch (its experts plus the
+    on-demand copies) and the CPU branch."""
+    dev = np.asarray(plan.device_experts, dtype=np.int64)
+    cpu = np.asarray(plan.cpu_experts, dtype=np.int64)
+    gpu_ms = costs.gpu_fixed_ms * dev.size + costs.gpu_per_token_ms * float(counts[dev].sum()) \
+        + costs.fetch_ms * len(plan.fetches)
+    cpu_ms = costs.cpu_fixed_ms * cpu.size + costs.cpu_per_token_ms * float(counts[cpu].sum())
+    return max(gpu_ms, cpu_ms)
+
+
+def run_engine(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDims,
+               profile: str, native: bool | None = None) -> dict:
+    """The engine's own host work per planned layer forward and per step (see the docstring)."""
+    L, E = dims.num_layers, dims.num_experts
+    cfg = MoESpacConfig().replace(policy=policy, cache_ratio=ratio, stats_file=None)
+    num_slots = cfg.cache.slots_per_layer(E, L, dims.expert_bytes)
+    costs = get_profile(profile).expert_costs(dims)
+    clock = SimClock()
+    mover = SimMover(clock, costs.fetch_ms, dims.expert_bytes)
+    future = _future(steps, E) if Policy(policy) is Policy.ORACLE else None
+    engine = ExpertEngine(cfg, dims, costs, mover, clock, num_slots=num_slots,
+                          future_counts=future, native=native)
+    engine.load_full_layers()
+    W = steps[0].shape[0]
+    phase = Phase.VERIFY if W > 1 else Phase.DECODE
+    per_forward_us: list[float] = []
+    per_step_us: list[float] = []
+    plan_free = 0
+    perf = time.perf_counter
+    for i, routing in enumerate(steps):
+        t0 = perf()
+        engine.begin_step(StepContext(i, phase, W, (W,), W - 1))
+        step_us = (perf() - t0) * 1e6
+        for layer in range(L):
+            ids = np.ascontiguousarray(routing[:, layer])
+            if engine.resident_slots(layer) is not None:
+                t0 = perf()
+                engine.note_resident_forward(layer, ids)
+                per_forward_us.append((perf() - t0) * 1e6)
+                plan_free += 1
+                continue
+            t0 = perf()
+            plan = engine.plan_layer(layer, ids)
+            engine.finish_layer(layer, ids)
+            per_forward_us.append((perf() - t0) * 1e6)
+            counts = np.bincount(ids.ravel(), minlength=E)
+            clock.t_ms += _layer_ms(counts, plan, costs)
+        t0 = perf()
+        engine.end_step(W - 1)
+        per_step_us.append(step_us + (perf() - t0) * 1e6)
+        clock.t_ms += DRAFT_MS_PER_TOKEN * (W - 1)
+    med, p90 = _quantiles(per_forward_us)
+    smed, sp90 = _quantiles(per_step_us)
+    s = engine.stats()
+    return {"bench": "layer_host", "dims": dims_name(dims), "trace": "synthetic",
+            "policy": policy, "cache_ratio": ratio, "slots_per_layer": num_slots,
+            "window_tokens": W, "steps": len(steps), "native": engine._native is not None,
+            "us_per_layer_forward_median": med, "us_per_layer_forward_p90": p90,
+            "us_per_layer_forward_mean": round(statistics.fmean(per_forward_us), 1),
+            "us_per_step_median": smed, "us_per_step_p90": sp90,
+            "profile": profile, "plan_free_forwards": plan_free,
+            "forwards": len(per_forward_us), "hit_rate": round(s.hit_rate, 3)}
+
+
+def dims_name(dims: ModelDims) -> str:
+    return "qwen3-30b-a3b" if dims == QWEN3_30B_A3B else "mixtral-8x7b"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--window", type=int, default=4, help="tokens per verification window")
-    p.add_argument("--ratios", default="1.0,0.5,0.25")
-    p.add_argument("--policies", default="spac,lru")
+    p.add_argument("--dims", default="mixtral-8x7b", choices=("mixtral-8x7b", "qwen3-30b-a3b"))
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per run (default 200 Mixtral, 100 Qwen3)")
+    p.add_argument("--window", type=int, default=4, help="Mixtral: tokens per window")
+    p.add_argument("--windows", default="1,4,9", help="Qwen3: tokens per window, one run each")
+    p.add_argument("--ratios", default=None, help="default 1.0,0.5,0.25 Mixtral, 0.17 Qwen3")
+    p.add_argument("--policies", default=None,
+                   help="comma list or 'all' (default spac,lru Mixtral, all Qwen3)")
+    p.add_argument("--path", default="auto", choices=("auto", "native", "python"),
+                   help="the engine's planner: native (compiled), python (reference), auto")
     p.add_argument("--profile", default="rtx4090-pcie4", help="cost profile the balancer uses")
+    p.add_argument("--seed", type=int, default=0, help="Qwen3: synthetic trace seed")
     p.add_argument("--data-dir", default=None, help="shared data folder (default: found)")
     p.add_argument("--json", action="store_true", help="JSON lines only (the only output mode)")
     a = p.parse_args(argv)
-    if a.steps < 1 or a.window < 1:
+    qwen = a.dims == "qwen3-30b-a3b"
+    n_steps = a.steps if a.steps is not None else (100 if qwen else 200)
+    if n_steps < 1 or a.window < 1:
         raise ValueError("steps/window: must be >= 1")
-    root = Path(a.data_dir) if a.data_dir else shared_data_dir()
-    if root is None or not (root / MIXTRAL).is_file():
-        raise SystemExit(f"bench_layer_host: {MIXTRAL} not found; set MOESPAC_DATA_DIR")
-    steps = windows(root / MIXTRAL, a.window, a.steps)
-    dims = ModelDims(num_layers=32, num_experts=8, top_k=2, hidden_size=H, intermediate_size=I,
-                     dtype_bytes=4)
+    native = {"auto": None, "native": True, "python": False}[a.path]
+    policies = a.policies or ("all" if qwen else "spac,lru")
+    policies = [q.value for q in Policy] if policies == "all" else policies.split(",")
+    ratios = [float(r) for r in (a.ratios or ("0.17" if qwen else "1.0,0.5,0.25")).split(",")]
     torch.set_num_threads(1)
-    for policy in a.policies.split(","):
-        for ratio in (float(r) for r in a.ratios.split(",")):
-            row = run(policy, ratio, steps, dims, a.profile)
-            row.update(device=describe_device(),
-                       command=" ".join(["python", "benchmarks/bench_layer_host.py",
-                                         *sys.argv[1:]]))
-            print(json.dumps(row), flush=True)
+    command = " ".join(["python", "benchmarks/bench_layer_host.py", *sys.argv[1:]])
+    if qwen:
+        wins = [int(w) for w in a.windows.split(",")]
+        if min(wins) < 1:
+            raise ValueError("windows: must be >= 1")
+        trace = synthetic_trace(QWEN3_30B_A3B, num_steps=n_steps * max(wins) + 8, k=0,
+                                seed=a.seed)
+        streams = request_streams(trace)
+        plans = [(w, cut(streams, w, n_steps)) for w in wins]
+        runner, dims = run_engine, QWEN3_30B_A3B
+    else:
+        root = Path(a.data_dir) if a.data_dir else shared_data_dir()
+        if root is None or not (root / MIXTRAL).is_file():
+            raise SystemExit(f"bench_layer_host: {MIXTRAL} not found; set MOESPAC_DATA_DIR")
+        plans = [(a.window, windows(root / MIXTRAL, a.window, n_steps))]
+        dims = ModelDims(num_layers=32, num_experts=8, top_k=2, hidden_size=H,
+                         intermediate_size=I, dtype_bytes=4)
+        runner = run
+    for policy in policies:
+        for ratio in ratios:
+            for _, steps in plans:
+                row = runner(policy, ratio, steps, dims, a.profile, native)
+                row.update(device=describe_device(), command=command)
+                print(json.dumps(row), flush=True)
     return 0
 
 

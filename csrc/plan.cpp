@@ -885,6 +885,31 @@ class Planner {
     }
 };
 
+// balancer.ExactBalancer.solve (narrow model) on plain arrays, for the property tests:
+// -> (fetch [M] bool, gpu_ms, cpu_ms)
+py::tuple exact_solve(py::array_t<int64_t, py::array::c_style | py::array::forcecast> tokens,
+                      py::array_t<bool, py::array::c_style | py::array::forcecast> resident,
+                      int64_t free_slots, double gpu_fixed_ms, double gpu_per_token_ms,
+                      double cpu_fixed_ms, double cpu_per_token_ms, double fetch_ms,
+                      double hidden_fetch_ms) {
+    const py::ssize_t M = tokens.size();
+    if (resident.size() != M) value_error("resident: expected one flag per routed expert");
+    std::vector<int64_t> tok(tokens.data(), tokens.data() + M);
+    std::vector<char> res(resident.data(), resident.data() + M);
+    for (int64_t n : tok)
+        if (n < 1) value_error("tokens: every routed expert has >= 1 token");
+    if (free_slots < 0) value_error("free_slots: must be a non-negative integer");
+    std::vector<char> fetch;
+    Exact solver;
+    Placement p = solver.solve(tok, res, free_slots,
+                               {gpu_fixed_ms, gpu_per_token_ms, cpu_fixed_ms, cpu_per_token_ms,
+                                fetch_ms},
+                               hidden_fetch_ms, fetch);
+    py::array_t<bool> out(M);
+    for (py::ssize_t i = 0; i < M; ++i) out.mutable_data()[i] = fetch[size_t(i)] != 0;
+    return py::make_tuple(out, p.gpu, p.cpu);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_plan, m) {
@@ -904,4 +929,8 @@ PYBIND11_MODULE(_plan, m) {
         .def("prefetch_step", &Planner::prefetch_step)
         .def("prefetch_with", &Planner::prefetch_with)
         .def("set_future", &Planner::set_future);
+    m.def("exact_solve", &exact_solve,
+          "balancer.ExactBalancer.solve, narrow model: (tokens, resident, free_slots, gpu_fixed_ms, "
+          "gpu_per_token_ms, cpu_fixed_ms, cpu_per_token_ms, fetch_ms, hidden_fetch_ms) -> "
+          "(fetch, gpu_ms, cpu_ms)");
 }

@@ -598,12 +598,8 @@ class ExpertEngine:
         if not self.estimator.observe_draft(layer, counts, num_tokens=max(1, x.shape[0])):
             return
         if self.policy is Policy.SPAC and self.config.prefetch:
-            if self._native is not None:
-                self._native.prefetch_layer(layer, self.estimator.predicted_levels(layer),
-                                            counts, deadline=False)
-                return
-            self._prefetch_layer(layer, self.estimator.predicted_levels(layer), counts,
-                                 deadline=False)
+            prefetch = self._prefetch_layer if self._native is None else self._native.prefetch_layer
+            prefetch(layer, self.estimator.predicted_levels(layer), counts, deadline=False)
 
     def end_step(self, num_accepted: int) -> None:
         if isinstance(num_accepted, bool) or not isinstance(num_accepted, (int, np.integer)) \
