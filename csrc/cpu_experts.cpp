@@ -23,18 +23,21 @@
 //
 // Work: pairs are grouped by expert at submit (the caller's thread, microseconds), so each
 // expert's weights stream from memory once for all its tokens. A job is a list of chunks: first
-// every group's gate/up chunks (16 intermediate rows of gate and the same 16 of up, with
-// SiLU*up as their epilogue), then every group's down chunks (64 rows of H, scaled by the
-// routing weight). The pool's threads claim chunks with one atomic counter, so a slow core
-// (a shared machine) costs at most one chunk; a down chunk waits only for its own expert's
-// gate/up chunks, never for a barrier. Jobs run in FIFO order; a thread that finds no chunk
-// left moves straight on to the next job. Idle threads block on a condition variable.
+// every expert's gate/up chunks (16-64 intermediate rows of gate and the same rows of up, SiLU*up
+// as their epilogue), then every expert's down chunks (32-128 rows of H, scaled by the routing
+// weight); sizes aim at 4+ chunks per thread. The pool's threads claim gate/up chunks from one
+// atomic counter, then down chunks of any expert whose gate/up chunks are done: no barrier, so a
+// descheduled thread (a shared machine) delays only the chunk it holds. Jobs run in FIFO order;
+// a thread that finds nothing left moves on to the next job. Idle threads block on a condition
+// variable (no spinning between jobs).
 //
 // Inner kernel (one per ISA x dtype, chosen at run time with __builtin_cpu_supports, never
-// -march=native, so one build runs on any x86-64): a tile of 4 weight rows x up to 4 tokens held
-// in registers, the weight row read once per tile. bf16 on AVX512-BF16: VDPBF16PS on the raw
-// bf16 pairs (32 per instruction); elsewhere bf16 is widened by a 16-bit shift, fp16 by VCVTPH2PS,
-// into fp32 FMAs (AVX-512 or AVX2+FMA+F16C); a portable scalar loop is the last resort.
+// -march=native, so one build runs on any x86-64): two weight rows from two sequential streams
+// (see gemv2) against up to 8 tokens held in registers, each weight vector loaded once for all
+// of them. bf16 on AVX512-BF16: VDPBF16PS on the raw bf16 pairs (32 per instruction); elsewhere
+// bf16 is widened by a 16-bit shift and fp16 by VCVTPH2PS into fp32 FMAs (AVX-512 or
+// AVX2+FMA+F16C); a portable scalar loop is the last resort. AMX is not used (no AMX on the CPUs
+// measured here; a tile kernel would pay off only above ~16 tokens per expert).
 //
 // Why C++ with pybind11: the module takes raw pointers (tensor.data_ptr()) and sizes, never a
 // torch C++ type, so one build serves torch 2.11-2.14, CPU and CUDA builds alike, and needs only

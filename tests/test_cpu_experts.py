@@ -9,6 +9,7 @@ per (token, k) pair, relative to the pair's norm:
 Pairs with ids < 0 are exact zeros on every backend."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -411,3 +412,24 @@ def test_native_reads_the_expert_store_in_place(spare_rows):
     with ce.CpuExpertPool(2) as p:
         got = p.submit(x, store.w13(0), store.w2(0), ids, wts).result()
     _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids, torch.bfloat16)
+
+
+@needs_native
+def test_bench_cpu_experts_rows_carry_the_bandwidth_ratio(monkeypatch, capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_cpu_experts")
+    monkeypatch.setattr(bench, "H", 64)
+    monkeypatch.setattr(bench, "I", 32)
+    assert bench.main(["--json", "--quick", "--bank", "16", "--probe-gib", "0.01",
+                       "--no-vllm"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    results = [r for r in rows if r["kind"] == "result"]
+    assert {r["backend"] for r in results} == {"native", "torch"}
+    assert {r["tokens_per_expert"] for r in results} == {1, 4, 16}
+    for r in results:
+        assert r["device"] and r["gbps"] > 0 and r["read_gbps"] > 0
+        assert r["read_bandwidth_ratio"] == pytest.approx(r["gbps"] / r["read_gbps"])
+        assert r["ms_per_expert"] == pytest.approx(r["median_ms"] / 8)
+    assert all(r["rel_err_vs_reference"] < 1e-4 for r in results if r["backend"] == "native")
+    assert {r["streams"] for r in rows if r["kind"] == "read_bandwidth"} == {1, 2, 4}
