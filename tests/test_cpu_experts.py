@@ -37,9 +37,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-@pytest.fixture
-def pool():
-    p = ce.CpuExpertPool(backend="exact")
+@pytest.fixture(params=["exact", "native"])
+def pool(request):
+    if request.param == "native" and not ce.native_available():
+        pytest.skip("moespac_vllm._cpu_experts is not built")
+    p = ce.CpuExpertPool(backend=request.param)
     yield p
     p.close()
 
