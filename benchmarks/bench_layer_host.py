@@ -10,7 +10,7 @@ fetch admission, the commit after the layer), and per step `begin_step` + `end_s
 scan, eviction order, books). Routing: the SYNTHETIC Qwen3-scale decode stream
 (`moespac_vllm.trace.synthetic_trace(QWEN3_30B_A3B, k=0)`, calibrated on the shared OLMoE stats
 and Mixtral traces; rows say `trace: synthetic`) cut into windows of 1, 4 and 9 tokens. The
-copies run on the simulator's serial PCIe link (`SimMover`) over a modelled clock: each layer
+copies run on a serial PCIe link model (`_LinkMover`, SimMover's timing) over a modelled clock: each layer
 advances it by the layer's modelled time (the cost profile's device / CPU branch) and each step by
 a 2 ms-per-draft-token draft phase, so the engine sees the same copy timing whatever the host's
 speed; host time is measured with `perf_counter` around the engine calls only (no weights move:
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -47,7 +48,7 @@ from moespac_vllm.cost_model import ExpertCosts, get_profile
 from moespac_vllm.engine import ExpertEngine
 from moespac_vllm.mover import SyncMover
 from moespac_vllm.offload import ExpertStore, OffloadedExperts, SlotCache
-from moespac_vllm.simulate import SimClock, SimMover
+from moespac_vllm.simulate import SimClock
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.trace import (MIXTRAL_8X7B, QWEN3_30B_A3B, ModelDims, read_mixtral_jsonl,
                                 request_streams, synthetic_trace)
@@ -158,6 +159,39 @@ def run(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDims,
             "forwards": len(per_forward_us), "hit_rate": round(s.hit_rate, 3)}
 
 
+class _LinkMover:
+    """`Mover` on one serial copy link of the modelled clock, with the least Python per call
+    (a dict store per load, a lookup per query), so the rows time the engine, not a mover: the
+    same landing times as `simulate.SimMover`'s for copies that are never cancelled."""
+
+    __slots__ = ("clock", "fetch_ms", "done", "link_free", "loads", "expert_bytes")
+
+    def __init__(self, clock: SimClock, fetch_ms: float, expert_bytes: int) -> None:
+        self.clock, self.fetch_ms, self.expert_bytes = clock, fetch_ms, expert_bytes
+        self.done: dict[tuple[int, int], float] = {}
+        self.link_free = 0.0
+        self.loads = 0
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        t = self.clock.t_ms
+        self.link_free = self.done[layer, slot] = (t if t > self.link_free
+                                                   else self.link_free) + self.fetch_ms
+        self.loads += 1
+
+    def is_ready(self, layer: int, slot: int) -> bool:
+        return self.clock.t_ms >= self.done.get((layer, slot), math.inf)
+
+    def wait(self, layer: int, slot: int) -> None:
+        pass
+
+    def cancel(self, layer: int, slot: int) -> bool:
+        return self.done.pop((layer, slot), -math.inf) > self.clock.t_ms
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.loads * self.expert_bytes
+
+
 def _layer_ms(counts: np.ndarray, plan, costs: ExpertCosts) -> float:
     """Modelled time of one planned layer: the slower of the device branch (its experts plus the
     on-demand copies) and the CPU branch."""
@@ -177,7 +211,7 @@ def run_engine(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDi
     num_slots = cfg.cache.slots_per_layer(E, L, dims.expert_bytes)
     costs = get_profile(profile).expert_costs(dims)
     clock = SimClock()
-    mover = SimMover(clock, costs.fetch_ms, dims.expert_bytes)
+    mover = _LinkMover(clock, costs.fetch_ms, dims.expert_bytes)
     future = _future(steps, E) if Policy(policy) is Policy.ORACLE else None
     engine = ExpertEngine(cfg, dims, costs, mover, clock, num_slots=num_slots,
                           future_counts=future, native=native)

@@ -316,9 +316,11 @@ struct Table {
 class Planner {
   public:
     Planner(py::dict cfg, py::list tables, py::dict arrays, py::object mover_load,
-            py::object mover_is_ready, py::object clock_now, py::object plan_cls)
+            py::object mover_is_ready, py::object clock_now, py::object plan_cls,
+            py::object as_ids)
         : load_(std::move(mover_load)), is_ready_(std::move(mover_is_ready)),
-          now_(std::move(clock_now)), plan_cls_(std::move(plan_cls)) {
+          now_(std::move(clock_now)), plan_cls_(std::move(plan_cls)),
+          as_ids_(std::move(as_ids)) {
         L_ = cfg["num_layers"].cast<int>();
         E_ = cfg["num_experts"].cast<int>();
         S_ = cfg["num_slots"].cast<int>();
@@ -381,9 +383,11 @@ class Planner {
         future_keep_ = next_use;
     }
 
-    // ExpertEngine.plan_layer: ids int32/int64 C-contiguous [T, K]
-    py::object plan(int layer, py::array ids, bool decoding) {
+    // ExpertEngine.plan_layer: ids any integer [T, K] array-like (int32/int64 C-contiguous
+    // arrays are read in place, anything else goes through plan_native's converter first)
+    py::object plan(int layer, py::object ids_obj, bool decoding) {
         check_layer(layer);
+        py::array ids = ids_array(ids_obj);
         const py::ssize_t T = ids.shape(0), K = ids.shape(1);
         read_ids(ids);
         bool* pinned = masks_ + size_t(layer) * E_;
@@ -489,8 +493,9 @@ class Planner {
 
     // ExpertEngine.finish_layer (+ _commit_counts when decoding, without the estimator's
     // draft bookkeeping, which plan_native does in Python)
-    void finish(int layer, py::array ids, bool decoding) {
+    void finish(int layer, py::object ids_obj, bool decoding) {
         check_layer(layer);
+        py::array ids = ids_array(ids_obj);
         const py::ssize_t T = ids.shape(0), K = ids.shape(1);
         read_ids(ids);
         count(T * K);
@@ -563,7 +568,7 @@ class Planner {
     Costs costs_;
     double recency_a_, recency_b_, decay_, prefetch_floor_, faithful_threshold_;
     int64_t theta_up_ = 0, theta_down_ = 0, cap_ = 0, ref_ = 1;
-    py::object load_, is_ready_, now_, plan_cls_, future_keep_;
+    py::object load_, is_ready_, now_, plan_cls_, as_ids_, future_keep_;
     std::vector<py::object> keep_;
     std::vector<Table> tables_;
     bool *masks_, *open_;
@@ -582,6 +587,17 @@ class Planner {
         if (layer < 0 || layer >= L_)
             value_error("layer: must be an integer in [0, " + std::to_string(L_) + "), got " +
                         std::to_string(layer));
+    }
+
+    py::array ids_array(const py::object& obj) {
+        if (py::isinstance<py::array>(obj)) {
+            py::array a = py::reinterpret_borrow<py::array>(obj);
+            const char kind = a.dtype().kind();
+            if (a.ndim() == 2 && kind == 'i' && (a.itemsize() == 8 || a.itemsize() == 4) &&
+                (a.flags() & py::array::c_style))
+                return a;
+        }
+        return as_ids_(obj).cast<py::array>();
     }
 
     void read_ids(const py::array& ids) {
@@ -923,7 +939,7 @@ PYBIND11_MODULE(_plan, m) {
         "toolchain and numpy buffers give zero-copy pointers into the tables.";
     py::class_<Planner>(m, "Planner")
         .def(py::init<py::dict, py::list, py::dict, py::object, py::object, py::object,
-                      py::object>())
+                      py::object, py::object>())
         .def("plan", &Planner::plan)
         .def("finish", &Planner::finish)
         .def("prefetch_step", &Planner::prefetch_step)

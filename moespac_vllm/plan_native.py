@@ -117,7 +117,7 @@ class NativePlanner:
                    t._meta) for t in engine.tables]
         mover, clock = engine.mover, engine.clock
         self._planner = _plan.Planner(cfg, tables, arrays, mover.load, mover.is_ready,
-                                      clock.now_ms, LayerPlan)
+                                      clock.now_ms, LayerPlan, self._ids)
         if engine._next_use is not None:
             self.set_future(engine._next_use)
 
@@ -126,6 +126,8 @@ class NativePlanner:
 
     @staticmethod
     def _ids(topk_ids: Any) -> np.ndarray:
+        """Any integer [T, K] array-like -> C-contiguous int32/int64 (the native code reads
+        those in place and sends everything else here)."""
         ids = np.asarray(topk_ids)
         if ids.ndim != 2 or ids.dtype.kind not in "iu":
             raise ValueError(f"topk_ids: expected an integer [T, K] array, got {ids.dtype} "
@@ -135,19 +137,18 @@ class NativePlanner:
         return ids
 
     def plan_layer(self, layer: int, topk_ids: Any) -> LayerPlan:
-        ids = self._ids(topk_ids)
         eng = self.engine
         decoding = eng._decoding()
-        plan = self._planner.plan(layer, ids, decoding)
+        plan = self._planner.plan(layer, topk_ids, decoding)
         if decoding:
-            eng._window_ids[layer] = ids
+            eng._window_ids[layer] = topk_ids if type(topk_ids) is np.ndarray \
+                else np.asarray(topk_ids)
         return plan
 
     def finish_layer(self, layer: int, topk_ids: Any) -> None:
-        ids = self._ids(topk_ids)
         eng = self.engine
         decoding = eng._decoding()
-        self._planner.finish(layer, ids, decoding)
+        self._planner.finish(layer, topk_ids, decoding)
         if decoding and eng.estimator is not None:
             eng.estimator.drop_draft(layer)
 
