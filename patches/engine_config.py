@@ -140,8 +140,11 @@ def on_engine_config(vllm_config: Any, user_cudagraph_mode: Any = None,
         with _lock:
             if not _not_enabled_logged:
                 _not_enabled_logged = True
-                reason = HOW_TO_ENABLE if why is None else "the model has no MoE layers"
-                logger.info("moespac: installed, not enabled (%s)", reason)
+                if why is None:
+                    logger.info("moespac: installed, not enabled (%s)", HOW_TO_ENABLE)
+                else:
+                    logger.info("moespac: enabled (%s) but the model has no MoE layers: nothing "
+                                "to offload, stock vLLM runs", why)
         if environ is None:
             os.environ.pop(ENV_ENGINE_ENABLED, None)
             from moespac_vllm.patches import plugin
