@@ -27,7 +27,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -111,6 +111,8 @@ class Calibration:
     cpu_method: str
     experts_per_call: int
     notes: tuple[str, ...] = field(default=())
+    # host ms of one planned layer decision of the real engine at `dims` (plan_native)
+    host_plan_ms: float = 0.0
 
     def expert_costs(self) -> ExpertCosts:
         return ExpertCosts(
@@ -307,11 +309,14 @@ def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = 
         experts_per_call = device_experts
     else:
         dev_method, dev_points, experts_per_call = cpu_method, cpu_points, cpu_experts
-    return Calibration(
+    cal = Calibration(
         dims=dims, device_kind=kind, device_name=name, cpu_threads=threads, h2d_gbps=h2d_gbps,
         fetch_ms=fetch_ms, device_fit=AffineFit.fit(dev_points), cpu_fit=AffineFit.fit(cpu_points),
         device_method=dev_method, cpu_method=cpu_method, experts_per_call=experts_per_call,
         notes=tuple(notes))
+    from moespac_vllm.plan_native import measure_plan_ms  # the engine's plan, at these dims
+
+    return replace(cal, host_plan_ms=measure_plan_ms(dims, cal.expert_costs()))
 
 
 def parse_dims(spec: str) -> ModelDims:

@@ -78,6 +78,7 @@ class Calibrated(Protocol):
     fetch_ms: float
     device_fit: Fit
     cpu_fit: Fit
+    host_plan_ms: float  # the engine's host time per planned layer decision, measured
 
     def summary(self) -> dict[str, Any]: ...
 
@@ -89,6 +90,9 @@ class StepTimes:
     draft_ms_per_token: float  # one draft-model forward at batch 1
     dense_ms_per_layer: float  # attention + router + norms of one target layer, one forward
     lm_head_ms: float  # final norm + LM head (+ sampling), one forward
+    # the engine's host work per planned layer forward (plan_layer + finish_layer): between the
+    # layer's routing and its expert kernels, so on the critical path of both branches
+    plan_ms_per_layer: float = 0.0
 
 
 # Model-side assumptions for the dense part, ours ([I]): attention weights per layer of a GQA model
@@ -116,6 +120,7 @@ class CostProfile:
     draft_ms_per_token: float  # one forward of the draft model (batch 1)
     h2d_latency_ms: float = 0.0  # fixed cost of one expert copy (driver + DMA setup)
     dense_layer_overhead_ms: float = 0.0  # launches of one dense layer's ~10 kernels
+    host_plan_ms: float = 0.0  # host time of one planned layer decision (StepTimes)
     unified_memory: bool = False  # CPU and device share DRAM (a "fetch" is a memcpy in DRAM)
     notes: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)  # raw measurements, if calibrated
@@ -134,7 +139,8 @@ class CostProfile:
                                   or not (math.isfinite(v) and v > 0)):
                 raise ValueError(f"{f_name}: must be a finite number > 0 or None, got {v!r}")
         for f_name in ("device_expert_overhead_ms", "cpu_expert_overhead_ms",
-                       "draft_ms_per_token", "h2d_latency_ms", "dense_layer_overhead_ms"):
+                       "draft_ms_per_token", "h2d_latency_ms", "dense_layer_overhead_ms",
+                       "host_plan_ms"):
             v = getattr(self, f_name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
                     math.isfinite(v) and v >= 0):
@@ -174,6 +180,7 @@ class CostProfile:
             draft_ms_per_token=self.draft_ms_per_token,
             dense_ms_per_layer=params * dims.dtype_bytes / bw + self.dense_layer_overhead_ms,
             lm_head_ms=vocab_size * h * dims.dtype_bytes / bw,
+            plan_ms_per_layer=self.host_plan_ms,
         )
 
     # ---- calibrated profiles ------------------------------------------------------------------
@@ -212,6 +219,7 @@ class CostProfile:
             name=name, h2d_gbps=rate(cal.fetch_ms, "fetch_ms"), device_mem_gbps=dev_bw,
             device_tflops=dev_tf, device_expert_overhead_ms=0.0, cpu_mem_gbps=cpu_bw,
             cpu_gflops=cpu_gf, cpu_expert_overhead_ms=0.0, draft_ms_per_token=draft,
+            host_plan_ms=float(cal.host_plan_ms),
             notes=(f"calibrated by `moespac calibrate` on {cal.device_name} "
                    f"({kind}) at dims {asdict(dims)}: rates back-solved from the affine fits "
                    "(overheads folded into the rates); draft_ms_per_token "
@@ -269,6 +277,12 @@ def _jsonable(x: Any) -> Any:
 
 
 # ---- named profiles -------------------------------------------------------------------------
+# Host time of one planned layer decision with the native planner, MEASURED on an x86 host:
+# `python benchmarks/bench_layer_host.py --dims qwen3-30b-a3b --json` (2-core AMD EPYC, shared,
+# load ~7-9) gave medians of 10-30 us per planned layer forward over spac / lru and windows of
+# 1-9 tokens at ratio 0.17 (benchmarks/README.md); 20 us stands for them. The Python reference
+# path costs 180-530 us (issue 11). `moespac calibrate` measures it on the machine at hand.
+HOST_PLAN_MS_X86 = 0.02
 PROFILES: dict[str, CostProfile] = {
     "h100-pcie5": CostProfile(
         name="h100-pcie5",
@@ -299,6 +313,7 @@ PROFILES: dict[str, CostProfile] = {
         # Qwen3-4B-FP8 draft: ~4 GB per token / 2.7 TB/s = 1.5 ms, + ~36 layers of launches [I].
         draft_ms_per_token=2.5,
         dense_layer_overhead_ms=0.03,  # ~10 kernel launches per layer at ~3 us [I]
+        host_plan_ms=HOST_PLAN_MS_X86,
         notes="H100 80GB HBM3 on PCIe 5.0 x16 with a 16-vCPU Xeon host (the lent machine): PCIe "
               "and CPU-path numbers measured by `moespac calibrate` (2026-11-23); device numbers "
               "from the datasheet and this machine's D2D/matmul readings, derated [I].",
@@ -322,6 +337,7 @@ PROFILES: dict[str, CostProfile] = {
         # Qwen3-4B-FP8 draft: ~4 GB / 850 GB/s = 4.7 ms, + launches [I].
         draft_ms_per_token=5.5,
         dense_layer_overhead_ms=0.03,  # [I]
+        host_plan_ms=HOST_PLAN_MS_X86,
         notes="RTX 4090 24GB, PCIe 4.0 x16: the MoE-SpAc paper's machine. CPU side assumed "
               "(the paper does not state it).",
     ),
@@ -342,6 +358,7 @@ PROFILES: dict[str, CostProfile] = {
         # Qwen3-4B-FP8 draft: ~4 GB / 150 GB/s = 27 ms, + launches [I].
         draft_ms_per_token=28.0,
         dense_layer_overhead_ms=0.05,  # [I]
+        host_plan_ms=2 * HOST_PLAN_MS_X86,  # Cortex-A78AE vs a server x86 core: ~2x slower [I]
         unified_memory=True,
         notes="Jetson AGX Orin 64GB: unified memory, so copies are cheap but device memory is "
               "the same small DRAM the host uses; all efficiency factors ours [I].",

@@ -20,11 +20,14 @@ Measured (benchmarks/README.md, bench_layer_host.py --dims qwen3-30b-a3b): the P
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moespac_vllm.config import Policy, ThetaScale
+from moespac_vllm.cost_model import ExpertCosts
+from moespac_vllm.trace import ModelDims
 
 if TYPE_CHECKING:
     from moespac_vllm.engine import ExpertEngine, LayerPlan
@@ -162,4 +165,51 @@ class NativePlanner:
                                     np.ascontiguousarray(tiebreak, dtype=np.int64), deadline)
 
 
-__all__ = ["NativePlanner", "attach", "available", "unsupported"]
+def measure_plan_ms(dims: ModelDims, costs: ExpertCosts, *, window_tokens: int = 4,
+                    steps: int = 20, cache_ratio: float = 0.17, policy: str = "spac",
+                    seed: int = 0) -> float:
+    """Median host ms of one planned layer decision (`plan_layer` + `finish_layer`) of the real
+    engine at `dims`, on the path it uses by default, deciding with `costs`: what the cost
+    model's `host_plan_ms` holds (`calibrate` measures it). Routing: `steps` windows of
+    `window_tokens` tokens drawn from a skewed per-layer popularity (Dirichlet 0.3, like trained
+    routers); copies on the simulator's serial link over a clock that advances by each layer's
+    modelled time, so the engine meets misses, copies in flight and evictions as in decoding."""
+    from moespac_vllm.config import MoESpacConfig
+    from moespac_vllm.engine import ExpertEngine
+    from moespac_vllm.simulate import SimClock, SimMover
+    from moespac_vllm.step_context import Phase, StepContext
+
+    for name, v in (("window_tokens", window_tokens), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+    L, E, K = dims.num_layers, dims.num_experts, dims.top_k
+    cfg = MoESpacConfig().replace(policy=policy, cache_ratio=cache_ratio, stats_file=None)
+    clock = SimClock()
+    engine = ExpertEngine(cfg, dims, costs, SimMover(clock, costs.fetch_ms, dims.expert_bytes),
+                          clock)
+    rng = np.random.default_rng(seed)
+    popularity = rng.dirichlet(np.full(E, 0.3), size=L)
+    phase = Phase.VERIFY if window_tokens > 1 else Phase.DECODE
+    times_ms: list[float] = []
+    for step in range(steps):
+        engine.begin_step(StepContext(step, phase, window_tokens, (window_tokens,),
+                                      window_tokens - 1))
+        for layer in range(L):
+            keys = np.log(popularity[layer] + 1e-12) + rng.gumbel(size=(window_tokens, E))
+            ids = np.argpartition(-keys, K - 1, axis=1)[:, :K].astype(np.int64)
+            t0 = time.perf_counter()
+            plan = engine.plan_layer(layer, ids)
+            engine.finish_layer(layer, ids)
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+            n = np.bincount(ids.ravel(), minlength=E)
+            dev = list(plan.device_experts)
+            gpu = costs.gpu_fixed_ms * len(dev) + costs.gpu_per_token_ms * float(n[dev].sum())
+            cpu = costs.cpu_fixed_ms * len(plan.cpu_experts) + costs.cpu_per_token_ms * float(
+                n[list(plan.cpu_experts)].sum())
+            clock.t_ms += max(gpu + costs.fetch_ms * len(plan.fetches), cpu)
+        engine.end_step(window_tokens - 1)
+        clock.t_ms += 2.0 * (window_tokens - 1)  # a draft phase
+    return float(np.median(times_ms))
+
+
+__all__ = ["NativePlanner", "attach", "available", "measure_plan_ms", "unsupported"]

@@ -7,6 +7,7 @@ contract), with a simulated clock and a simulated mover in place of CUDA:
                begin_step; for each layer l:
                    clock += dense_ms_per_layer              # attention, router, norms (device)
                    plan = plan_layer(l, ids[T, K])
+                   clock += plan_ms_per_layer               # the plan's host time (S < E only)
                    device branch: experts in ready order, each max(ready_at, t) + gpu_ms(n)
                    CPU branch:    sum of cpu_ms(n) over plan.cpu_experts, in parallel
                    clock = max(device end, CPU end); finish_layer(l)
@@ -270,11 +271,13 @@ def run_step(engine: ExpertEngine, ids: np.ndarray, num_accepted: int, speculati
         clock.t_ms += draft_ms
     engine.begin_step(StepContext(step=step, phase=Phase.VERIFY if speculative else Phase.DECODE,
                                   num_tokens=T, tokens_per_request=(T,), num_draft_tokens=k))
+    plan_ms = times.plan_ms_per_layer if engine.num_slots < E else 0.0  # whole layers: none
     for layer in range(L):
         clock.t_ms += times.dense_ms_per_layer
-        t0 = clock.t_ms
         layer_ids = ids[:, layer, :]
         plan = engine.plan_layer(layer, layer_ids)
+        clock.t_ms += plan_ms  # host work between the routing and the expert kernels
+        t0 = clock.t_ms
         counts = np.bincount(layer_ids.ravel(), minlength=E)
         table = engine.tables[layer]
         ready = sorted((max(t0, mover.ready_at(layer, table.slot_of(e))), int(counts[e]))
@@ -322,7 +325,8 @@ def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMov
     MODELLED by resampling a token of the same request). Returns (ms, steps, draft ms, ks)."""
     rng = np.random.default_rng([seed, 17])
     L = ar.dims.num_layers
-    overhead = L * times.dense_ms_per_layer + times.lm_head_ms
+    overhead = L * times.dense_ms_per_layer + times.lm_head_ms + (
+        L * times.plan_ms_per_layer if engine.num_slots < ar.dims.num_experts else 0.0)
     t_begin = clock.t_ms
     draft_total = 0.0
     steps = 0

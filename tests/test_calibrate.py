@@ -128,3 +128,14 @@ def test_cuda_calibration_at_qwen3_dims():
     # one expert is 9.4 MB: its fetch cannot beat 128 GB/s (faster than any PCIe 5 x16)
     assert cal.fetch_ms > cal.dims.expert_bytes / 128e9 * 1e3
     assert cal.device_fit.ms(8) < cal.cpu_fit.ms(8)
+
+
+def test_calibration_measures_the_engines_host_time_per_layer_decision():
+    from moespac_vllm.cost_model import CostProfile
+    from moespac_vllm.plan_native import measure_plan_ms
+
+    cal = calibrate(TINY, device="cpu", tokens=(1, 2), reps=2, cpu_experts=1)
+    assert 0.0 < cal.host_plan_ms < 50.0  # ms: a real timing of plan_layer + finish_layer
+    assert CostProfile.from_calibration("t", cal).host_plan_ms == cal.host_plan_ms
+    with pytest.raises(ValueError, match="window_tokens"):
+        measure_plan_ms(TINY, cal.expert_costs(), window_tokens=0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,24 @@ def test_calibration_fitted_through_the_origin_still_gives_a_profile() -> None:
     c = CostProfile.from_calibration("origin", cal).expert_costs(dims)
     assert c.gpu_fixed_ms == pytest.approx(0.0, abs=1e-5)
     assert c.gpu_ms(4) == pytest.approx(0.2, rel=1e-3)
+
+
+def test_named_profiles_state_the_host_time_of_a_layer_decision_and_step_times_carry_it():
+    for name in ("h100-pcie5", "rtx4090-pcie4", "jetson-orin"):
+        p = get_profile(name)
+        assert 0.0 < p.host_plan_ms < 0.1  # tens of microseconds (bench_layer_host.py)
+        assert p.step_times(QWEN3_30B_A3B).plan_ms_per_layer == p.host_plan_ms
+        assert CostProfile.from_json(p.to_json()).host_plan_ms == p.host_plan_ms
+    with pytest.raises(ValueError, match="host_plan_ms"):
+        replace(get_profile("h100-pcie5"), host_plan_ms=-1.0)
+
+
+def test_calibrated_profile_carries_the_measured_host_plan_time() -> None:
+    cal_mod = pytest.importorskip("moespac_vllm.calibrate")
+    dims = ModelDims(4, 8, 2, hidden_size=256, intermediate_size=128)
+    fit = cal_mod.AffineFit.fit([(1, 0.11), (4, 0.14)])
+    cal = cal_mod.Calibration(
+        dims=dims, device_kind=cal_mod.DeviceKind.CPU_AS_DEVICE, device_name="unit",
+        cpu_threads=2, h2d_gbps=5.0, fetch_ms=0.04, device_fit=fit, cpu_fit=fit,
+        device_method="unit", cpu_method="unit", experts_per_call=4, host_plan_ms=0.0123)
+    assert CostProfile.from_calibration("unit", cal).host_plan_ms == 0.0123
