@@ -16,15 +16,16 @@ each per n:
 Weights are never served from cache: the experts come from a bank of --bank experts (default 64,
 i.e. 604 MB at bf16, against a 32 MiB L3 here) and successive calls take successive groups of 8,
 so a call's weights were last read 7 calls (~530 MB of other weights) earlier.
-Each row: median_ms / min_ms over the reps, ms_per_expert, gbps (the 8 experts' weight bytes,
-3*H*I*bytes each, over the median time) and read_bandwidth_ratio = gbps / read_gbps, where
-read_gbps is this machine's read bandwidth measured STREAM-like right before and after the row
-(mean of the two): the native module's read probe (the threads sum 4 MiB chunks of a --probe-gib
-GiB buffer with 512-bit loads; the best of 1, 2 and 4 sequential streams per chunk) with the same
-thread count as the kernel, on a buffer from torch's allocator like the bank. Also per row: rel_err_vs_reference against the pure-torch reference's
-fp32 k-sum (kernels.fused_experts.fused_experts_pairs + sum_over_topk; an op that returns the
-activation dtype shows that rounding, ~2e-3 at bf16), and the 1-minute load average (the machine may be
-shared: numbers on a loaded machine are noisy, the ratio less so since both sides share the load).
+Each row: median_ms / min_ms over the calls, ms_per_expert, gbps (the 8 experts' weight bytes,
+3*H*I*bytes each, over the median time) and read_bandwidth_ratio = gbps / read_gbps. read_gbps
+is this machine's read bandwidth, measured STREAM-like in the same run and interleaved with the
+row's calls (a probe sample before every call, so both see the same load on a shared machine):
+the native module's read probe with the same thread count as the kernel sums a 128 MiB slice
+(slices cycle through a --probe-gib GiB buffer from torch's allocator, like the bank) in 4 MiB
+chunks with 512-bit loads, as 1, 2 and 4 sequential streams per chunk; read_gbps is the best
+stream count's median over the row. Also per row: rel_err_vs_reference against the pure-torch
+reference's fp32 k-sum (kernels.fused_experts.fused_experts_pairs + sum_over_topk; an op that
+returns the activation dtype shows that rounding, ~2e-3 at bf16) and the 1-minute load average.
 An `overlap` line submits to the native pool and sleeps as long as the CPU work takes (standing in
 for a device kernel): overlap_fraction 1 means the two ran fully side by side.
 """
@@ -65,40 +66,53 @@ def _vllm_ops():
 
 
 class ReadProbe:
-    """The machine's read bandwidth, GB/s: the native read probe over `gib` GiB, `threads`
-    threads, the best of 1, 2 and 4 sequential streams per chunk (a core may pull more from
-    several streams than from one; the kernel reads two). The buffer comes from torch's
-    allocator, as the expert bank does."""
+    """The machine's read bandwidth, GB/s, by the native read probe with `threads` threads over
+    a `gib` GiB buffer from torch's allocator (as the expert bank): a sample reads the next
+    `slice_mib` MiB slice (slices cycle through the whole buffer, so none is in cache), once for
+    each of 1, 2 and 4 sequential streams per chunk (a core may pull more from several streams
+    than from one; the kernel reads two)."""
 
-    def __init__(self, threads: int, gib: float) -> None:
+    def __init__(self, threads: int, gib: float, slice_mib: int = 128) -> None:
         from moespac_vllm import _cpu_experts
 
-        nbytes = int(gib * (1 << 30)) // (1 << 20) * (1 << 20)
-        self.buf = torch.ones(nbytes + 64, dtype=torch.uint8)
+        mib = 1 << 20
+        self.slice_bytes = slice_mib * mib
+        self.nbytes = max(self.slice_bytes, int(gib * (1 << 30)) // self.slice_bytes
+                          * self.slice_bytes)
+        self.buf = torch.ones(self.nbytes + 64, dtype=torch.uint8)
         self.off = (-self.buf.data_ptr()) % 64
-        self.nbytes = nbytes
         self.pool = _cpu_experts.Pool(threads)
         self.samples: dict[int, list[float]] = {s: [] for s in STREAMS}
-        self.gbps()  # first touch done; warm the threads
+        self._next = 0
+        self.pool.read(self.buf.data_ptr() + self.off, self.nbytes).wait()  # warm the threads
 
-    def gbps(self) -> float:
-        best = 0.0
+    def sample(self) -> None:
         for streams in STREAMS:
+            start = self.off + self._next * self.slice_bytes
+            self._next = (self._next + 1) % (self.nbytes // self.slice_bytes)
             t0 = time.perf_counter()
-            self.pool.read(self.buf.data_ptr() + self.off, self.nbytes, streams=streams).wait()
-            g = self.nbytes / (time.perf_counter() - t0) / 1e9
-            self.samples[streams].append(g)
-            best = max(best, g)
-        return best
+            self.pool.read(self.buf.data_ptr() + start, self.slice_bytes, streams=streams).wait()
+            self.samples[streams].append(self.slice_bytes / (time.perf_counter() - t0) / 1e9)
+
+    def mark(self) -> int:
+        return len(self.samples[STREAMS[0]])
+
+    def gbps(self, since: int = 0) -> float:
+        """The best stream count's median over the samples since `mark()` returned `since`."""
+        return max(statistics.median(v[since:]) for v in self.samples.values())
 
     def close(self) -> None:
         self.pool.close()
 
 
-def _times_ms(fn, calls: int) -> list[float]:
+def _times_ms(fn, calls: int, probe: ReadProbe | None = None) -> list[float]:
+    """Wall ms of calls 1..calls (call 0 warms up); with a probe, a probe sample before each
+    call, so kernel and probe see the same load on a shared machine."""
     fn(0)  # warm-up (its weights are re-read from DRAM later: the bank cycles)
     ts = []
     for i in range(1, calls + 1):
+        if probe is not None:
+            probe.sample()
         t0 = time.perf_counter()
         fn(i)
         ts.append((time.perf_counter() - t0) * 1e3)
@@ -114,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float16,float32")
     ap.add_argument("--bank", type=int, default=64, help="distinct experts cycled (>= 8)")
     ap.add_argument("--probe-gib", type=float, default=1.0, help="read-probe buffer size")
+    ap.add_argument("--probe-slice-mib", type=int, default=128, help="bytes per probe sample")
     ap.add_argument("--isas", action="store_true", help="also a row per other native ISA")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's op even if importable")
     ap.add_argument("--plot", type=Path, default=None)
@@ -146,13 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    probe = ReadProbe(threads, args.probe_gib)
+    if args.probe_slice_mib < 1:
+        raise ValueError(f"probe_slice_mib: must be >= 1, got {args.probe_slice_mib}")
+    probe = ReadProbe(threads, args.probe_gib, args.probe_slice_mib)
     pools = {"native": ce.CpuExpertPool(threads, backend="native")}
     if args.isas:
         for isa in ce.native_isas():
             pools[f"native:{isa}"] = ce.CpuExpertPool(threads, backend="native", isa=isa)
+    for _ in range(3):
+        probe.sample()
     emit({"kind": "machine", "threads": threads, "read_gbps": probe.gbps(),
-          "probe_bytes": probe.nbytes, "native_isas": list(ce.native_isas()),
+          "probe_bytes": probe.nbytes, "probe_slice_bytes": probe.slice_bytes, "native_isas": list(ce.native_isas()),
           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
           "vllm_op": ops is not None, "loadavg_1m": os.getloadavg()[0]})
 
@@ -199,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                 res = fn(0)
                 got = ce.sum_over_topk(res) if res.dim() == 3 else res.float()
                 err = float((got.float() - want).norm() / want.norm())
-                bw_before = probe.gbps()
-                ts = _times_ms(fn, calls)
-                bw = (bw_before + probe.gbps()) / 2
+                since = probe.mark()
+                ts = _times_ms(fn, calls, probe)
+                bw = probe.gbps(since)
                 ms = statistics.median(ts)
                 gbps = weight_gb / (ms / 1e3)
                 row = {"kind": "result", "backend": name, "dtype": str(dtype).split(".")[-1],

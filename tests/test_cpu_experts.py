@@ -424,7 +424,7 @@ def test_bench_cpu_experts_rows_carry_the_bandwidth_ratio(monkeypatch, capsys):
     monkeypatch.setattr(bench, "H", 64)
     monkeypatch.setattr(bench, "I", 32)
     assert bench.main(["--json", "--quick", "--bank", "16", "--probe-gib", "0.01",
-                       "--no-vllm"]) == 0
+                       "--probe-slice-mib", "2", "--no-vllm"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     results = [r for r in rows if r["kind"] == "result"]
     assert {r["backend"] for r in results} == {"native", "torch"}
