@@ -375,12 +375,63 @@ class Planner {
         slot_map_.resize(size_t(E_));
     }
 
-    void set_future(py::array next_use) {
+    // the oracle's future: next_use [steps + 1, L, E] and, when integral, the counts
+    // [steps, L, E] (else py::none(): its end-of-step placement stays in Python)
+    void set_future(py::array next_use, py::object counts) {
         if (next_use.ndim() != 3 || next_use.shape(1) != L_ || next_use.shape(2) != E_)
             value_error("next_use: expected [steps + 1, L, E]");
         future_rows_ = next_use.shape(0);
         next_use_ = buffer<int64_t>(next_use, "next_use", next_use.size());
         future_keep_ = next_use;
+        future_ = nullptr;
+        if (!counts.is_none()) {
+            py::array f = counts.cast<py::array>();
+            future_ = buffer<int64_t>(f, "future_counts", (future_rows_ - 1) * L_ * E_);
+            future_counts_keep_ = f;
+        }
+    }
+
+    // ExpertEngine._oracle_prefetch: the next step's experts, most tokens first, while an
+    // evictable resident is not needed before them and the copy lands before its layer starts.
+    // Returns False (nothing done) when the counts are not held here.
+    bool oracle_prefetch() {
+        if (!future_) return false;
+        const int64_t nxt = clk_[STEP] + 1;
+        if (nxt >= future_rows_ - 1) return true;
+        for (int layer = 0; layer < L_; ++layer) {
+            Table& t = tables_[size_t(layer)];
+            const size_t row = (size_t(nxt) * L_ + size_t(layer)) * E_;
+            const int64_t* need = future_ + row;
+            const int64_t* key = next_use_ + row;
+            order_buf_.clear();
+            for (int e = 0; e < E_; ++e)
+                if (need[e]) order_buf_.push_back(e);
+            std::sort(order_buf_.begin(), order_buf_.end(), [&](int a, int b) {
+                if (need[a] != need[b]) return need[a] > need[b];
+                return a < b;
+            });
+            if (int(order_buf_.size()) > S_) order_buf_.resize(size_t(S_));
+            const std::vector<int> order = order_buf_;
+            for (int e : order) {
+                if (t.slot_of[e] >= 0) continue;
+                const int v = victim(t, nullptr, false, 0.0, key);
+                int n_free = 0;
+                for (int s = 0; s < S_; ++s) n_free += t.state[s] == FREE;
+                if (n_free == 0 && (v < 0 || key[v] <= nxt)) break;
+                if (!fits_deadline(layer, false)) break;
+                int evicted;
+                const int64_t slot = admit(t, e, nullptr, false, 0.0, key, &evicted);
+                bool* pre = masks_ + (2 * size_t(L_) + size_t(layer)) * E_;
+                if (evicted >= 0 && pre[evicted]) {
+                    pre[evicted] = false;
+                    ++ctr_[PF_WASTED];
+                }
+                pre[e] = true;
+                ++ctr_[PF_ISSUED];
+                load(layer, e, slot);
+            }
+        }
+        return true;
     }
 
     // ExpertEngine.plan_layer: ids any integer [T, K] array-like (int32/int64 C-contiguous
@@ -568,12 +619,13 @@ class Planner {
     Costs costs_;
     double recency_a_, recency_b_, decay_, prefetch_floor_, faithful_threshold_;
     int64_t theta_up_ = 0, theta_down_ = 0, cap_ = 0, ref_ = 1;
-    py::object load_, is_ready_, now_, plan_cls_, as_ids_, future_keep_;
+    py::object load_, is_ready_, now_, plan_cls_, as_ids_, future_keep_, future_counts_keep_;
     std::vector<py::object> keep_;
     std::vector<Table> tables_;
     bool *masks_, *open_;
     double *score_, *times_, *offset_;
-    int64_t *last_counts_, *ctr_, *clk_, *levels_ = nullptr, *next_use_ = nullptr;
+    int64_t *last_counts_, *ctr_, *clk_, *levels_ = nullptr, *next_use_ = nullptr,
+            *future_ = nullptr;
     py::ssize_t future_rows_ = 0;
     std::vector<int64_t> counts_, ids_;
     std::vector<double> sc_;
@@ -944,7 +996,8 @@ PYBIND11_MODULE(_plan, m) {
         .def("finish", &Planner::finish)
         .def("prefetch_step", &Planner::prefetch_step)
         .def("prefetch_with", &Planner::prefetch_with)
-        .def("set_future", &Planner::set_future);
+        .def("set_future", &Planner::set_future)
+        .def("oracle_prefetch", &Planner::oracle_prefetch);
     m.def("exact_solve", &exact_solve,
           "balancer.ExactBalancer.solve, narrow model: (tokens, resident, free_slots, gpu_fixed_ms, "
           "gpu_per_token_ms, cpu_fixed_ms, cpu_per_token_ms, fetch_ms, hidden_fetch_ms) -> "

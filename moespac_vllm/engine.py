@@ -143,11 +143,9 @@ STATIC_WARMUP_STEPS = 16  # steps over which `static` observes frequencies befor
 
 
 class ExpertEngine:
-    """Policy side of the offloaded MoE: slot tables, estimator, balancer, prefetch.
-
-    `native`: plan forwards with the compiled planner (`plan_native.py`; identical decisions,
-    tests/test_plan_native.py). None = when it is built and supports this configuration; the
-    Python methods below stay the reference."""
+    """Policy side of the offloaded MoE: slot tables, estimator, balancer, prefetch. `native`:
+    plan with the compiled planner (plan_native.py, identical decisions; None = whenever it is
+    built and covers the configuration); the Python methods below stay the reference."""
 
     # scalar state in shared arrays (engine_state.py): the native planner reads and writes them
     _link_free_ms = ArrayField("_times", LINK_FREE_MS)
@@ -245,7 +243,7 @@ class ExpertEngine:
             nxt[s] = np.where(f[s] > 0, s, nxt[s + 1])
         self._next_use = nxt
         if self._native is not None:
-            self._native.set_future(nxt)
+            self._native.set_future(nxt, f)
 
     def _belady_key(self, layer: int) -> np.ndarray | None:
         if self._next_use is None:
@@ -660,6 +658,8 @@ class ExpertEngine:
             self._load(layer, e, slot)
 
     def _oracle_prefetch(self) -> None:
+        if self._native is not None and self._native.prefetch_oracle():
+            return
         nxt = self._step + 1
         if nxt >= self._future.shape[0]:
             return

@@ -122,10 +122,18 @@ class NativePlanner:
         self._planner = _plan.Planner(cfg, tables, arrays, mover.load, mover.is_ready,
                                       clock.now_ms, LayerPlan, self._ids)
         if engine._next_use is not None:
-            self.set_future(engine._next_use)
+            self.set_future(engine._next_use, engine._future)
 
-    def set_future(self, next_use: np.ndarray) -> None:
-        self._planner.set_future(np.ascontiguousarray(next_use, dtype=np.int64))
+    def set_future(self, next_use: np.ndarray, future_counts: np.ndarray) -> None:
+        """The oracle's future (engine.set_future); integral counts let the native code place
+        the next step's experts too (`prefetch_oracle`)."""
+        f = np.asarray(future_counts)
+        counts = np.ascontiguousarray(f, dtype=np.int64) if f.dtype.kind in "iub" else None
+        self._planner.set_future(np.ascontiguousarray(next_use, dtype=np.int64), counts)
+
+    def prefetch_oracle(self) -> bool:
+        """end_step's oracle placement; False when it is left to the Python engine."""
+        return self._planner.oracle_prefetch()
 
     @staticmethod
     def _ids(topk_ids: Any) -> np.ndarray:
