@@ -8,13 +8,13 @@ Qwen3-30B-A3B scale (48 layers, E=128, top-8; `--ratios` default 0.17 = 22 slots
 `ExpertEngine.plan_layer` + `finish_layer` (slot lookup, miss set, the exact balancer, pin/touch,
 fetch admission, the commit after the layer), and per step `begin_step` + `end_step` (prefetch
 scan, eviction order, books). Routing: the SYNTHETIC Qwen3-scale decode stream
-(`moespac_vllm.trace.synthetic_trace(QWEN3_30B_A3B, k=0)`, calibrated on the shared OLMoE stats
-and Mixtral traces; rows say `trace: synthetic`) cut into windows of 1, 4 and 9 tokens. The
-copies run on a serial PCIe link model (`_LinkMover`, SimMover's timing) over a modelled clock: each layer
-advances it by the layer's modelled time (the cost profile's device / CPU branch) and each step by
-a 2 ms-per-draft-token draft phase, so the engine sees the same copy timing whatever the host's
-speed; host time is measured with `perf_counter` around the engine calls only (no weights move:
-a Qwen3 layer's experts do not fit this machine). `--path python` times the Python reference.
+(`trace.synthetic_trace(QWEN3_30B_A3B, k=0)`, calibrated on the shared OLMoE stats and Mixtral
+traces; rows say `trace: synthetic`) cut into windows of 1, 4 and 9 tokens. The copies run on a
+serial PCIe link model (`_LinkMover`, SimMover's timing) over a modelled clock: each layer advances
+it by the layer's modelled time (the cost profile's device / CPU branch) and each step by a 2
+ms-per-draft-token draft phase, so the engine sees the same copy timing whatever the host's speed;
+host time is measured with `perf_counter` around the engine calls only (no weights move: a Qwen3
+layer's experts do not fit this machine). `--path python` times the Python reference.
 
 `--dims mixtral-8x7b` (the original run): `offload.OffloadedExperts.forward` driven by the real
 engine and a `mover.SyncMover`, with the expert kernel replaced by a no-op, on the real Mixtral
@@ -26,14 +26,16 @@ real cost profile at Mixtral-8x7B's expert size (`--profile`, default rtx4090-pc
 modelled draft phase of 2 ms per draft token separates the steps (the clock skips it).
 
 One JSON line per (policy, cache_ratio, window): median / p90 / mean microseconds per layer
-forward, median / p90 microseconds of per-step work, plan-free forwards, hit rate, whether the
-native planner ran; tagged with the device and the command.
+forward (wall clock; Qwen3 rows also the median of the thread's CPU time, which a shared machine
+does not inflate), median / p90 microseconds of per-step work, plan-free forwards, hit rate,
+whether the native planner ran, the 1-minute load average; tagged with the device and command.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -156,7 +158,8 @@ def run(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDims,
             "us_per_layer_forward_mean": round(statistics.fmean(per_forward_us), 1),
             "us_per_step_median": smed, "us_per_step_p90": sp90,
             "profile": profile, "plan_free_forwards": plan_free,
-            "forwards": len(per_forward_us), "hit_rate": round(s.hit_rate, 3)}
+            "forwards": len(per_forward_us), "hit_rate": round(s.hit_rate, 3),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 class _LinkMover:
@@ -219,9 +222,10 @@ def run_engine(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDi
     W = steps[0].shape[0]
     phase = Phase.VERIFY if W > 1 else Phase.DECODE
     per_forward_us: list[float] = []
+    cpu_us: list[float] = []  # this thread's CPU time: what a shared machine's wall time inflates
     per_step_us: list[float] = []
     plan_free = 0
-    perf = time.perf_counter
+    perf, cpu_clock = time.perf_counter, time.thread_time
     for i, routing in enumerate(steps):
         t0 = perf()
         engine.begin_step(StepContext(i, phase, W, (W,), W - 1))
@@ -234,10 +238,12 @@ def run_engine(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDi
                 per_forward_us.append((perf() - t0) * 1e6)
                 plan_free += 1
                 continue
+            c0 = cpu_clock()
             t0 = perf()
             plan = engine.plan_layer(layer, ids)
             engine.finish_layer(layer, ids)
             per_forward_us.append((perf() - t0) * 1e6)
+            cpu_us.append((cpu_clock() - c0) * 1e6)
             counts = np.bincount(ids.ravel(), minlength=E)
             clock.t_ms += _layer_ms(counts, plan, costs)
         t0 = perf()
@@ -252,9 +258,11 @@ def run_engine(policy: str, ratio: float, steps: list[np.ndarray], dims: ModelDi
             "window_tokens": W, "steps": len(steps), "native": engine._native is not None,
             "us_per_layer_forward_median": med, "us_per_layer_forward_p90": p90,
             "us_per_layer_forward_mean": round(statistics.fmean(per_forward_us), 1),
+            "cpu_us_per_layer_forward_median": _quantiles(cpu_us)[0] if cpu_us else None,
             "us_per_step_median": smed, "us_per_step_p90": sp90,
             "profile": profile, "plan_free_forwards": plan_free,
-            "forwards": len(per_forward_us), "hit_rate": round(s.hit_rate, 3)}
+            "forwards": len(per_forward_us), "hit_rate": round(s.hit_rate, 3),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def dims_name(dims: ModelDims) -> str:
