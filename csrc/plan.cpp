@@ -70,7 +70,6 @@ struct Bits {
         nbits = n;
         w.assign((n + 63) / 64, 0);
     }
-    bool test(size_t pos) const { return pos < nbits && ((w[pos >> 6] >> (pos & 63)) & 1u); }
     // self = (self | self << shift) & mask(nbits)
     void shift_or(size_t shift) {
         const size_t ws = shift >> 6, bs = shift & 63, n = w.size();
@@ -166,8 +165,13 @@ class Exact {
   private:
     std::vector<int64_t> counts_, per_class_, prefix_;
     std::vector<Piece> pieces_;
-    std::vector<Bits> history_;
+    std::vector<uint64_t> history_;  // the bitset before each piece, one after another
     Bits reach_;
+
+    void remember() { history_.insert(history_.end(), reach_.w.begin(), reach_.w.end()); }
+    bool before_piece(size_t i, size_t pos) const {
+        return (history_[i * reach_.w.size() + (pos >> 6)] >> (pos & 63)) & 1u;
+    }
 
     void choose(int64_t n_nr, int64_t v_nr, int64_t m_max, int64_t n_res, int64_t v_res,
                 const Costs& c, double hidden, int64_t& out_m, int64_t& out_v) {
@@ -196,7 +200,7 @@ class Exact {
         reach_.w[0] = 1;
         pieces_.clear();
         history_.clear();
-        history_.push_back(reach_);
+        remember();
         for (size_t n = 0; n < counts_.size(); ++n) {
             int64_t cnt = counts_[n];
             int64_t take = 1;
@@ -205,7 +209,7 @@ class Exact {
                 const size_t shift = size_t(take) * (stride + n);
                 reach_.shift_or(shift);
                 pieces_.push_back({shift, int(n), int(take)});
-                history_.push_back(reach_);
+                remember();
                 cnt -= take;
                 take <<= 1;
             }
@@ -295,7 +299,7 @@ class Exact {
         }
         size_t pos = size_t(best_m) * stride + size_t(best_v);
         for (size_t i = pieces_.size(); i-- > 0;) {
-            if (!history_[i].test(pos)) {
+            if (!before_piece(i, pos)) {
                 pos -= pieces_[i].shift;
                 per_class_[size_t(pieces_[i].n)] += pieces_[i].take;
             }
