@@ -314,6 +314,80 @@ class StoreCopyMover:
         return self._bytes_moved
 
 
+
+# ---- host <-> device transfers of the hot path ----------------------------------------------------
+@runtime_checkable
+class Event(Protocol):
+    """A point in the compute stream's work (torch.cuda.Event; `ImmediateEvent` on a CPU)."""
+
+    def record(self) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+class ImmediateEvent:
+    """The CPU's event: every copy already happened when it returns."""
+
+    def record(self) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+class Staging:
+    """The only ways the layer's hot path crosses host <-> device (no `.cpu()`, `.item()` or
+    blocking `.to()`): `to_host(*tensors)` issues non-blocking copies into page-locked host
+    buffers and returns them with an `Event` recorded after them on the current stream; the
+    host reads them only after `wait(event)`, the one place the host waits on the device (counted
+    in `waits`). `to_device(host)` is one non-blocking copy from page-locked memory, ordered on the
+    stream before any later kernel (the caching host allocator keeps the buffer alive until the
+    copy has run). On a CPU device no copy is needed and `wait` returns at once (still counted:
+    the count is the number of host round trips the same code makes on a GPU)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.waits = 0
+        self.wait_ms = 0.0
+        self.pending: Event | None = None  # the latest readback nobody has waited for yet
+
+    def settle(self) -> None:
+        """Wait once for the latest pending readback (stream order: all earlier ones are done
+        then too); the runtime calls it when a step ends, before the engine reads its books."""
+        if self.pending is not None:
+            ev, self.pending = self.pending, None
+            self.wait(ev)
+
+    def event(self) -> Event:
+        return torch.cuda.Event() if self.cuda else ImmediateEvent()
+
+    def to_host(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], Event]:
+        if not self.cuda:
+            out = [t.detach() for t in tensors]
+        else:
+            out = []
+            for t in tensors:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t.detach(), non_blocking=True)
+                out.append(host)
+        ev = self.event()
+        ev.record()
+        return out, ev
+
+    def wait(self, event: Event) -> None:
+        t0 = time.perf_counter()
+        event.synchronize()
+        self.wait_ms += (time.perf_counter() - t0) * 1e3
+        self.waits += 1
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return host
+        pinned = host if host.is_pinned() else host.pin_memory()
+        return pinned.to(self.device, non_blocking=True)
+
+
 # ---- the layer ----------------------------------------------------------------------------------
 @runtime_checkable
 class LayerEngine(Protocol):
@@ -388,6 +462,11 @@ class LayerCounters:
     device_pairs: int = 0
     cpu_pairs: int = 0
     fetches: int = 0
+    planned: int = 0  # forwards that went through engine.plan_layer (the rest: resident path)
+    plan_ms: float = 0.0  # host time in engine.plan_layer + the plan check
+    launch_ms: float = 0.0  # host time issuing the device branch (kernel launches / CPU compute)
+    cpu_wait_ms: float = 0.0  # host time waiting for the CPU branch's result
+    readback_ms: float = 0.0  # host time waiting for the staged ids / hidden (Staging.wait)
 
 
 class OffloadedExperts:
@@ -406,6 +485,7 @@ class OffloadedExperts:
         cpu_experts: CpuExperts | None = None,
         device_kernel: Callable[..., torch.Tensor] | None = None,
         host_fused: HostFusedKernel | None = None,
+        staging: Staging | None = None,
     ) -> None:
         if layer not in store.layers:
             raise ValueError(f"layer: {layer} is not in the expert store")
@@ -431,6 +511,9 @@ class OffloadedExperts:
         self.cpu_experts = cpu_experts if cpu_experts is not None else InlineCpuExperts()
         self.device_kernel = device_kernel  # None: per-pair reference / Triton on CUDA
         self.host_fused = host_fused
+        # every host <-> device crossing of the hot path (shared by a runtime's layers)
+        self.staging = staging if staging is not None else Staging(self.device)
+        self._slot_map: torch.Tensor | None = None  # [E] expert -> slot on the device
         self._identity_of: np.ndarray | None = None  # the resident table _identity describes
         self._identity = False
         self.counters = LayerCounters()
@@ -452,15 +535,25 @@ class OffloadedExperts:
         if full is not None and (self.host_fused is not None
                                  or self._kernel_for(hidden) is not None):
             return self._forward_resident(hidden, topk_ids, topk_weights, full)
-        # The original routing, captured before any slot remap: the engine's estimator input.
-        ids_np = topk_ids.detach().cpu().numpy()
+        c = self.counters
+        # ONE readback per planned forward: the router's ORIGINAL ids (the engine's input, before
+        # any slot remap), the hidden rows and the weights (what CPU pairs need), non-blocking
+        # into page-locked memory; the host waits on their event once.
+        (ids_host, hidden_host, weights_host), ev = self.staging.to_host(
+            topk_ids, hidden, topk_weights)
+        t0 = time.perf_counter()
+        self.staging.wait(ev)
+        t1 = time.perf_counter()
+        c.readback_ms += (t1 - t0) * 1e3
+        ids_np = ids_host.numpy()
         plan = self.engine.plan_layer(self.layer, ids_np)
         self._check_plan(plan, ids_np)
         self.last_plan = plan
-        t0 = time.perf_counter()
+        t2 = time.perf_counter()
+        c.plan_ms += (t2 - t1) * 1e3
         for _, slot in plan.fetches:
             self.mover.wait(self.layer, slot)
-        stall_ms = (time.perf_counter() - t0) * 1e3
+        stall_ms = (time.perf_counter() - t2) * 1e3
         self._cpu_ms = self._gpu_ms = 0.0
 
         T, K = ids_np.shape
@@ -468,16 +561,17 @@ class OffloadedExperts:
         if self.host_fused is not None:
             out = self._compute_host_fused(hidden, topk_weights, ids_np, plan)
         elif T <= step:
-            out = self._compute(hidden, topk_weights, ids_np, plan)
+            out = self._compute(hidden, topk_weights, hidden_host, weights_host, ids_np, plan)
         else:  # bound the [T,K,H] pair buffers; both placements chunk alike
             out = torch.cat([self._compute(hidden[i:i + step], topk_weights[i:i + step],
+                                           hidden_host[i:i + step], weights_host[i:i + step],
                                            ids_np[i:i + step], plan, rows=slice(i, i + step))
                              for i in range(0, T, step)])
         self.engine.finish_layer(self.layer, ids_np)
         self.engine.record_timing(stall_ms=stall_ms, cpu_ms=self._cpu_ms, gpu_ms=self._gpu_ms)
 
-        c = self.counters
         c.forwards += 1
+        c.planned += 1
         n_cpu = int(plan.cpu_mask.sum())
         c.cpu_pairs += n_cpu
         c.device_pairs += ids_np.size - n_cpu
@@ -492,38 +586,45 @@ class OffloadedExperts:
     def _forward_resident(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                           topk_weights: torch.Tensor, full: np.ndarray) -> torch.Tensor:
         """The layer holds all its experts (`engine.resident_slots`): no plan, no fetch, no CPU
-        pair. When slot s holds expert s (always after `engine.load_full_layers`) the router's ids
-        go to the kernel as they are, over the slot buffers, exactly as stock vLLM hands them to
-        its experts (and, as there, trusted: the engine checks them when the step ends);
-        otherwise they are remapped through the engine's fixed table. This is the whole host-side
-        cost of a forward at cache_ratio 1.0 (benchmarks/bench_overhead.py)."""
+        pair, and no host wait. When slot s holds expert s (always after
+        `engine.load_full_layers`) the router's ids go to the kernel as they are, over the slot
+        buffers, exactly as stock vLLM hands them to its experts; otherwise they are remapped by a
+        device gather through the engine's table, uploaded once per table (the device slot map).
+        The ids for the engine's books are copied to the host non-blocking (`Staging.to_host`);
+        the engine reads them when the step ends, after the runtime's one `settle()` (and checks
+        them there: ids outside [0, E) raise then; on a CPU device a negative id raises here).
+        This is the whole host-side cost of a forward at cache_ratio 1.0
+        (benchmarks/bench_overhead.py)."""
         if self._identity_of is not full:
             self._identity = bool((full == np.arange(full.shape[0])).all())
             self._identity_of = full
+            self._slot_map = None if self._identity else self.staging.to_device(
+                torch.from_numpy(np.ascontiguousarray(full, dtype=np.int64)))
         ids = topk_ids.detach()
-        ids_host = ids if ids.device.type == "cpu" else ids.cpu()
         t0 = time.perf_counter()
         weights = topk_weights.detach()
         w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
         if self._identity:
             slot_ids = ids
         else:
-            ids_np = ids_host.numpy()
-            if ids_np.size and ids_np.min() < 0:  # numpy would wrap a negative index around
+            if not self.staging.cuda and ids.numel() and int(ids.min()) < 0:
                 raise ValueError(f"topk_ids: expert ids must be in [0, {full.shape[0]})")
-            slot_ids = torch.from_numpy(full[ids_np]).to(hidden.device)
+            slot_ids = self._slot_map[ids.long()]
         if self.host_fused is not None:  # the slots are the store's spare rows (checked at init)
             out = self.host_fused(hidden, w13, w2, slot_ids.to(torch.int32).contiguous(),
                                   weights.float().contiguous())
         else:
             out = self._kernel_for(hidden)(hidden, w13, w2, slot_ids.long(), weights)
+        (ids_host,), ev = self.staging.to_host(ids)
+        self.staging.pending = ev  # settled once per step, before the engine reads the books
         self.engine.note_resident_forward(self.layer, ids_host)
-        self.engine.record_timing(stall_ms=0.0, cpu_ms=0.0,
-                                  gpu_ms=(time.perf_counter() - t0) * 1e3)
+        launch_ms = (time.perf_counter() - t0) * 1e3
+        self.engine.record_timing(stall_ms=0.0, cpu_ms=0.0, gpu_ms=launch_ms)
         self.last_plan = None
         c = self.counters
         c.forwards += 1
         c.device_pairs += ids.numel()
+        c.launch_ms += launch_ms
         return out.to(hidden.dtype)
 
     def _compute_host_fused(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
@@ -536,13 +637,17 @@ class OffloadedExperts:
         w13, w2 = self.store.rows(self.layer)
         out = self.host_fused(hidden, w13, w2, torch.from_numpy(rows),
                               topk_weights.detach().float().contiguous())
-        self._gpu_ms += (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        self._gpu_ms += ms
+        self.counters.launch_ms += ms
         return out
 
-    def _compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, ids_np: np.ndarray,
+    def _compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                 hidden_host: torch.Tensor, weights_host: torch.Tensor, ids_np: np.ndarray,
                  plan: LayerPlan, rows: slice = slice(None)) -> torch.Tensor:
-        """fp32 [T,H] for one block of tokens: CPU pairs submitted first (they overlap the device
-        branch), device pairs from the slot cache, then one in-order sum over k."""
+        """fp32 [T,H] for one block of tokens: CPU pairs submitted first over the staged host
+        rows (they overlap the device branch), device pairs from the slot cache (slot ids: one
+        non-blocking upload), then the CPU partial's one non-blocking upload, added in fp32."""
         cpu_mask = plan.cpu_mask[rows]
         slot_ids = plan.slot_ids[rows]
         cpu_future: Future | None = None
@@ -550,10 +655,10 @@ class OffloadedExperts:
         if cpu_mask.any():
             cpu_ids = torch.from_numpy(np.where(cpu_mask, ids_np, -1))
             cpu_future = self.cpu_experts.submit(
-                hidden.detach().to("cpu"), self.store.w13(self.layer), self.store.w2(self.layer),
-                cpu_ids, topk_weights.detach().to("cpu"))
+                hidden_host, self.store.w13(self.layer), self.store.w2(self.layer),
+                cpu_ids, weights_host)
         t1 = time.perf_counter()
-        dev_ids = torch.from_numpy(slot_ids.astype(np.int64)).to(self.device)
+        dev_ids = self.staging.to_device(torch.from_numpy(slot_ids.astype(np.int64)))
         kernel = self._kernel_for(hidden)
         w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
         if kernel is not None:  # a fused kernel returns the k-summed [T,H]
@@ -567,10 +672,13 @@ class OffloadedExperts:
         t3 = time.perf_counter()
         self._gpu_ms += (t2 - t1) * 1e3
         self._cpu_ms += ((t1 - t0) + (t3 - t2)) * 1e3
+        c = self.counters
+        c.launch_ms += (t2 - t1) * 1e3
+        c.cpu_wait_ms += (t3 - t2) * 1e3
         if kernel is not None:
-            return out if cpu_part is None else out + sum_pairs(cpu_part).to(out.device)
+            return out if cpu_part is None else out + self.staging.to_device(sum_pairs(cpu_part))
         if cpu_part is not None:
-            out = out + cpu_part.to(out.device)
+            out = out + self.staging.to_device(cpu_part)
         return sum_pairs(out)
 
     def _check_plan(self, plan: LayerPlan, ids: np.ndarray) -> None:
@@ -595,13 +703,16 @@ def slots_for(num_experts: int, ratio: float) -> int:
 
 __all__ = [
     "CpuExperts",
+    "Event",
     "ExpertStore",
+    "ImmediateEvent",
     "HostFusedKernel",
     "InlineCpuExperts",
     "LayerCounters",
     "LayerEngine",
     "OffloadedExperts",
     "SlotCache",
+    "Staging",
     "StoreCopyMover",
     "ThreadCpuExperts",
     "experts_reference",

@@ -44,6 +44,7 @@ from moespac_vllm.offload import (
     HostFusedKernel,
     OffloadedExperts,
     SlotCache,
+    Staging,
 )
 from moespac_vllm.stats import EngineStats, StatsWriter, format_log_line
 from moespac_vllm.step_context import Phase, StepBoard, StepContext
@@ -137,6 +138,7 @@ class OffloadRuntime:
         self.engine: ExpertEngine | None = None
         self.mover: Mover | None = None
         self.experts: dict[int, OffloadedExperts] = {}
+        self.staging = Staging(self.device)  # every layer's host <-> device crossings
         self.host_kernels: dict[int, HostFusedKernel] = {}
         self.host_kernel_name = ""
         self.dims: ModelDims | None = None
@@ -306,7 +308,8 @@ class OffloadRuntime:
             self.experts[i] = OffloadedExperts(self.store, self.engine, i, self.device, self.slots,
                                                self.mover, cpu_experts=cpu_pool,
                                                device_kernel=self._device_kernel,
-                                               host_fused=self.host_kernels.get(i))
+                                               host_fused=self.host_kernels.get(i),
+                                               staging=self.staging)
         st = self.config.stats
         if st.stats_file:
             self._stats_writer = StatsWriter(st.stats_file)
@@ -415,6 +418,7 @@ class OffloadRuntime:
                 self._recorder.end_step(num_accepted)
             else:  # an aborted forward: drop it rather than write a partial step
                 self._recorder.abort_step()
+        self.staging.settle()  # the step's one wait: resident layers' ids for the books
         self.engine.end_step(int(num_accepted))
         if ctx is not None and ctx.phase in (Phase.DECODE, Phase.VERIFY):
             self.decode_steps += 1
