@@ -58,8 +58,9 @@ def default_costs(config: MoESpacConfig, dims: ModelDims,
     """The expert costs the balancer uses and the label of the profile in force. A configured
     profile (`profile`: a name or a calibrated JSON) is resolved by `cost_model.get_profile` (an
     unknown one raises ValueError naming the field); `auto` (the default) is measured on this
-    machine at the model's dims, or read from the per-machine cache (`startup_profile`). Without a
-    `device` (drivers that only want the arithmetic) `auto` is the built-in estimate, so labelled."""
+    machine at the model's dims, or read from the per-machine cache (`startup_profile`). Without
+    a `device` (drivers that only want the arithmetic) `auto` is the built-in estimate, so
+    labelled."""
     if config.profile != "auto" or device is not None:
         from moespac_vllm import startup_profile
 
@@ -528,4 +529,5 @@ class OffloadRuntime:
             self._own_pool = None
 
 
-__all__ = ["KV_RESERVE_FRACTION", "MonotonicClock", "NO_BOUNDARY_WARN_STEPS", "OffloadRuntime", "default_costs"]
+__all__ = ["KV_RESERVE_FRACTION", "MonotonicClock", "NO_BOUNDARY_WARN_STEPS", "OffloadRuntime",
+           "default_costs"]

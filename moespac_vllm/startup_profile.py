@@ -1,7 +1,7 @@
-"""`profile: auto`: the cost profile measured on this machine at start-up, cached per machine + dims.
+"""`profile: auto`: the cost profile measured on this machine at start-up, cached per machine+dims.
 
 A named profile describes somebody else's machine; `auto` measures this one the first time a model
-with these expert dims starts here (`calibrate.calibrate` with a short budget: host->device GB/s from
+with these expert dims starts here (`calibrate.calibrate`, short budget: host->device GB/s from
 pinned memory, device expert time and CPU expert time at the model's dims, a few repetitions of
 two token counts), writes the result as a calibrated JSON under the cache directory, and reads
 it back on later starts (no measurement). The budget aims at <= 3 s of measurement on a GPU box
