@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.moespac-installed
 MODELS := .models
 DEMO_ARGS ?=
 
-.PHONY: setup demo test models clean-venv
+.PHONY: setup demo test models clean-venv gpu-check
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ demo: models
 
 test: setup
 	$(PY) -m pytest --strict-markers -ra tests
+
+# The GPU check of issue 12 on a lent GPU machine (benchmarks/gpu_check.sh; everything under $OUT,
+# default out/gpu-check). `make gpu-check GPU_CHECK=--cpu-smoke` runs it at tiny dims on a CPU.
+GPU_CHECK ?=
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,7 +14,8 @@ What runs per step (mirrors `simulate.run_engine`, with real kernels and copies 
                        x = rms_norm(x + rt.forward(l, x, weights[T,K], ids[T,K]))
     lm_head_stub(x); rt.end_step(accepted)                      # end_step issues prefetches
 
-Routing is REPLAYED from a trace (`trace.load_trace`): the real Mixtral-8x7B decode routing of
+Routing is REPLAYED from a trace, computed ON THE DEVICE (`DeviceRouter`: a router GEMM + top-k
+biased to the trace's ids, so the layer reads device ids back as under vLLM) (`trace.load_trace`): the real Mixtral-8x7B decode routing of
 shared/data (its dims: 32 x 8 experts, top-2, H 4096, I 14336) or a synthetic Qwen3-30B-A3B-scale
 trace (48 x 128, top-8, H 2048, I 768; labelled synthetic). Speculative policies replay
 verification windows built by `simulate.speculative_workload` (accepted drafts: recorded routing;
@@ -204,6 +205,7 @@ class Bench:
     args: argparse.Namespace
     profile: Any = None
     step_times: dict[str, float] | None = None
+    router: DeviceRouter | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -260,14 +262,11 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
                                   num_tokens=T, tokens_per_request=(T,), num_draft_tokens=k),
                       explicit=True)
         x = torch.randn(T, H, generator=g).to(device=device, dtype=torch.bfloat16)
+        want = upload(st.topk_ids, device)  # routing computed on the device (DeviceRouter)
         for layer in range(dims.num_layers):
             x = F.rms_norm(x + b.stubs.attention(layer, x), (H,))
-            ids = torch.from_numpy(np.ascontiguousarray(st.topk_ids[:, layer, :]).astype(np.int64))
-            if st.topk_weights is not None:
-                wts = torch.from_numpy(np.ascontiguousarray(st.topk_weights[:, layer, :]))
-            else:
-                wts = torch.full(ids.shape, 1.0 / dims.top_k)
-            y = rt.forward(layer, x, wts.to(device=device, dtype=torch.float32), ids)
+            wts, ids = b.router.route(layer, x, want[:, layer, :])
+            y = rt.forward(layer, x, wts, ids)
             x = F.rms_norm(x + y, (H,))
         b.stubs.lm_head(x)
         rt.end_step(int(st.num_accepted) if speculative else 0)
@@ -334,6 +333,361 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
     return row
 
 
+# ---- the suite's cases (benchmarks/gpu_check.py): device routing, any window source -----------
+ROUTER_BIAS = 1e4  # added at the replayed ids: top-k then picks exactly them
+
+
+class DeviceRouter:
+    """Routing computed ON THE DEVICE, as in vLLM: per layer a router GEMM x [T,H] @ W [H,E] in
+    fp32, plus a bias of ROUTER_BIAS scattered (on the device) at the ids the trace wants, top-k,
+    and a softmax over the chosen logits without the bias. So the ids the layer gets are device
+    tensors whose readback is as real as in vLLM, and they equal the trace's ids."""
+
+    def __init__(self, dims: ModelDims, device: torch.device, seed: int = 0) -> None:
+        g = torch.Generator(device=device).manual_seed(seed + 7)
+        self.top_k = dims.top_k
+        self.w = torch.randn(dims.num_layers, dims.hidden_size, dims.num_experts, generator=g,
+                             device=device) / math.sqrt(dims.hidden_size)
+
+    def route(self, layer: int, x: torch.Tensor, want: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights fp32 [T,K], ids int64 [T,K]) for `want` [T,K] (device ids of the trace)."""
+        logits = x.float() @ self.w[layer]
+        biased = logits.scatter_add(1, want, torch.full(want.shape, ROUTER_BIAS,
+                                                        device=logits.device))
+        top = torch.topk(biased, self.top_k, dim=-1)
+        return torch.softmax(top.values - ROUTER_BIAS, dim=-1), top.indices
+
+
+def upload(ids: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One step's wanted ids [T,L,K] to the device: one non-blocking copy from pinned memory
+    (no host wait; ordered before the step's kernels)."""
+    host = torch.from_numpy(np.ascontiguousarray(ids).astype(np.int64))
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the suite. mode: plain (1 token per step), sd (fixed k), adaptive (k chosen by
+    engine.choose_draft_tokens before every step, up to k), prefill (one chunk of k tokens),
+    graphed (all experts on the device, no runtime, the step captured in a CUDA graph on CUDA:
+    the ceiling). policy: a harness policy name; threads: torch threads (None: all)."""
+
+    name: str
+    policy: str
+    ratio: float
+    mode: str
+    k: int = 0
+    threads: int | None = None
+
+
+def plain_steps(work: Trace):
+    for s in _decode_steps(work):
+        st = work.step(s)
+        yield st.topk_ids, 0, 0
+
+
+def window_steps(work: Trace):
+    for s in _decode_steps(work):
+        st = work.step(s)
+        yield st.topk_ids, int(st.num_accepted), st.num_tokens - 1
+
+
+def adaptive_steps(engine: Any, ar: Trace, acceptance: float, k_max: int,
+                   times: dict[str, float], seed: int):
+    """`simulate.run_adaptive`'s windows, cut on the fly from the plain stream: the engine picks
+    k before every step (rejected drafts' routing MODELLED by resampling a token, as there)."""
+    rng = np.random.default_rng([seed, 17])
+    L = ar.dims.num_layers
+    overhead = L * times["dense_ms_per_layer"] + times["lm_head_ms"]
+    decode = ar.kind == StepKind.DECODE
+    first = True
+    for sid in dict.fromkeys(ar.seq_id[decode].tolist()):
+        rows = ar.token_offsets[:-1][decode & (ar.seq_id == sid)]
+        n = rows.shape[0]
+        p = 0
+        while p < n:
+            k = k_max if first else engine.choose_draft_tokens(
+                acceptance, times["draft_ms_per_token"], overhead, k_max, k_min=0)
+            first = False
+            k_eff = min(k, n - 1 - p)
+            a = 0
+            while a < k_eff and rng.random() < acceptance:
+                a += 1
+            window = rows[p:p + k_eff + 1].copy()
+            if a < k_eff:
+                window[a + 1:] = rows[rng.integers(0, n, size=k_eff - a)]
+            yield ar.topk_ids[window], a, k_eff
+            p += a + 1
+
+
+def prefill_ids(work: Trace, tokens: int) -> np.ndarray:
+    """[tokens, L, K]: the first `tokens` routed tokens of the stream (cycled if shorter)."""
+    ids = work.topk_ids
+    reps = -(-tokens // ids.shape[0])
+    return np.concatenate([ids] * reps)[:tokens]
+
+
+class SyncCounter:
+    """Synchronizing CUDA calls in a block (torch.cuda.set_sync_debug_mode('warn'), each warning
+    recorded); 0 on a CPU (there the explicit waits, Staging.waits, are the count)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.count = 0
+
+    def __enter__(self) -> "SyncCounter":
+        import warnings
+
+        if self.cuda:
+            self._w = warnings.catch_warnings(record=True)
+            self._log = self._w.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            self.count = sum("synchroniz" in str(w.message).lower() for w in self._log)
+            self._w.__exit__(*exc)
+
+
+class StepTimer:
+    """GPU time of each step (CUDA events on the current stream, read once after the run, then
+    released); None on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._pairs: list[tuple[Any, Any]] = []
+
+    def start(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._pairs.append((ev, None))
+
+    def stop(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._pairs[-1] = (self._pairs[-1][0], ev)
+
+    def total_ms(self) -> float | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        ms = sum(a.elapsed_time(b) for a, b in self._pairs)
+        self._pairs.clear()
+        return ms
+
+
+def graphed_ceiling(b: Bench, case: Case) -> dict[str, Any]:
+    """All experts on the device, no runtime: router + Triton kernel over the full banks per
+    layer, plain decode; the whole step captured once in a CUDA graph and replayed (on CUDA;
+    eager elsewhere, `graphed` says which)."""
+    dims, device = b.dims, b.device
+    H, L = dims.hidden_size, dims.num_layers
+    banks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    dev_w13 = []
+    dev_w2 = []
+    for layer in range(L):
+        key = b.store.w13(layer).data_ptr()
+        if key not in banks:
+            banks[key] = (b.store.w13(layer).to(device), b.store.w2(layer).to(device))
+        dev_w13.append(banks[key][0])
+        dev_w2.append(banks[key][1])
+    kernel = b.kernel
+    steps = list(plain_steps(b.ar_work))[: b.args.steps]
+    x_in = torch.zeros(1, H, device=device, dtype=torch.bfloat16)
+    want = torch.zeros(1, L, dims.top_k, device=device, dtype=torch.int64)
+
+    def step() -> torch.Tensor:
+        x = x_in
+        for layer in range(L):
+            x = F.rms_norm(x + b.stubs.attention(layer, x), (H,))
+            wts, ids = b.router.route(layer, x, want[:, layer, :])
+            x = F.rms_norm(x + kernel(x, dev_w13[layer], dev_w2[layer], ids, wts).to(x.dtype),
+                           (H,))
+        return b.stubs.lm_head(x)
+
+    graphed, note = False, "eager (not a CUDA device)"
+    run = step
+    if device.type == "cuda":
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run, graphed, note = graph.replay, True, "CUDA graph of the whole step"
+        except Exception as e:  # capture refused (a host sync inside): measure eager, say why
+            note = f"eager: capture failed ({type(e).__name__}: {str(e)[:120]})"
+    timer, sync = StepTimer(device), SyncCounter(device)
+    g = torch.Generator(device=device).manual_seed(1)
+    t0 = time.perf_counter()
+    done = 0
+    with sync:
+        for ids, _, _ in steps:
+            want.copy_(upload(ids, device))
+            x_in.copy_(torch.randn(1, H, generator=g, device=device).to(torch.bfloat16))
+            timer.start()
+            run()
+            timer.stop()
+            done += 1
+            if time.perf_counter() - t0 > b.args.run_seconds:
+                break
+        _sync(device)
+    elapsed = time.perf_counter() - t0
+    del banks, dev_w13, dev_w2
+    return {"steps": done, "tokens": done, "time_s": elapsed, "hit_rate": 1.0, "gb_moved": 0.0,
+            "syncs": sync.count, "waits": 0, "step_end_waits": 0, "layer_forwards": done * L,
+            "planned_forwards": 0, "fetched_experts": 0, "cpu_experts": 0,
+            "gpu_ms": timer.total_ms(), "host_plan_ms": 0.0, "launch_ms": None,
+            "cpu_wait_ms": 0.0, "readback_ms": 0.0, "stall_ms": 0.0, "cpu_ms": 0.0,
+            "mean_draft_tokens": 0.0, "graphed": graphed, "graph_note": note,
+            "slots_per_layer": dims.num_experts}
+
+
+def run_case(b: Bench, case: Case) -> dict[str, Any]:
+    """One case through the library runtime (what vLLM's glue drives), routing on the device."""
+    old_threads = torch.get_num_threads()
+    if case.threads is not None:
+        torch.set_num_threads(case.threads)
+    try:
+        if case.mode == "graphed":
+            r = graphed_ceiling(b, case)
+        else:
+            r = _run_runtime(b, case)
+    finally:
+        torch.set_num_threads(old_threads)
+    L = b.dims.num_layers
+    r["syncs_per_layer"] = (r["syncs"] + r["waits"]) / max(1, r["layer_forwards"])
+    r["tokens_per_s"] = r["tokens"] / r["time_s"] if r["time_s"] > 0 else 0.0
+    row = {"bench": "gpu_check", "case": case.name, "policy": case.policy, "mode": case.mode,
+           "cache_ratio": case.ratio, "draft_tokens": case.k, "threads": case.threads or "all",
+           "cpu_threads": case.threads or old_threads, "layers": L, **r,
+           "sync_count_method": ("sync-debug warnings + Staging.wait" if b.device.type == "cuda"
+                                 else "Staging.wait (the host round trips a GPU would make)")}
+    row["sim_tokens_per_s"], row["sim_note"] = simulated_case(b, case, row["tokens"])
+    return row
+
+
+def _run_runtime(b: Bench, case: Case) -> dict[str, Any]:
+    resident = case.policy == "all-resident"
+    policy = Policy.SD_LRU if resident else Policy(case.policy)
+    dims, device = b.dims, b.device
+    ratio = 1.0 if resident else case.ratio
+    cfg = MoESpacConfig().replace(policy=policy.value, cache_ratio=ratio)
+    cpu = TimedCpuExperts(b.cpu_path)
+    rt = OffloadRuntime(cfg, device, costs=b.costs, costs_label=b.costs_label, cpu_experts=cpu,
+                        device_kernel=b.layer_kernel, model_name=f"harness:{b.trace.label}")
+    for layer in range(dims.num_layers):
+        rt.add_target_layer(f"layers.{layer}.mlp.experts", num_experts=dims.num_experts,
+                            top_k=dims.top_k, model_layer=layer)
+    for layer in range(dims.num_layers):
+        rt.weights_loaded(layer, b.store.w13(layer), b.store.w2(layer))
+    rt.build()
+    engine, mover = rt.engine, rt.mover
+    if case.mode == "plain":
+        source = plain_steps(b.ar_work)
+    elif case.mode == "sd":
+        source = window_steps(speculative_workload(b.trace, case.k, b.args.acceptance,
+                                                   b.args.seed))
+    elif case.mode == "adaptive":
+        source = adaptive_steps(engine, b.ar_work, b.args.acceptance, case.k,
+                                b.step_times or {}, b.args.seed)
+    elif case.mode == "prefill":
+        source = iter([(prefill_ids(b.ar_work, case.k), 0, 0)])
+    else:
+        raise ValueError(f"mode: unknown {case.mode!r}")
+    speculative = case.mode in ("sd", "adaptive")
+    H, L = dims.hidden_size, dims.num_layers
+    g = torch.Generator(device=device).manual_seed(1)
+    bytes0, stall0, waits0 = mover.bytes_moved, mover.stall_ms, rt.staging.waits
+    settles0 = rt.staging.settles
+    timer, sync = StepTimer(device), SyncCounter(device)
+    done = draft_total = 0
+    ks: list[int] = []
+    t0 = time.perf_counter()
+    with sync:
+        for i, (ids, accepted, k) in enumerate(source):
+            if i >= b.args.steps:
+                break
+            T = ids.shape[0]
+            want = upload(ids, device)
+            timer.start()
+            for _ in range(k):
+                b.stubs.draft_token()
+            draft_total += k
+            ks.append(k)
+            phase = (Phase.PREFILL if case.mode == "prefill"
+                     else Phase.VERIFY if speculative else Phase.DECODE)
+            rt.begin_step(StepContext(step=i, phase=phase, num_tokens=T, tokens_per_request=(T,),
+                                      num_draft_tokens=k), explicit=True)
+            x = torch.randn(T, H, generator=g, device=device).to(torch.bfloat16)
+            for layer in range(L):
+                x = F.rms_norm(x + b.stubs.attention(layer, x), (H,))
+                wts, rids = b.router.route(layer, x, want[:, layer, :])
+                x = F.rms_norm(x + rt.forward(layer, x, wts, rids), (H,))
+            b.stubs.lm_head(x)
+            rt.end_step(accepted if speculative else 0)
+            timer.stop()
+            done += 1
+            if time.perf_counter() - t0 > b.args.run_seconds:
+                break
+        _sync(device)
+    elapsed = time.perf_counter() - t0
+    engine.record_timing(stall_ms=mover.stall_ms - stall0, cpu_ms=cpu.ms)
+    stats = engine.stats().as_dict()
+    counters = [m.counters for m in rt.experts.values()]
+    tokens = stats["tokens"] if case.mode != "prefill" else case.k
+    r = {"steps": done, "tokens": tokens, "time_s": elapsed, "hit_rate": stats["hit_rate"],
+         "gb_moved": (mover.bytes_moved - bytes0) / 1e9, "syncs": sync.count,
+         "waits": rt.staging.waits - waits0, "step_end_waits": rt.staging.settles - settles0,
+         "layer_forwards": sum(c.forwards for c in counters),
+         "planned_forwards": sum(c.planned for c in counters), "gpu_ms": timer.total_ms(),
+         "host_plan_ms": sum(c.plan_ms for c in counters),
+         "launch_ms": sum(c.launch_ms for c in counters),
+         "cpu_wait_ms": sum(c.cpu_wait_ms for c in counters),
+         "readback_ms": sum(c.readback_ms for c in counters),
+         "stall_ms": mover.stall_ms - stall0, "cpu_ms": cpu.ms,
+         "mean_draft_tokens": float(np.mean(ks)) if ks else 0.0,
+         "fetched_experts": stats["fetched_experts"], "cpu_experts": stats["cpu_experts"],
+         "slots_per_layer": rt.slots.num_slots(0), "graphed": False, "graph_note": "eager"}
+    rt.close()
+    del rt, engine, mover
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return r
+
+
+def simulated_case(b: Bench, case: Case, tokens: int) -> tuple[float | None, str]:
+    """The simulator's tok/s for the case's policy, ratio and windows (calibrated profile,
+    measured non-expert times), or None and why."""
+    if b.profile is None or b.step_times is None:
+        return None, "no profile"
+    if case.mode in ("graphed", "prefill") or case.policy == "all-resident":
+        return None, f"{case.mode}: the simulator replays decode steps from a cold cache"
+    policy = Policy(case.policy)
+    if case.mode == "plain" and policy not in AUTOREGRESSIVE_POLICIES:
+        return None, f"{policy.value} in plain decode: the simulator runs it speculative only"
+    from moespac_vllm.simulate import StepTimes, simulate
+
+    r = simulate(b.trace, policy, case.ratio, b.profile, draft_tokens=max(case.k, 1),
+                 acceptance=b.args.acceptance, seed=b.args.seed,
+                 times=StepTimes(**b.step_times), max_tokens=max(1, tokens),
+                 adaptive_draft=case.mode == "adaptive")
+    return r.tokens_per_s, "simulate.simulate, same trace / windows / costs"
+
+
 # ---- set-up --------------------------------------------------------------------------------------
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -344,10 +698,11 @@ def device_name(device: torch.device) -> str:
 def resolve_kernel(device: torch.device, choice: str) -> tuple[Any, Any, str]:
     """(fused-style kernel for warm-up, what the layer gets as `device_kernel`, name). On a CPU the
     layer's own per-pair reference runs (device_kernel None), as in the vLLM-cpu plugin."""
+    if choice == "reference":  # on a CPU too: then the layer takes its device paths (resident)
+        return (experts_reference, experts_reference,
+                f"offload.experts_reference (torch, {device.type})")
     if device.type != "cuda":
         return experts_reference, None, "offload per-pair reference (torch, cpu)"
-    if choice == "reference":
-        return experts_reference, experts_reference, "offload.experts_reference (torch, cuda)"
     from moespac_vllm.kernels.fused_experts import fused_experts
 
     return fused_experts, fused_experts, "kernels.fused_experts (triton)"
@@ -429,6 +784,44 @@ def simulated(b: Bench, name: str, ratio: float, tokens: int) -> float | None:
                  acceptance=b.args.acceptance, seed=b.args.seed, times=times,
                  max_tokens=max(1, tokens))
     return r.tokens_per_s
+
+
+def make_bench(args: argparse.Namespace, path: str | Trace, device: torch.device
+               ) -> tuple[Bench, dict[str, Any], Callable[[], None]]:
+    """Everything the runs over one trace share (random store, stubs, costs, kernel, CPU path,
+    device router), warmed up; the setup row; the CPU path's closer."""
+    full = load_trace(path) if not isinstance(path, Trace) else path
+    full_layers = full.dims.num_layers
+    trace = cut_layers(full, args.layers)
+    if args.tiny:
+        trace = shrink_dims(trace, TINY_H, TINY_I)
+    dims = trace.dims
+    draft_gb = args.draft_gb if args.draft_gb is not None else (
+        0.001 if args.tiny else DRAFT_GB_FULL * dims.num_layers / full_layers)
+    t0 = time.perf_counter()
+    store = random_store(dims, device, torch.bfloat16, args.distinct_layers, args.seed)
+    t_store = time.perf_counter() - t0
+    stubs = DenseStubs(dims, device, torch.bfloat16, int(draft_gb * 1e9), args.tiny, args.seed)
+    costs, profile, cal = resolve_costs(args.profile, dims, device, args.tiny, args.cpu_path)
+    kernel, layer_kernel, kernel_name = resolve_kernel(device, args.kernel)
+    cpu_path, cpu_name, close_cpu_path = resolve_cpu_path(device, args.cpu_path)
+    b = Bench(trace=trace, ar_work=autoregressive_workload(trace),
+              sd_work=speculative_workload(trace, args.draft_tokens, args.acceptance, args.seed),
+              dims=dims, device=device, store=store, stubs=stubs, costs=costs,
+              costs_label=profile.name, kernel=kernel, layer_kernel=layer_kernel,
+              kernel_name=kernel_name, cpu_path=cpu_path, profile=profile, cpu_name=cpu_name,
+              args=args, router=DeviceRouter(dims, device, args.seed))
+    warm_up(b)
+    b.step_times = measure_step_times(b)
+    setup = {"bench": "gpu_decode_setup", "trace": trace.label, "setup_s":
+             time.perf_counter() - t0, "store_fill_s": t_store,
+             "host_store_gb": store.total_bytes / 1e9,
+             "host_bank": "distinct per layer" if args.distinct_layers else
+             "one random bank of E experts shared by every layer (views)",
+             "dense_stub_gb": stubs.bytes / 1e9, "calibration": cal,
+             "step_times_ms": b.step_times, "kernel": kernel_name, "cpu_path": cpu_name,
+             "device": device_name(device), "command": args.command}
+    return b, setup, close_cpu_path
 
 
 def warm_up(b: Bench) -> None:
@@ -537,37 +930,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with jsonl.open("a") as sink:
         for path in args.trace:
-            full = load_trace(path)
-            full_layers = full.dims.num_layers
-            trace = cut_layers(full, args.layers)
-            if args.tiny:
-                trace = shrink_dims(trace, TINY_H, TINY_I)
-            dims = trace.dims
-            draft_gb = args.draft_gb if args.draft_gb is not None else (
-                0.001 if args.tiny else DRAFT_GB_FULL * dims.num_layers / full_layers)
-            t0 = time.perf_counter()
-            store = random_store(dims, device, torch.bfloat16, args.distinct_layers, args.seed)
-            stubs = DenseStubs(dims, device, torch.bfloat16, int(draft_gb * 1e9), args.tiny,
-                               args.seed)
-            costs, profile, cal = resolve_costs(args.profile, dims, device, args.tiny,
-                                                args.cpu_path)
-            kernel, layer_kernel, kernel_name = resolve_kernel(device, args.kernel)
-            cpu_path, cpu_name, close_cpu_path = resolve_cpu_path(device, args.cpu_path)
-            b = Bench(trace=trace, ar_work=autoregressive_workload(trace),
-                      sd_work=speculative_workload(trace, args.draft_tokens, args.acceptance,
-                                                   args.seed),
-                      dims=dims, device=device, store=store, stubs=stubs, costs=costs,
-                      costs_label=profile.name,
-                      kernel=kernel, layer_kernel=layer_kernel, kernel_name=kernel_name,
-                      cpu_path=cpu_path, profile=profile,
-                      cpu_name=cpu_name, args=args)
-            warm_up(b)
-            b.step_times = measure_step_times(b)
-            setup = {"bench": "gpu_decode_setup", "trace": trace.label, "setup_s":
-                     time.perf_counter() - t0, "host_store_gb": store.total_bytes / 1e9,
-                     "dense_stub_gb": stubs.bytes / 1e9, "calibration": cal,
-                     "step_times_ms": b.step_times,
-                     "device": device_name(device), "command": args.command}
+            b, setup, close_cpu_path = make_bench(args, path, device)
+            store, stubs = b.store, b.stubs
             print(json.dumps(setup), flush=True)
             sink.write(json.dumps(setup) + "\n")
             plan = [("all-resident", 1.0)] if "all-resident" in policies else []

@@ -348,7 +348,8 @@ class Staging:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.waits = 0
+        self.waits = 0  # host waits inside layer forwards (one per planned forward)
+        self.settles = 0  # waits at step ends (`settle`)
         self.wait_ms = 0.0
         self.pending: Event | None = None  # the latest readback nobody has waited for yet
 
@@ -357,7 +358,10 @@ class Staging:
         then too); the runtime calls it when a step ends, before the engine reads its books."""
         if self.pending is not None:
             ev, self.pending = self.pending, None
-            self.wait(ev)
+            t0 = time.perf_counter()
+            ev.synchronize()
+            self.wait_ms += (time.perf_counter() - t0) * 1e3
+            self.settles += 1
 
     def event(self) -> Event:
         return torch.cuda.Event() if self.cuda else ImmediateEvent()
