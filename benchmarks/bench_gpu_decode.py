@@ -144,7 +144,9 @@ def random_store(dims: ModelDims, device: torch.device, dtype: torch.dtype, dist
     """Host store of random experts (pinned when the device is CUDA). Generated on the device
     (fast) and copied down."""
     pin = device.type == "cuda"
-    store = ExpertStore(pin_memory=pin)
+    # The banks are allocated page-locked here; a store without its own pinning keeps them as
+    # they are (no copy: the shared bank is one tensor seen by every layer).
+    store = ExpertStore(pin_memory=False)
     E, H, inter = dims.num_experts, dims.hidden_size, dims.intermediate_size
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -217,6 +219,26 @@ def _decode_steps(work: Trace) -> list[int]:
     return [s for s in range(work.num_steps) if work.kind[s] != StepKind.PREFILL]
 
 
+def harness_runtime(b: Bench, cfg: MoESpacConfig, cpu: Any) -> OffloadRuntime:
+    """The runtime vLLM's glue builds, fed what the glue would hand it: every MoE layer in model
+    order, then each layer's host weights. The harness's banks are page-locked already, so the
+    runtime's store keeps them as they are (its own store would copy and register every layer:
+    58 GB per case at Qwen3 dims with a shared bank)."""
+    dims = b.dims
+    rt = OffloadRuntime(cfg, b.device, costs=b.costs, costs_label=b.costs_label, cpu_experts=cpu,
+                        device_kernel=b.layer_kernel, model_name=f"harness:{b.trace.label}")
+    rt.store = ExpertStore(pin_memory=False)
+    for layer in range(dims.num_layers):
+        rt.add_target_layer(f"layers.{layer}.mlp.experts", num_experts=dims.num_experts,
+                            top_k=dims.top_k, model_layer=layer)
+    for layer in range(dims.num_layers):
+        w13, w2 = rt.weights_loaded(layer, b.store.w13(layer), b.store.w2(layer))
+        if w13.data_ptr() != b.store.w13(layer).data_ptr():
+            raise RuntimeError("harness: the runtime copied a host bank")
+    rt.build()  # everything that fits is loaded here, before the clock starts (load_full_layers)
+    return rt
+
+
 def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
     resident = name == "all-resident"
     policy = Policy.SD_LRU if resident else Policy(name)
@@ -225,16 +247,7 @@ def run_policy(b: Bench, name: str, ratio: float) -> dict[str, Any]:
     dims, device = b.dims, b.device
     cfg = MoESpacConfig().replace(policy=policy.value, cache_ratio=1.0 if resident else ratio)
     cpu = TimedCpuExperts(b.cpu_path)
-    # The runtime vLLM's glue builds, fed what the glue would hand it: every MoE layer in model
-    # order, then each layer's host weights (zero-copy: the bank is already host / pinned).
-    rt = OffloadRuntime(cfg, device, costs=b.costs, costs_label=b.costs_label, cpu_experts=cpu,
-                        device_kernel=b.layer_kernel, model_name=f"harness:{b.trace.label}")
-    for layer in range(dims.num_layers):
-        rt.add_target_layer(f"layers.{layer}.mlp.experts", num_experts=dims.num_experts,
-                            top_k=dims.top_k, model_layer=layer)
-    for layer in range(dims.num_layers):
-        rt.weights_loaded(layer, b.store.w13(layer), b.store.w2(layer))
-    rt.build()  # everything that fits is loaded here, before the clock starts (load_full_layers)
+    rt = harness_runtime(b, cfg, cpu)
     engine, mover, slots = rt.engine, rt.mover, rt.slots
     num_slots = slots.num_slots(0)
     if resident:
@@ -586,14 +599,7 @@ def _run_runtime(b: Bench, case: Case) -> dict[str, Any]:
     ratio = 1.0 if resident else case.ratio
     cfg = MoESpacConfig().replace(policy=policy.value, cache_ratio=ratio)
     cpu = TimedCpuExperts(b.cpu_path)
-    rt = OffloadRuntime(cfg, device, costs=b.costs, costs_label=b.costs_label, cpu_experts=cpu,
-                        device_kernel=b.layer_kernel, model_name=f"harness:{b.trace.label}")
-    for layer in range(dims.num_layers):
-        rt.add_target_layer(f"layers.{layer}.mlp.experts", num_experts=dims.num_experts,
-                            top_k=dims.top_k, model_layer=layer)
-    for layer in range(dims.num_layers):
-        rt.weights_loaded(layer, b.store.w13(layer), b.store.w2(layer))
-    rt.build()
+    rt = harness_runtime(b, cfg, cpu)
     engine, mover = rt.engine, rt.mover
     if case.mode == "plain":
         source = plain_steps(b.ar_work)
