@@ -45,7 +45,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -314,6 +314,66 @@ class StoreCopyMover:
         return self._bytes_moved
 
 
+class MoverFault(RuntimeError):
+    """A copy into (layer, slot) failed or was abandoned: the slot's data is not the expert's."""
+
+
+class FaultTolerantMover:
+    """A `Mover` around another one that turns its faults into a slot that is not ready: a `load`
+    that raises is remembered (`is_ready` is then False and `wait` raises `MoverFault` until a
+    later load into that slot succeeds), and so is a `wait` that raises. The engine never raises
+    out of a step for a failed copy (a failed prefetch is a slot still loading), and
+    `OffloadedExperts` fetches a slot it waits for afresh once, then computes its pairs on the
+    CPU (same arithmetic, same output). One warning, then a count (`faults`)."""
+
+    def __init__(self, inner: Mover) -> None:
+        if not isinstance(inner, Mover):
+            raise ValueError(f"inner: {type(inner).__name__} does not implement mover.Mover")
+        self.inner = inner
+        self._failed: set[tuple[int, int]] = set()
+        self.faults = 0
+
+    def _fault(self, what: str, layer: int, slot: int, err: BaseException) -> None:
+        self._failed.add((layer, slot))
+        self.faults += 1
+        if self.faults == 1:
+            logger.warning("moespac: %s into layer %d slot %d failed (%s: %s); its pairs run on "
+                           "the CPU until a copy succeeds (further faults are only counted)",
+                           what, layer, slot, type(err).__name__, err)
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        try:
+            self.inner.load(layer, expert, slot)
+        except Exception as e:  # noqa: BLE001 - any copy failure: the slot is just not ready
+            self._fault(f"copy of expert {expert}", layer, slot, e)
+            return
+        self._failed.discard((layer, slot))
+
+    def is_ready(self, layer: int, slot: int) -> bool:
+        if (layer, slot) in self._failed:
+            return False
+        try:
+            return bool(self.inner.is_ready(layer, slot))
+        except Exception as e:  # noqa: BLE001
+            self._fault("a copy", layer, slot, e)
+            return False
+
+    def wait(self, layer: int, slot: int) -> None:
+        if (layer, slot) in self._failed:
+            raise MoverFault(f"layer {layer} slot {slot}: the last copy failed")
+        try:
+            self.inner.wait(layer, slot)
+        except Exception as e:  # noqa: BLE001
+            self._fault("a copy", layer, slot, e)
+            raise MoverFault(f"layer {layer} slot {slot}: {e}") from e
+
+    def cancel(self, layer: int, slot: int) -> bool:
+        return bool(self.inner.cancel(layer, slot))
+
+    @property
+    def bytes_moved(self) -> int:
+        return int(self.inner.bytes_moved)
+
 
 # ---- host <-> device transfers of the hot path ----------------------------------------------------
 @runtime_checkable
@@ -471,6 +531,7 @@ class LayerCounters:
     launch_ms: float = 0.0  # host time issuing the device branch (kernel launches / CPU compute)
     cpu_wait_ms: float = 0.0  # host time waiting for the CPU branch's result
     readback_ms: float = 0.0  # host time waiting for the staged ids / hidden (Staging.wait)
+    fetch_faults: int = 0  # copies waited for that had failed: fetched again, else CPU pairs
 
 
 class OffloadedExperts:
@@ -555,22 +616,27 @@ class OffloadedExperts:
         self.last_plan = plan
         t2 = time.perf_counter()
         c.plan_ms += (t2 - t1) * 1e3
-        for _, slot in plan.fetches:
-            self.mover.wait(self.layer, slot)
-        stall_ms = (time.perf_counter() - t2) * 1e3
-        self._cpu_ms = self._gpu_ms = 0.0
+        try:
+            plan = self._wait_fetches(plan)
+            stall_ms = (time.perf_counter() - t2) * 1e3
+            self._cpu_ms = self._gpu_ms = 0.0
 
-        T, K = ids_np.shape
-        step = max(1, PAIR_BUFFER_MAX_ELEMS // max(1, K * hidden.shape[1]))
-        if self.host_fused is not None:
-            out = self._compute_host_fused(hidden, topk_weights, ids_np, plan)
-        elif T <= step:
-            out = self._compute(hidden, topk_weights, hidden_host, weights_host, ids_np, plan)
-        else:  # bound the [T,K,H] pair buffers; both placements chunk alike
-            out = torch.cat([self._compute(hidden[i:i + step], topk_weights[i:i + step],
-                                           hidden_host[i:i + step], weights_host[i:i + step],
-                                           ids_np[i:i + step], plan, rows=slice(i, i + step))
-                             for i in range(0, T, step)])
+            T, K = ids_np.shape
+            step = max(1, PAIR_BUFFER_MAX_ELEMS // max(1, K * hidden.shape[1]))
+            if self.host_fused is not None:
+                out = self._compute_host_fused(hidden, topk_weights, ids_np, plan)
+            elif T <= step:
+                out = self._compute(hidden, topk_weights, hidden_host, weights_host, ids_np, plan)
+            else:  # bound the [T,K,H] pair buffers; both placements chunk alike
+                out = torch.cat([self._compute(hidden[i:i + step], topk_weights[i:i + step],
+                                               hidden_host[i:i + step], weights_host[i:i + step],
+                                               ids_np[i:i + step], plan, rows=slice(i, i + step))
+                                 for i in range(0, T, step)])
+        except BaseException:
+            # the layer's experts are unpinned, so the engine can plan this layer again at the
+            # next step (the error itself goes to the caller)
+            self.engine.finish_layer(self.layer, ids_np)
+            raise
         self.engine.finish_layer(self.layer, ids_np)
         self.engine.record_timing(stall_ms=stall_ms, cpu_ms=self._cpu_ms, gpu_ms=self._gpu_ms)
 
@@ -583,6 +649,31 @@ class OffloadedExperts:
         return out.to(hidden.dtype)
 
     __call__ = forward
+
+    def _wait_fetches(self, plan: LayerPlan) -> LayerPlan:
+        """Wait for the plan's copies. A copy that failed (the mover raises: failed, cancelled,
+        evicted while loading) is fetched once more; if that fails too, its slot's pairs are
+        computed on the CPU instead (same per-pair arithmetic, so the same output)."""
+        failed: list[int] = []
+        for expert, slot in plan.fetches:
+            try:
+                self.mover.wait(self.layer, slot)
+                continue
+            except Exception:  # noqa: BLE001 - a failed copy: fetch afresh, else CPU
+                self.counters.fetch_faults += 1
+            try:
+                self.mover.load(self.layer, expert, slot)
+                self.mover.wait(self.layer, slot)
+            except Exception:  # noqa: BLE001
+                failed.append(slot)
+        if not failed:
+            return plan
+        to_cpu = np.isin(plan.slot_ids, np.asarray(failed, dtype=plan.slot_ids.dtype))
+        slot_ids = np.where(to_cpu, np.int32(-1), plan.slot_ids).astype(np.int32)
+        lost = {e for e, s in plan.fetches if s in failed}
+        return replace(plan, slot_ids=slot_ids, cpu_mask=slot_ids < 0,
+                       cpu_experts=tuple(sorted(set(plan.cpu_experts) | lost)),
+                       device_experts=tuple(e for e in plan.device_experts if e not in lost))
 
     def _kernel_for(self, hidden: torch.Tensor) -> Callable[..., torch.Tensor] | None:
         return self.device_kernel if self.device_kernel is not None else _device_kernel(hidden)
@@ -658,9 +749,12 @@ class OffloadedExperts:
         t0 = time.perf_counter()
         if cpu_mask.any():
             cpu_ids = torch.from_numpy(np.where(cpu_mask, ids_np, -1))
-            cpu_future = self.cpu_experts.submit(
-                hidden_host, self.store.w13(self.layer), self.store.w2(self.layer),
-                cpu_ids, weights_host)
+            try:
+                cpu_future = self.cpu_experts.submit(
+                    hidden_host, self.store.w13(self.layer), self.store.w2(self.layer),
+                    cpu_ids, weights_host)
+            except Exception as e:
+                raise self._cpu_error(e, ids_np[cpu_mask]) from e
         t1 = time.perf_counter()
         dev_ids = self.staging.to_device(torch.from_numpy(slot_ids.astype(np.int64)))
         kernel = self._kernel_for(hidden)
@@ -672,7 +766,10 @@ class OffloadedExperts:
         t2 = time.perf_counter()
         # host wall times: the CPU branch from submit to result (inline: its compute), the device
         # branch from launch to return (on CUDA: launch time; on CPU: its compute)
-        cpu_part = cpu_future.result() if cpu_future is not None else None
+        try:
+            cpu_part = cpu_future.result() if cpu_future is not None else None
+        except Exception as e:
+            raise self._cpu_error(e, ids_np[cpu_mask]) from e
         t3 = time.perf_counter()
         self._gpu_ms += (t2 - t1) * 1e3
         self._cpu_ms += ((t1 - t0) + (t3 - t2)) * 1e3
@@ -684,6 +781,12 @@ class OffloadedExperts:
         if cpu_part is not None:
             out = out + self.staging.to_device(cpu_part)
         return sum_pairs(out)
+
+    def _cpu_error(self, err: Exception, cpu_ids: np.ndarray) -> RuntimeError:
+        """One clear error for a CPU expert worker that raised: the layer, its experts, why."""
+        experts = sorted({int(v) for v in cpu_ids.ravel()})
+        return RuntimeError(f"moespac: the CPU experts of MoE layer {self.layer} failed "
+                            f"(experts {experts}): {type(err).__name__}: {err}")
 
     def _check_plan(self, plan: LayerPlan, ids: np.ndarray) -> None:
         """The engine contract, checked cheaply on every forward: a broken plan would silently
@@ -709,11 +812,13 @@ __all__ = [
     "CpuExperts",
     "Event",
     "ExpertStore",
+    "FaultTolerantMover",
     "ImmediateEvent",
     "HostFusedKernel",
     "InlineCpuExperts",
     "LayerCounters",
     "LayerEngine",
+    "MoverFault",
     "OffloadedExperts",
     "SlotCache",
     "Staging",
