@@ -44,8 +44,8 @@ from moespac_vllm.offload import (
     HostFusedKernel,
     OffloadedExperts,
     SlotCache,
-    Staging,
 )
+from moespac_vllm.staging import Staging
 from moespac_vllm.stats import EngineStats, StatsWriter, format_log_line
 from moespac_vllm.step_context import Phase, StepBoard, StepContext
 from moespac_vllm.trace import ModelDims, StepKind, TraceRecorder
@@ -140,6 +140,11 @@ class OffloadRuntime:
         self.mover: Mover | None = None
         self.experts: dict[int, OffloadedExperts] = {}
         self.staging = Staging(self.device)  # every layer's host <-> device crossings
+        # the draft signal's readback: per draft token and layer ('immediate', a CPU device,
+        # where it costs nothing) or once per draft phase ('per-phase', CUDA: `flush_draft`)
+        self.draft_readback = "per-phase" if self.device.type == "cuda" else "immediate"
+        self._draft_dev: dict[int, list[torch.Tensor]] = {}
+        self.draft_reads = 0
         self.host_kernels: dict[int, HostFusedKernel] = {}
         self.host_kernel_name = ""
         self.dims: ModelDims | None = None
@@ -379,6 +384,7 @@ class OffloadRuntime:
                 self.build()
             if self._open:
                 self._end_locked(0)
+            self.flush_draft()
             self.engine.begin_step(ctx)
             self.board.publish(ctx)
             if self._recorder is not None and ctx.phase is not Phase.DRAFT:
@@ -419,6 +425,7 @@ class OffloadRuntime:
                 self._recorder.end_step(num_accepted)
             else:  # an aborted forward: drop it rather than write a partial step
                 self._recorder.abort_step()
+        self.flush_draft()
         self.staging.settle()  # the step's one wait: resident layers' ids for the books
         self.engine.end_step(int(num_accepted))
         if ctx is not None and ctx.phase in (Phase.DECODE, Phase.VERIFY):
@@ -472,10 +479,32 @@ class OffloadRuntime:
         # Draft layer i speaks for target layer round(i * (L-1) / (Ld-1)): the identity when
         # the draft has as many MoE layers as the target ([I]: a depth-proportional map).
         layer = draft_idx if Ld == L else round(draft_idx * (L - 1) / max(1, Ld - 1))
-        ids = topk_ids.detach().to("cpu", torch.int64).numpy()
+        if self.draft_readback == "immediate":
+            self._observe_draft_ids(layer, topk_ids.detach().to("cpu", torch.int64).numpy())
+        else:  # kept on the device (a copy: the drafter may reuse its buffer), read per phase
+            self._draft_dev.setdefault(layer, []).append(
+                topk_ids.detach().to(torch.int64, copy=True))
+
+    def _observe_draft_ids(self, layer: int, ids: np.ndarray) -> None:
         self.engine.observe_draft(layer, ids)
-        if self._recorder is not None and Ld == L:
+        if self._recorder is not None and len(self.draft_layer_names) == self.num_layers:
             self._draft_ids.setdefault(layer, []).append(ids)
+
+    def flush_draft(self) -> None:
+        """The draft phase's routing kept on the device (`draft_readback` 'per-phase'): ONE
+        non-blocking readback of every layer's ids [W,K] and one wait (`draft_reads`), then one
+        `engine.observe_draft` per layer with all W draft tokens. Called at both step boundaries
+        (before the engine ends or begins a step), so the engine sees the draft in the same
+        interval as with 'immediate' readback."""
+        if not self._draft_dev:
+            return
+        pending, self._draft_dev = self._draft_dev, {}
+        layers = sorted(pending)
+        hosts, ev = self.staging.to_host(*(torch.cat(pending[layer]) for layer in layers))
+        ev.synchronize()
+        self.draft_reads += 1
+        for layer, ids in zip(layers, hosts):
+            self._observe_draft_ids(layer, ids.numpy())
 
     # ---- results -------------------------------------------------------------------------------
     def stats(self) -> EngineStats | None:

@@ -235,3 +235,52 @@ def test_gpu_resident_forward_makes_no_sync():
                              ids, w)
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
     assert torch.equal(engine.stash[-1], ids.cpu())
+
+
+def test_draft_signal_is_read_once_per_draft_phase_when_deferred():
+    """'per-phase' readback (what a CUDA runtime does): the draft layers' ids stay on the device
+    until the step boundary, then one readback and one engine.observe_draft per layer with every
+    draft token; 'immediate' (a CPU runtime) observes each call at once. Same engine input."""
+    def runtime(mode: str):
+        cfg = MoESpacConfig().replace(policy="spac", cache_ratio=0.5)
+        rt = OffloadRuntime(cfg, "cpu", device_kernel=experts_reference)
+        for i in range(2):
+            rt.add_target_layer(f"l{i}", num_experts=E, top_k=K, model_layer=i)
+            rt.add_draft_layer(f"d{i}", num_experts=E)
+        for i in range(2):
+            rt.weights_loaded(i, *_weights(i))
+        rt.spec_method = "draft_model"
+        rt.build()
+        rt.draft_readback = mode
+        seen: list[tuple[int, np.ndarray]] = []
+        real = rt.engine.observe_draft
+        rt.engine.observe_draft = lambda layer, ids: (seen.append((layer, ids.copy())),
+                                                      real(layer, ids))[1]
+        return rt, seen
+
+    g = torch.Generator().manual_seed(3)
+    drafts = [torch.stack([torch.randperm(E, generator=g)[:K]]) for _ in range(3)]
+    results = {}
+    for mode in ("immediate", "per-phase"):
+        rt, seen = runtime(mode)
+        assert rt.signal_source == "draft+verify"
+        rt.begin_step(StepContext(0, Phase.DECODE, 1, (1,), 0), explicit=True)
+        x, ids, w = _inputs(1)
+        for i in range(2):
+            rt.forward(i, x, w, ids)
+        rt.mark_draft_phase()
+        for d in drafts:
+            for i in range(2):
+                rt.observe_draft(i, d)
+        if mode == "per-phase":
+            assert seen == [] and rt.draft_reads == 0  # nothing read back inside the phase
+        rt.end_step(0)
+        results[mode] = (seen, rt.draft_reads)
+        rt.close()
+    seen_now, reads_now = results["immediate"]
+    seen_late, reads_late = results["per-phase"]
+    assert reads_now == 0 and reads_late == 1
+    assert len(seen_now) == 6 and [layer for layer, _ in seen_late] == [0, 1]
+    for layer, ids in seen_late:  # all three draft tokens, in order, in one [3, K] call
+        want = np.concatenate([i for lay, i in seen_now if lay == layer])
+        np.testing.assert_array_equal(ids, want)
