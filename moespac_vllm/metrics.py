@@ -119,6 +119,8 @@ class MetricsExporter:
         self.model_name = model_name
         self._fam = families(registry)
         self._last: dict[str, float] = {c.name: 0.0 for c in COUNTERS}
+        for c in COUNTERS:  # every series exists from the start, at 0, not at its first event
+            self._fam[c.name].labels(model_name)
         self._lock = threading.Lock()
 
     def set_config(self, slots_per_layer: int, num_experts: int, profile: str) -> None:

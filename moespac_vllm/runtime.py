@@ -46,6 +46,7 @@ from moespac_vllm.offload import (
     SlotCache,
 )
 from moespac_vllm.staging import Staging
+from moespac_vllm.streaming import PrefillStreamer
 from moespac_vllm.stats import EngineStats, StatsWriter, format_log_line
 from moespac_vllm.step_context import Phase, StepBoard, StepContext
 from moespac_vllm.trace import ModelDims, StepKind, TraceRecorder
@@ -139,6 +140,7 @@ class OffloadRuntime:
         self.engine: ExpertEngine | None = None
         self.mover: Mover | None = None
         self.experts: dict[int, OffloadedExperts] = {}
+        self.streamer: PrefillStreamer | None = None  # built with the layers
         self.staging = Staging(self.device)  # every layer's host <-> device crossings
         # the draft signal's readback: per draft token and layer ('immediate', a CPU device,
         # where it costs nothing) or once per draft phase ('per-phase', CUDA: `flush_draft`)
@@ -310,12 +312,16 @@ class OffloadRuntime:
         cpu_pool = self._cpu_experts
         if cpu_pool is None and self.device.type == "cuda":
             cpu_pool = self._own_pool = CpuExpertPool(self.config.cpu_threads)  # native kernel
+        # prefill / large steps stream CPU-planned experts (not in host-fused mode: there the
+        # host is the device)
+        self.streamer = None if self.host_kernels else PrefillStreamer(
+            self.device, costs, staging=self.staging)
         for i in range(self.num_layers):
             self.experts[i] = OffloadedExperts(self.store, self.engine, i, self.device, self.slots,
                                                self.mover, cpu_experts=cpu_pool,
                                                device_kernel=self._device_kernel,
                                                host_fused=self.host_kernels.get(i),
-                                               staging=self.staging)
+                                               staging=self.staging, streamer=self.streamer)
         st = self.config.stats
         if st.stats_file:
             self._stats_writer = StatsWriter(st.stats_file)

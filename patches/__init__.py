@@ -77,4 +77,18 @@ LEDGER: tuple[tuple[str, str, str, str, str], ...] = (
         "not sanctioned (no step hook in vLLM 0.32/0.33); wraps, never edits",
         "when vLLM exposes a per-step callback for plugins (scheduler output + accepted counts)",
     ),
+    (
+        "serve.py:ensure_prometheus_multiproc_dir + moespac_vllm/metrics.py",
+        "PROMETHEUS_MULTIPROC_DIR (set by `moespac serve` before vLLM / prometheus_client is "
+        "imported, unless the user set it); the engine process's moespac_* series are written "
+        "there and vLLM's /metrics (get_prometheus_registry: a MultiProcessCollector over the "
+        "directory) serves them; nothing of vLLM's is wrapped",
+        "the statistics live in the engine-core / worker process, /metrics is served by the API "
+        "process. vLLM 0.32/0.33's stat-logger plugins (vllm.stat_logger_plugins) run in the API "
+        "process and only see SchedulerStats/IterationStats, which carry no worker-side payload, "
+        "so they cannot see the offloaded layer's numbers",
+        "sanctioned: vLLM's own multiprocess-metrics mechanism (it sets the same variable for "
+        "--api-server-count > 1, vllm/v1/metrics/prometheus.py); not upstream",
+        "when worker-side stats can ride SchedulerStats to vLLM's stat loggers",
+    ),
 )

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from moespac_vllm.config import MoESpacConfig
+from moespac_vllm.metrics import MetricsExporter
 from moespac_vllm.runtime import OffloadRuntime, default_costs
 
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
@@ -141,7 +142,7 @@ def _new_runtime(vllm_config: Any) -> OffloadRuntime:
                       memory_share=float(vllm_config.cache_config.gpu_memory_utilization))
     rt = OffloadRuntime(config, device, owner=vllm_config,
                         model_name=str(model_config.model) if model_config is not None else "",
-                        **sizing)
+                        metrics=MetricsExporter(_served_model_name(model_config)), **sizing)
     spec = vllm_config.speculative_config if vllm_config is not None else None
     if spec is not None:
         rt.spec_method = str(spec.method)
@@ -150,6 +151,17 @@ def _new_runtime(vllm_config: Any) -> OffloadRuntime:
     _latest = rt
     atexit.register(rt.close)
     return rt
+
+
+def _served_model_name(model_config: Any) -> str:
+    """The `model_name` label vLLM's own Prometheus series carry (its PrometheusStatLogger uses
+    `model_config.served_model_name`: a str, or the first of a list, in vLLM 0.32/0.33)."""
+    if model_config is None:
+        return "unknown"
+    name = model_config.served_model_name or model_config.model
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else model_config.model
+    return str(name)
 
 
 def stats_line() -> str:

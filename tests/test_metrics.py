@@ -36,6 +36,13 @@ def test_counters_equal_the_latest_snapshot_totals() -> None:
     assert _value(reg, "moespac_stall_seconds_total", model_name="tiny") == pytest.approx(2.5)
 
 
+def test_every_series_exists_at_zero_before_its_first_event() -> None:
+    reg = CollectorRegistry()
+    MetricsExporter("m", registry=reg)
+    for c in COUNTERS:
+        assert _value(reg, f"moespac_{c.name}_total", model_name="m") == 0
+
+
 def test_counters_never_decrease_when_a_snapshot_goes_back() -> None:
     reg = CollectorRegistry()
     ex = MetricsExporter("m", registry=reg)

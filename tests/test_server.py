@@ -2,8 +2,10 @@
 speculative decoding (k=3, the MoE draft) and cache_ratio 0.25: 50 greedy requests at concurrency 4
 to /v1/completions and /v1/chat/completions all answer 200 with the same text as STOCK vLLM's
 offline greedy generation (plugin not loaded, same engine settings), the engine processes offload
-(the `moespac: offloading` line: the opt-in reached them from the API server), and the server
-shuts down cleanly when its PID gets SIGTERM.
+(the `moespac: offloading` line: the opt-in reached them from the API server), the server's
+`/metrics` carries the plugin's `moespac_*` series equal to the stats file's latest totals (the
+engine process's numbers crossed to the API process), and the server shuts down cleanly when its
+PID gets SIGTERM.
 
 The offline reference runs in a child process (tests/test_e2e_offload.py's pattern): stock vLLM,
 `LLM.generate` for the completion prompts and `LLM.chat` for the chat ones."""
@@ -88,6 +90,49 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, {"error": e.read().decode(errors="replace")}
 
 
+# moespac_* series -> the stats file's key each equals (seconds series from the *_ms keys)
+METRIC_OF_STATS = {"moespac_expert_hits_total": "hits", "moespac_expert_misses_total": "misses",
+                   "moespac_experts_fetched_total": "fetched_experts",
+                   "moespac_device_experts_total": "device_experts",
+                   "moespac_cpu_experts_total": "cpu_experts",
+                   "moespac_cpu_expert_pairs_total": "cpu_pairs",
+                   "moespac_h2d_bytes_total": "h2d_bytes",
+                   "moespac_prefetch_issued_total": "prefetch_issued",
+                   "moespac_prefetch_used_total": "prefetch_used",
+                   "moespac_prefetch_wasted_total": "prefetch_wasted",
+                   "moespac_prefetch_late_total": "prefetch_late",
+                   "moespac_steps_total": "steps"}
+
+
+def scrape(base: str) -> dict[str, float]:
+    """The server's /metrics: `moespac_*` sample name (labels dropped) -> value."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("moespac_"):
+            name_labels, value = line.rsplit(" ", 1)
+            out[name_labels.split("{", 1)[0]] = float(value)
+    return out
+
+
+def assert_metrics_equal_stats_file(base: str, stats_file: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # the engine writes the step's line and the series from one snapshot
+        metrics = scrape(base)
+        last = json.loads(stats_file.read_text().splitlines()[-1])
+        diff = {m: (metrics.get(m), last[k]) for m, k in METRIC_OF_STATS.items()
+                if metrics.get(m) != float(last[k])}
+        if not diff or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not diff, f"/metrics differs from the stats file's last line: {diff}"
+    assert metrics["moespac_expert_hits_total"] > 0 and metrics["moespac_cpu_experts_total"] > 0
+    assert metrics["moespac_cache_ratio"] == 0.25
+    assert metrics["moespac_cost_profile_info"] == 1
+    assert abs(metrics["moespac_stall_seconds_total"] - last["stall_ms"] / 1e3) < 1e-6
+
+
 def offline(model: str) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -120,9 +165,12 @@ def test_serve_answers_like_offline_and_stops_cleanly(tiny_model, tmp_path):
     server_env = {k: v for k, v in os.environ.items() if not k.startswith("MOESPAC_")}
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moespac"), "serve", tiny_model, "--port", str(port),
-         "--additional-config", json.dumps({"moespac": MOESPAC}),
+         "--additional-config", json.dumps({"moespac": {
+             **MOESPAC, "stats_file": str(tmp_path / "stats.jsonl"),
+             "stats_interval_steps": 1}}),
          "--speculative-config", json.dumps(_speculative(tiny_model)), *ENGINE_ARGS],
         cwd=REPO, env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    stats_file = tmp_path / "stats.jsonl"
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 600  # torch.compile on 2 cores
@@ -160,6 +208,9 @@ def test_serve_answers_like_offline_and_stops_cleanly(tiny_model, tmp_path):
             answers = list(pool.map(call, jobs))
         bad = [(k, i, s, o) for k, i, s, o in answers if s != 200]
         assert not bad, bad[:3]
+        # one request alone last: the engine's final step is a verify step, which reports
+        assert call(jobs[0])[2] == 200
+        assert_metrics_equal_stats_file(base, stats_file)
 
         stdout, stderr = ref_proc.communicate(timeout=600)
         assert ref_proc.returncode == 0, stderr[-4000:]
