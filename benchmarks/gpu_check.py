@@ -43,7 +43,7 @@ ROW_KEYS = ("case", "policy", "mode", "cache_ratio", "draft_tokens", "mean_draft
             "threads", "steps", "tokens", "time_s", "tokens_per_s", "hit_rate", "gb_moved",
             "syncs_per_layer", "step_end_waits", "layer_forwards", "planned_forwards", "gpu_ms", "host_plan_ms", "launch_ms",
             "cpu_wait_ms", "readback_ms", "stall_ms", "cpu_ms", "sim_tokens_per_s", "sim_note",
-            "graphed", "slots_per_layer")
+            "graphed", "slots_per_layer", "streamed_experts")
 
 
 def cases(ratio: float, prefill: int, sweep: list[float]) -> list[gd.Case]:

@@ -54,6 +54,7 @@ import torch
 from moespac_vllm.engine import LayerPlan
 from moespac_vllm.mover import Mover
 from moespac_vllm.staging import Event, ImmediateEvent, Staging
+from moespac_vllm.streaming import PrefillStreamer
 from moespac_vllm.kernels.fused_experts import fused_experts_pairs, sum_over_topk
 
 logger = logging.getLogger(__name__)
@@ -455,6 +456,7 @@ class LayerCounters:
     launch_ms: float = 0.0  # host time issuing the device branch (kernel launches / CPU compute)
     cpu_wait_ms: float = 0.0  # host time waiting for the CPU branch's result
     readback_ms: float = 0.0  # host time waiting for the staged ids / hidden (Staging.wait)
+    streamed_pairs: int = 0  # CPU-planned pairs computed from streamed experts (prefill)
     fetch_faults: int = 0  # copies waited for that had failed: fetched again, else CPU pairs
 
 
@@ -475,6 +477,7 @@ class OffloadedExperts:
         device_kernel: Callable[..., torch.Tensor] | None = None,
         host_fused: HostFusedKernel | None = None,
         staging: Staging | None = None,
+        streamer: PrefillStreamer | None = None,
     ) -> None:
         if layer not in store.layers:
             raise ValueError(f"layer: {layer} is not in the expert store")
@@ -503,6 +506,7 @@ class OffloadedExperts:
         # every host <-> device crossing of the hot path (shared by a runtime's layers)
         self.staging = staging if staging is not None else Staging(self.device)
         self._slot_map: torch.Tensor | None = None  # [E] expert -> slot on the device
+        self.streamer = streamer  # prefill / large steps: CPU-planned experts streamed instead
         self._identity_of: np.ndarray | None = None  # the resident table _identity describes
         self._identity = False
         self.counters = LayerCounters()
@@ -525,6 +529,7 @@ class OffloadedExperts:
                                  or self._kernel_for(hidden) is not None):
             return self._forward_resident(hidden, topk_ids, topk_weights, full)
         c = self.counters
+        streamed0 = c.streamed_pairs
         # ONE readback per planned forward: the router's ORIGINAL ids (the engine's input, before
         # any slot remap), the hidden rows and the weights (what CPU pairs need), non-blocking
         # into page-locked memory; the host waits on their event once.
@@ -549,6 +554,8 @@ class OffloadedExperts:
             step = max(1, PAIR_BUFFER_MAX_ELEMS // max(1, K * hidden.shape[1]))
             if self.host_fused is not None:
                 out = self._compute_host_fused(hidden, topk_weights, ids_np, plan)
+            elif self._streams(T, ids_np, plan):
+                out = self._compute_streamed(hidden, topk_weights, ids_np, plan, step)
             elif T <= step:
                 out = self._compute(hidden, topk_weights, hidden_host, weights_host, ids_np, plan)
             else:  # bound the [T,K,H] pair buffers; both placements chunk alike
@@ -566,7 +573,7 @@ class OffloadedExperts:
 
         c.forwards += 1
         c.planned += 1
-        n_cpu = int(plan.cpu_mask.sum())
+        n_cpu = int(plan.cpu_mask.sum()) - (c.streamed_pairs - streamed0)
         c.cpu_pairs += n_cpu
         c.device_pairs += ids_np.size - n_cpu
         c.fetches += len(plan.fetches)
@@ -645,6 +652,36 @@ class OffloadedExperts:
         c.device_pairs += ids.numel()
         c.launch_ms += launch_ms
         return out.to(hidden.dtype)
+
+    def _streams(self, T: int, ids_np: np.ndarray, plan: LayerPlan) -> bool:
+        if self.streamer is None or T < self.streamer.min_tokens or not plan.cpu_mask.any():
+            return False
+        counts = np.bincount(ids_np[plan.cpu_mask].ravel(),
+                             minlength=self.store.num_experts(self.layer))
+        return self.streamer.should_stream(T, counts[counts > 0])
+
+    def _compute_streamed(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                          ids_np: np.ndarray, plan: LayerPlan, step: int) -> torch.Tensor:
+        """Prefill / large step (`PrefillStreamer.should_stream`): the slot-cache pairs as usual,
+        the CPU-planned pairs on the device from experts streamed through two buffers."""
+        t0 = time.perf_counter()
+        kernel = self._kernel_for(hidden)
+        w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
+        parts = []
+        for i in range(0, ids_np.shape[0], step):
+            dev_ids = self.staging.to_device(
+                torch.from_numpy(plan.slot_ids[i:i + step].astype(np.int64)))
+            h, w = hidden[i:i + step], topk_weights[i:i + step]
+            parts.append(kernel(h, w13, w2, dev_ids, w).float() if kernel is not None
+                         else sum_pairs(pair_outputs(h, w13, w2, dev_ids, w)))
+        out = torch.cat(parts) + self.streamer.run(
+            hidden, topk_weights, ids_np, plan.cpu_mask, self.store.w13(self.layer),
+            self.store.w2(self.layer))
+        ms = (time.perf_counter() - t0) * 1e3
+        self._gpu_ms += ms
+        self.counters.launch_ms += ms
+        self.counters.streamed_pairs += int(plan.cpu_mask.sum())
+        return out
 
     def _compute_host_fused(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                             ids_np: np.ndarray, plan: LayerPlan) -> torch.Tensor:
