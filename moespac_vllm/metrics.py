@@ -21,7 +21,7 @@ multiply the cardinality for little operational value):
   ((layer, expert) pairs computed on the CPU), `moespac_cpu_expert_pairs_total` ((token, expert)
   pairs computed on the CPU), `moespac_h2d_bytes_total`, `moespac_prefetch_{issued,used,wasted,
   late}_total`, `moespac_stall_seconds_total`, `moespac_cpu_expert_seconds_total`,
-  `moespac_steps_total`;
+  `moespac_host_fused_expert_seconds_total` (CPU-only engines), `moespac_steps_total`;
 - gauges: `moespac_slots_per_layer`, `moespac_cache_ratio`, `moespac_cost_profile_info{profile}`
   (= 1; an info metric emulated as a gauge, as vLLM does, since multiprocess mode has no Info).
 
@@ -70,6 +70,9 @@ COUNTERS: tuple[CounterSpec, ...] = (
                 "Prefetched experts still loading when their layer ran"),
     CounterSpec("stall_seconds", "stall_ms", 1e-3, "Time the device branch waited for copies"),
     CounterSpec("cpu_expert_seconds", "cpu_ms", 1e-3, "Busy time of the CPU expert branch"),
+    CounterSpec("host_fused_expert_seconds", "host_fused_ms", 1e-3,
+                "Time of the host-fused expert calls (CPU-only engines: device-slot and CPU "
+                "pairs in one host call)"),
     CounterSpec("steps", "steps", 1.0, "Engine steps seen by the offloaded experts"),
 )
 

@@ -130,7 +130,9 @@ def assert_metrics_equal_stats_file(base: str, stats_file: Path) -> None:
     assert metrics["moespac_expert_hits_total"] > 0 and metrics["moespac_cpu_experts_total"] > 0
     assert metrics["moespac_cache_ratio"] == 0.25
     assert metrics["moespac_cost_profile_info"] == 1
-    assert abs(metrics["moespac_stall_seconds_total"] - last["stall_ms"] / 1e3) < 1e-6
+    for series, key in (("moespac_stall_seconds_total", "stall_ms"),
+                        ("moespac_host_fused_expert_seconds_total", "host_fused_ms")):
+        assert abs(metrics[series] - last[key] / 1e3) < 1e-6, series
 
 
 def offline(model: str) -> dict:
