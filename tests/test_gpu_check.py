@@ -30,7 +30,6 @@ def smoke(tmp_path_factory, data_dir):
         json.loads((out / "gpu_check.json").read_text())
 
 
-@pytest.mark.slow
 def test_every_step_ran_and_wrote_under_out(smoke):
     out, steps, result = smoke
     assert steps["mode"] == "cpu-smoke"
@@ -41,7 +40,6 @@ def test_every_step_ran_and_wrote_under_out(smoke):
     assert "skipped" in (out / "gpu_tests.log").read_text()  # no CUDA: the gpu tests skip
 
 
-@pytest.mark.slow
 def test_every_case_has_every_key_and_its_path(smoke):
     _, _, result = smoke
     gc = load_benchmark("gpu_check")
