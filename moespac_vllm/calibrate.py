@@ -261,13 +261,16 @@ def measure_experts(dims: ModelDims, device: torch.device,
 
 def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = DEFAULT_TOKENS,
               device_experts: int = 8, cpu_experts: int | None = None,
-              cpu_threads: int | None = None, reps: int = 10, cpu_path: str = "layer"
+              cpu_threads: int | None = None, reps: int = 10, cpu_path: str = "native"
               ) -> Calibration:
     """Measure copy, device and CPU expert costs at `dims` on this machine.
 
     cpu_experts: experts per timed CPU call; default as many as fit in ~128 MB (at least 1, at
     most 16): a layer hands its CPU side many small experts at once, so their per-expert dispatch
-    cost belongs in the fit, while one Mixtral expert (352 MB) is already a long call."""
+    cost belongs in the fit, while one Mixtral expert (352 MB) is already a long call.
+    cpu_path: `native` (default) is what the runtime's CPU expert pool runs beside a CUDA device
+    (csrc/cpu_experts.cpp; the torch path if the module is absent), so the balancer's CPU costs
+    are those of the path that really runs."""
     if cpu_experts is None:
         cpu_experts = max(1, min(16, int(128e6 // dims.expert_bytes)))
     if device not in ("auto", "cuda", "cpu"):

@@ -231,9 +231,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated tokens per expert to time (default 1,2,4,8,16,32)")
     p.add_argument("--quick", action="store_true", help="fewer token counts and repetitions")
     p.add_argument("--cpu-threads", type=int, default=None)
-    p.add_argument("--cpu-path", default="layer", choices=("layer", "native", "torch", "exact"),
-                   help="CPU expert path to time: the layer's (default) or a CpuExpertPool "
-                        "backend")
+    p.add_argument("--cpu-path", default="native", choices=("layer", "native", "torch", "exact"),
+                   help="CPU expert path to time: a CpuExpertPool backend (native: what the "
+                        "runtime runs beside a GPU; the default) or the layer's torch reference")
 
 
 def _calibrate(args: argparse.Namespace) -> int:
