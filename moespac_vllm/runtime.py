@@ -41,6 +41,7 @@ from moespac_vllm.mover import CudaStreamMover, Mover, SyncMover
 from moespac_vllm.offload import (
     CpuExperts,
     ExpertStore,
+    FaultTolerantMover,
     HostFusedKernel,
     OffloadedExperts,
     SlotCache,
@@ -86,6 +87,9 @@ KV_RESERVE_FRACTION = 0.5
 # Warm-up / profiling / dummy runs make a few forwards before the first scheduled step; this many
 # in a row without a step boundary means the driver's hooks are not firing.
 NO_BOUNDARY_WARN_STEPS = 64
+# record_trace is checkpointed (atomically) at most this often (s), and never more often than ten
+# times the last save took: a killed server keeps its trace up to about then, for <= 10% of time.
+TRACE_CHECKPOINT_S = 10.0
 
 
 class MonotonicClock:
@@ -108,7 +112,9 @@ class OffloadRuntime:
     `device_memory() -> (free_bytes, total_bytes)` of the device and `memory_share` (the share of
     it the engine may use, vLLM's gpu_memory_utilization) let the runtime size the slots when
     neither `cache_ratio` nor `gpu_expert_budget_gb` is set (KV_RESERVE_FRACTION of what is left
-    after the weights stays for the KV cache), and check any budget leaves KV cache at all."""
+    after the weights stays for the KV cache), and check any budget leaves KV cache at all.
+    `mover(store, slots) -> Mover` replaces the default copy engine (tests inject faults so);
+    whichever runs is wrapped in `offload.FaultTolerantMover`."""
 
     _serials = iter(range(1 << 62))
 
@@ -118,7 +124,8 @@ class OffloadRuntime:
                  device_kernel: Callable[..., torch.Tensor] | None = None,
                  model_name: str = "", owner: object | None = None,
                  device_memory: Callable[[], tuple[int, int]] | None = None,
-                 memory_share: float = 1.0) -> None:
+                 memory_share: float = 1.0,
+                 mover: Callable[[ExpertStore, SlotCache], Mover] | None = None) -> None:
         if not isinstance(config, MoESpacConfig):
             raise ValueError(f"config: expected MoESpacConfig, got {type(config).__name__}")
         if costs is not None and not isinstance(costs, ExpertCosts):
@@ -172,6 +179,9 @@ class OffloadRuntime:
         self._implicit_steps = 0  # implicit steps since the driver's last step boundary
         self._boundary_warned = False
         self._closed = False
+        self._trace_due = time.monotonic() + TRACE_CHECKPOINT_S  # next record_trace checkpoint
+        self._trace_warned = False
+        self._mover_factory = mover
         self.lock = threading.Lock()
 
     # ---- construction -------------------------------------------------------------------------
@@ -295,10 +305,15 @@ class OffloadRuntime:
             costs = self._costs
         else:
             costs, self.costs_label = default_costs(self.config, self.dims, self.device)
-        if self.device.type == "cuda":
-            self.mover = CudaStreamMover(self.store, self.slots)
+        if self._mover_factory is not None:
+            inner = self._mover_factory(self.store, self.slots)
+        elif self.device.type == "cuda":
+            inner = CudaStreamMover(self.store, self.slots)
         else:
-            self.mover = SyncMover(self.store, self.slots)
+            inner = SyncMover(self.store, self.slots)
+        # a failed copy is a slot not ready (fetched again or computed on the CPU), never a
+        # wrong expert or an exception out of a step
+        self.mover = FaultTolerantMover(inner)
         num_slots = self.slots.num_slots(0)
         # The runtime reports (log line + stats_file), not the engine: it also knows the signal
         # source and what really ran where. So the engine gets no stats file and no interval.
@@ -324,7 +339,11 @@ class OffloadRuntime:
                                                staging=self.staging, streamer=self.streamer)
         st = self.config.stats
         if st.stats_file:
-            self._stats_writer = StatsWriter(st.stats_file)
+            try:
+                self._stats_writer = StatsWriter(st.stats_file)
+            except OSError as e:
+                logger.warning("moespac: stats_file %s cannot be opened (%s); serving without "
+                               "it", st.stats_file, e)
         if st.record_trace:
             self._recorder = TraceRecorder(self.dims, source="vllm", notes={
                 "model": self.model_name, "spec_method": self.spec_method or "none",
@@ -429,6 +448,8 @@ class OffloadRuntime:
         if self._recorder is not None:
             if len(self._planned) == self.num_layers:
                 self._recorder.end_step(num_accepted)
+                if time.monotonic() >= self._trace_due:
+                    self.save_trace()
             else:  # an aborted forward: drop it rather than write a partial step
                 self._recorder.abort_step()
         self.flush_draft()
@@ -539,11 +560,26 @@ class OffloadRuntime:
         return d
 
     def save_trace(self) -> str | None:
+        """Write the recorded steps to `record_trace` (atomically: the file on disk is always a
+        whole trace). A failure (full disk, removed directory) logs one warning and returns None;
+        recording goes on and the next checkpoint tries again."""
         if self._recorder is None or not self.config.stats.record_trace:
             return None
         if self._recorder.num_steps == 0:
             return None
-        return str(self._recorder.save(self.config.stats.record_trace))
+        t0 = time.monotonic()
+        try:
+            path = str(self._recorder.save(self.config.stats.record_trace))
+        except OSError as e:
+            if not self._trace_warned:
+                self._trace_warned = True
+                logger.warning("moespac: record_trace %s: save failed (%s); serving goes on, the "
+                               "file keeps the last complete save (retried at each checkpoint)",
+                               self.config.stats.record_trace, e)
+            path = None
+        took = time.monotonic() - t0
+        self._trace_due = time.monotonic() + max(TRACE_CHECKPOINT_S, 10.0 * took)
+        return path
 
     def close(self) -> None:
         """End the open step, report, save the trace, close the stats file and the CPU pool this
@@ -565,4 +601,4 @@ class OffloadRuntime:
 
 
 __all__ = ["KV_RESERVE_FRACTION", "MonotonicClock", "NO_BOUNDARY_WARN_STEPS", "OffloadRuntime",
-           "default_costs"]
+           "TRACE_CHECKPOINT_S", "default_costs"]

@@ -21,9 +21,12 @@ return 0.0 for numeric consumers, `as_dict` gives None and the log line prints `
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,11 @@ def format_log_line(s: EngineStats) -> str:
 
 
 class StatsWriter:
-    """Appends one JSON object per call to a JSON-lines file (or an open text stream)."""
+    """Appends one JSON object per call to a JSON-lines file (or an open text stream), flushed
+    line by line. A write that fails (a full disk, a removed directory) logs one warning and
+    stops the writer (`failed`; later records are only counted in `dropped`): serving goes on,
+    and the lines written before stay whole (a record is written in one call, so at most the
+    failed one is cut short, at the end of the file)."""
 
     def __init__(self, target: str | Path | TextIO) -> None:
         if isinstance(target, (str, Path)):
@@ -114,15 +121,32 @@ class StatsWriter:
         else:
             self._stream = target
             self._owned = False
+        self._name = str(target) if isinstance(target, (str, Path)) else "stream"
+        self.failed = False
+        self.dropped = 0
 
     def write(self, stats: EngineStats, **extra: Any) -> None:
+        if self.failed:
+            self.dropped += 1
+            return
         record = {**extra, **stats.as_dict()}
-        self._stream.write(json.dumps(record, sort_keys=True) + "\n")
-        self._stream.flush()
+        try:
+            self._stream.write(json.dumps(record, sort_keys=True) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError) as e:  # ValueError: the stream was closed under us
+            self.failed = True
+            self.dropped += 1
+            logger.warning("moespac: stats_file %s: write failed (%s); no more stats lines are "
+                           "written, serving goes on", self._name, e)
 
     def close(self) -> None:
         if self._owned:
-            self._stream.close()
+            try:
+                self._stream.close()
+            except OSError as e:  # the final flush of a full disk
+                if not self.failed:
+                    logger.warning("moespac: stats_file %s: close failed (%s)", self._name, e)
+                self.failed = True
 
 
 __all__ = ["EngineStats", "StatsWriter", "format_log_line"]

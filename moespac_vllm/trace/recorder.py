@@ -7,6 +7,7 @@ weights / logits and the draft-phase signal; out: one validated `Trace` (`build`
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -165,4 +166,22 @@ class TraceRecorder:
                             else np.zeros(0, bool)), **kw)
 
     def save(self, path: str | Path) -> Path:
-        return self.build().save(path)
+        """Write the npz atomically: into a temporary file beside it, then renamed over it, so
+        a failed or interrupted save (a full disk, a kill) leaves the previous file whole. The
+        steps recorded so far (an open step is left out) go in; recording can go on after."""
+        p = Path(path)
+        if p.suffix != ".npz":
+            p = p.with_name(p.name + ".npz")
+        open_step, self._open = self._open, None
+        try:
+            trace = self.build()
+        finally:
+            self._open = open_step
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.partial.npz")
+        try:
+            trace.save(tmp)
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return p
