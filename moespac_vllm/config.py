@@ -74,6 +74,7 @@ class Policy(str, Enum):
     STATIC = "static"  # hot experts pinned on device, the rest on CPU (KTransformers/Fiddler-like)
     HYBRIMOE = "hybrimoe"  # autoregressive score-based prefetch + CPU compute
     SD_LRU = "sd-lru"  # speculative decoding, on-demand fetch + LRU, no utility
+    SD_STATIC = "sd-static"  # speculative decoding over `static`'s frozen hot set (llama.cpp + SD)
     ORACLE = "oracle"  # knows future routing: Belady eviction + exact balancer (simulator only)
 
 
@@ -413,9 +414,17 @@ def enabled_by(additional_config: Mapping[str, Any] | None = None,
 
 def prepare_output_path(field_name: str, path: str) -> Path:
     """Make `path` writable before anything runs: create missing parent directories, then check
-    that a file can be created there. Raises ValueError naming `field_name` otherwise (so a run
-    fails at start rather than losing its output at exit)."""
+    that a file can be created there, and that `path` is not a symlink out of its directory.
+    Raises ValueError naming `field_name` otherwise (so a run fails at start rather than losing
+    its output at exit, or writing through a link into a file that is not ours)."""
     p = Path(path).expanduser()
+    if p.is_symlink():
+        # written only where the user pointed: a link out of its directory (to a file that is
+        # not ours, e.g. /etc/passwd or another run's output) is refused, not followed
+        target = p.resolve()
+        if target.parent != p.parent.resolve():
+            raise ValueError(f"{field_name}: {path} is a symlink to {target}, outside "
+                             f"{p.parent}; give the file's own path")
     if p.is_dir():
         raise ValueError(f"{field_name}: {path} is a directory; give a file path")
     try:

@@ -1,0 +1,56 @@
+"""Exposure (issue 14): config paths are written only where the user pointed. A `stats_file` or
+`record_trace` that is a symlink out of its directory (to a file that is not ours) is refused at
+start, naming the field; the trace is replaced atomically (a link at its path is replaced, never
+written through). The server's loopback default is tests/test_cli.py's."""
+from __future__ import annotations
+
+import pytest
+
+from moespac_vllm.config import MoESpacConfig, prepare_output_path
+from patches.engine_config import check_startup
+
+
+@pytest.mark.parametrize("field", ["stats_file", "record_trace"])
+def test_a_path_that_links_out_of_its_directory_is_refused_at_start(tmp_path, field):
+    victim = tmp_path / "elsewhere" / "not_ours.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    link = out / ("stats.jsonl" if field == "stats_file" else "trace.npz")
+    link.symlink_to(victim)
+    cfg = MoESpacConfig().replace(**{field: str(link)})
+    with pytest.raises(ValueError, match=rf"^{field}: .* is a symlink to .*not_ours.txt"):
+        check_startup(cfg)
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_dangling_link_out_of_the_directory_is_refused_too(tmp_path):
+    link = tmp_path / "stats.jsonl"
+    link.symlink_to("/nonexistent-dir/file")
+    with pytest.raises(ValueError, match="^stats_file: .* is a symlink"):
+        prepare_output_path("stats_file", str(link))
+
+
+def test_a_link_inside_the_same_directory_and_a_plain_path_are_fine(tmp_path):
+    (tmp_path / "real.jsonl").write_text("")
+    link = tmp_path / "stats.jsonl"
+    link.symlink_to(tmp_path / "real.jsonl")
+    assert prepare_output_path("stats_file", str(link)) == link
+    assert prepare_output_path("record_trace", str(tmp_path / "new" / "t.npz")).parent.is_dir()
+
+
+def test_trace_save_replaces_a_link_instead_of_writing_through_it(tmp_path):
+    import numpy as np
+
+    from moespac_vllm.trace import ModelDims, StepKind, TraceRecorder, load_trace
+
+    victim = tmp_path / "victim.npz"
+    victim.write_bytes(b"not a trace")
+    link = tmp_path / "t.npz"
+    link.symlink_to(victim)
+    rec = TraceRecorder(ModelDims(2, 4, 2, 8, 4, 2), source="unit")
+    rec.add_step(StepKind.DECODE, np.array([[[0, 1], [2, 3]]], dtype=np.int64))
+    rec.save(link)
+    assert victim.read_bytes() == b"not a trace" and not link.is_symlink()
+    assert load_trace(link).num_steps == 1
