@@ -41,6 +41,7 @@ not READY when `plan_layer` runs.
 | lru / sd-lru  | -                 | fetch (overflow -> CPU)       | LRU        | none                        |
 | lfu           | -                 | fetch (overflow -> CPU)       | LFU        | none                        |
 | static        | observed frequency| CPU                           | -          | hot set during warm-up only |
+| sd-static     | as static, verifying draft windows (llama.cpp + SD, the paper's strongest baseline)   |
 | hybrimoe      | EMA activation    | balancer: fetch or CPU        | score      | end_step: top scores/layer  |
 | oracle        | future routing    | balancer: fetch or CPU        | Belady     | end_step: next step's set   |
 
@@ -123,11 +124,13 @@ _ORDER = {
     Policy.SD_LRU: EvictionOrder.LRU,
     Policy.LFU: EvictionOrder.LFU,
     Policy.STATIC: EvictionOrder.LFU,
+    Policy.SD_STATIC: EvictionOrder.LFU,
     Policy.HYBRIMOE: EvictionOrder.UTILITY,
     Policy.ORACLE: EvictionOrder.BELADY,
 }
 _ON_DEMAND = frozenset({Policy.LRU, Policy.SD_LRU, Policy.LFU})
 _BALANCED = frozenset({Policy.SPAC, Policy.HYBRIMOE, Policy.ORACLE})
+_STATIC = frozenset({Policy.STATIC, Policy.SD_STATIC})  # frozen hot set; sd-static also drafts
 # Policies that decode plain autoregressively (one token per request per step) in the simulator;
 # the others verify speculative windows.
 AUTOREGRESSIVE_POLICIES = frozenset({Policy.LRU, Policy.LFU, Policy.STATIC, Policy.HYBRIMOE})
@@ -337,7 +340,7 @@ class ExpertEngine:
         # the CPU (allow_resident_cpu is off), and on-demand policies have nothing to fetch.
         if not (loading or absent):
             pass
-        elif (not decoding and self.policy is not Policy.STATIC) or self.policy in _ON_DEMAND:
+        elif (not decoding and self.policy not in _STATIC) or self.policy in _ON_DEMAND:
             wait, fetch = self._on_demand(layer, counts, loading, absent)
         elif self.policy in _BALANCED:
             wait, fetch, to_cpu = self._balance(layer, counts, ready, loading, absent)
@@ -481,7 +484,7 @@ class ExpertEngine:
             self._score[layer] = HYBRIMOE_DECAY * self._score[layer] + (counts > 0)
         elif self.policy is Policy.SPAC:
             self._score[layer] = RECENCY_DECAY * self._score[layer] + (counts > 0)
-        elif self.policy is Policy.STATIC:
+        elif self.policy in _STATIC:
             self._score[layer] += counts
         if self.policy is Policy.SPAC_FAITHFUL and self.config.prefetch:
             self._faithful_prefetch(layer)
@@ -630,7 +633,7 @@ class ExpertEngine:
                 self._prefetch_layer(layer, self._score[layer], self._last_counts[layer])
         elif self.policy is Policy.ORACLE:
             self._oracle_prefetch()
-        elif self.policy is Policy.STATIC and self._c["steps"] <= STATIC_WARMUP_STEPS:
+        elif self.policy in _STATIC and self._c["steps"] <= STATIC_WARMUP_STEPS:
             for layer in range(L):
                 self._static_place(layer)
 
@@ -702,62 +705,25 @@ class ExpertEngine:
                 slot = self._admit(layer, e, demand=False)
                 self._load(layer, e, slot)
 
-    # ---- adaptive draft length ----------------------------------------------------------------
+    # ---- adaptive draft length (governor.py) ----------------------------------------------------
+    def window_ids(self) -> list[np.ndarray | None]:
+        """The last decode/verify routing [T, K] of every layer (None before any)."""
+        return self._window_ids
+
     def draft_roofline(self, acceptance: float, draft_ms_per_token: float,
                        step_overhead_ms: float, k_max: int) -> list[tuple[int, float, float]]:
-        """The amortization roofline (after MoE-SpeQ): for k = 0..k_max, (k, expected tokens per
-        step, modelled step ms). Ours ([I]); the model, per layer, for a window of n = k + 1:
+        """(k, expected tokens, modelled step ms) for k = 0..k_max (`governor.roofline`)."""
+        from moespac_vllm.governor import roofline
 
-        - D(n): distinct experts among the first n tokens of the last window (beyond its length:
-          extrapolated as a union of independent draws fitted to the last window);
-        - H(n): those of them resident now (scaled the same way, at most S);
-        - layer ms = min over m on-demand fetches of max((H+m) g + m f, (D-H-m) c), g / c / f
-          the device / CPU / copy time of an expert with n K / D tokens (the balancer's model);
-        - step ms = k x draft ms + step_overhead_ms (dense layers, LM head) + sum of layer ms;
-        - expected tokens = (1 - a^(k+1)) / (1 - a) for per-draft acceptance a."""
-        if not 0.0 <= acceptance <= 1.0:
-            raise ValueError(f"acceptance: must be in [0, 1], got {acceptance}")
-        if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 0:
-            raise ValueError(f"k_max: must be an integer >= 0, got {k_max!r}")
-        E, K, S = self.dims.num_experts, self.dims.top_k, self.num_slots
-        c = self.costs
-        ns = np.arange(1, k_max + 2, dtype=np.float64)
-        total = np.zeros_like(ns)
-        ms = np.arange(S + 1, dtype=np.float64)[:, None]  # on-demand fetch counts considered
-        for layer, ids in enumerate(self._window_ids):
-            if ids is None or ids.size == 0:
-                continue
-            T = ids.shape[0]
-            resident = self.tables[layer]._slot_of >= 0
-            # first[e]: the first token of the window routed to e (T if none)
-            first = np.full(E, T, dtype=np.int64)
-            np.minimum.at(first, ids.ravel(), np.repeat(np.arange(T), ids.shape[1]))
-            d_obs = np.bincount(first[first < T], minlength=T).cumsum()
-            h_obs = np.bincount(first[(first < T) & resident], minlength=T).cumsum()
-            dT, hT = float(d_obs[-1]), float(h_obs[-1])
-            q = (1.0 - min(dT, E - 0.5) / E) ** (1.0 / T)  # per-token "not drawn" probability
-            idx = np.minimum(ns.astype(np.int64), T) - 1
-            D = np.where(ns <= T, d_obs[idx], E * (1.0 - q ** ns))
-            H = np.where(ns <= T, h_obs[idx], np.minimum(S, hT * D / max(dT, 1.0)))
-            per = ns * K / np.maximum(D, 1.0)
-            g = c.gpu_fixed_ms + c.gpu_per_token_ms * per
-            cp = c.cpu_fixed_ms + c.cpu_per_token_ms * per
-            mm = np.minimum(ms, np.maximum(0.0, np.minimum(D - H, S - H)))  # [S+1, n]
-            t = np.maximum((H + mm) * g + mm * c.fetch_ms, (D - H - mm) * cp)
-            total += t.min(axis=0)
-        out = []
-        for i, n in enumerate(ns):
-            k = int(n) - 1
-            tokens = float(n) if acceptance >= 1.0 else (1 - acceptance ** n) / (1 - acceptance)
-            out.append((k, tokens, k * draft_ms_per_token + step_overhead_ms + float(total[i])))
-        return out
+        return roofline(self, acceptance, draft_ms_per_token, step_overhead_ms, k_max)
 
     def choose_draft_tokens(self, acceptance: float, draft_ms_per_token: float,
                             step_overhead_ms: float, k_max: int, k_min: int = 1) -> int:
         """The k in [k_min, k_max] with the most expected tokens per modelled ms (ties: smaller)."""
-        roof = self.draft_roofline(acceptance, draft_ms_per_token, step_overhead_ms, k_max)
-        cand = [r for r in roof if r[0] >= k_min] or roof
-        return max(cand, key=lambda r: (r[1] / max(r[2], 1e-9), -r[0]))[0]
+        from moespac_vllm.governor import best_draft_tokens
+
+        return best_draft_tokens(self.draft_roofline(acceptance, draft_ms_per_token,
+                                                     step_overhead_ms, k_max), k_min)
 
     # ---- statistics --------------------------------------------------------------------------
     def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0, gpu_ms: float = 0.0

@@ -36,7 +36,10 @@ logger = logging.getLogger(__name__)
 
 # csrc/plan.cpp's enums
 POLICY_CODES = {Policy.SPAC: 0, Policy.SPAC_FAITHFUL: 1, Policy.LRU: 2, Policy.SD_LRU: 3,
-                Policy.LFU: 4, Policy.STATIC: 5, Policy.HYBRIMOE: 6, Policy.ORACLE: 7}
+                Policy.LFU: 4, Policy.STATIC: 5, Policy.HYBRIMOE: 6, Policy.ORACLE: 7,
+                # plan.cpp's STATIC never looks at the phase beyond prefill vs decode/verify, so
+                # sd-static (static's placement, verifying draft windows) is its STATIC
+                Policy.SD_STATIC: 5}
 ORDER_CODES = {"lru": 0, "lfu": 1, "utility": 2, "belady": 3}
 
 try:
@@ -67,6 +70,8 @@ def unsupported(engine: ExpertEngine) -> str | None:
 
     if _plan is None:
         return f"moespac_vllm._plan is not built ({_IMPORT_ERROR})"
+    if engine.policy not in POLICY_CODES:
+        return f"policy {engine.policy.value} has no native planner"
     if engine.balancer is not None and type(engine.balancer) is not ExactBalancer:
         return f"the balancer is {type(engine.balancer).__name__}, not ExactBalancer"
     return None

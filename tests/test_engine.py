@@ -373,3 +373,52 @@ def test_load_full_layers_makes_a_fitting_model_resident_from_the_start():
     assert eng.stats().fetched_experts == 0 and eng.stats().prefetch_issued == 0
     part, _, _ = _engine(Policy.SPAC, ratio=0.5)
     assert part.load_full_layers() == 0  # only layers that fit whole
+
+
+def test_sd_static_freezes_after_warm_up_while_verifying_windows():
+    engine, clock, mover = _engine(Policy.SD_STATIC, ratio=0.25)
+    rng = np.random.default_rng(3)
+    _drive(engine, _routing(rng, 20, 4), speculative=True, clock=clock)
+    frozen = [sorted(t.residents()) for t in engine.tables]
+    assert all(len(r) == engine.num_slots for r in frozen)
+    loads = mover.loads
+    _drive(engine, _routing(rng, 20, 4)[:, :, :, ::-1], speculative=True, clock=clock)
+    assert [sorted(t.residents()) for t in engine.tables] == frozen
+    assert mover.loads == loads
+    s = engine.stats()
+    assert s.fetched_experts == 0 and s.cpu_experts > 0
+    # tokens count the accepted drafts (sd) on top of one per step
+    assert s.tokens == 40 * 3
+
+
+def test_sd_static_plans_equal_natively_and_in_python():
+    from moespac_vllm import plan_native
+
+    if not plan_native.available():
+        pytest.skip("moespac_vllm._plan not built")
+    routing = _routing(np.random.default_rng(5), 24, 3)
+    books = []
+    for native in (True, False):
+        clock = FakeClock()
+        mover = FakeMover(clock, 2.0, DIMS.expert_bytes)
+        cfg = MoESpacConfig().replace(policy="sd-static", cache_ratio=0.375)
+        engine = ExpertEngine(cfg, DIMS, COSTS, mover, clock, native=native)
+        assert (engine._native is not None) is native
+        _drive(engine, routing, speculative=True, clock=clock)
+        books.append((engine.stats(), [sorted(t.residents()) for t in engine.tables]))
+    assert books[0] == books[1]
+
+
+def test_a_policy_without_native_code_stays_on_the_python_path(monkeypatch):
+    from moespac_vllm import plan_native
+
+    if not plan_native.available():
+        pytest.skip("moespac_vllm._plan not built")
+    monkeypatch.delitem(plan_native.POLICY_CODES, Policy.SD_STATIC)
+    engine, _, _ = _engine(Policy.SD_STATIC)
+    assert engine._native is None
+    clock = FakeClock()
+    cfg = MoESpacConfig().replace(policy="sd-static", cache_ratio=0.25)
+    with pytest.raises(ValueError, match="native planner"):
+        ExpertEngine(cfg, DIMS, COSTS, FakeMover(clock, 0.0, DIMS.expert_bytes), clock,
+                     native=True)
