@@ -149,7 +149,7 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
                    help="trace npz or Mixtral routing JSONL (auto-detected), or "
                         "'synthetic[:STEPS]' for the synthetic Qwen3-30B-A3B-scale trace")
     p.add_argument("--policy", default="spac", help="spac, spac-faithful, lru, lfu, static, "
-                   "hybrimoe, sd-lru, oracle")
+                   "hybrimoe, sd-lru, sd-static, oracle")
     p.add_argument("--cache-ratio", type=float, default=0.17,
                    help="device expert slots per layer as a share of E (0, 1]")
     p.add_argument("--profile", default="rtx4090-pcie4", help="cost profile name or JSON path")
@@ -167,6 +167,12 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="all policies x ratios 0.1, 0.17, 0.25, 0.5: table + plot in --out")
     p.add_argument("--out", default=None, help="directory for the sweep's table and plot")
+    p.add_argument("--compare", action="store_true",
+                   help="the product mode (spac, adaptive k up to --draft-tokens) against lru, "
+                        "hybrimoe, static, sd-lru and sd-static, each at its best k in "
+                        "--compare-ks, and the oracle at its best k: one table (--json: rows)")
+    p.add_argument("--compare-ks", default="1,2,3,8",
+                   help="draft lengths the speculative baselines are tried at (comma list)")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -182,6 +188,22 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ValueError(f"acceptance: must be in [0, 1], got {args.acceptance}")
     kw = dict(draft_tokens=args.draft_tokens, acceptance=args.acceptance, seed=args.seed,
               max_tokens=args.max_tokens)
+    if args.compare:
+        if args.sweep or args.adaptive_draft:
+            raise ValueError("compare: not with --sweep / --adaptive-draft (it runs both modes)")
+        try:
+            ks = [int(k) for k in args.compare_ks.split(",")]
+        except ValueError:
+            raise ValueError(f"compare-ks: expected comma-separated integers, got "
+                             f"{args.compare_ks!r}") from None
+        c = sim.compare(trace, args.profile, args.cache_ratio, ks=ks, k_max=args.draft_tokens,
+                        acceptance=args.acceptance, seed=args.seed, max_tokens=args.max_tokens)
+        if args.json:
+            for row in c.rows():
+                print(json.dumps(row, sort_keys=True))
+        else:
+            print(sim.compare_table([c]), end="")
+        return 0
     if not args.sweep:
         if args.out is not None:
             raise ValueError("out: only used with --sweep")

@@ -45,6 +45,7 @@ import numpy as np
 
 from moespac_vllm.config import MoESpacConfig, Policy, shared_data_dir
 from moespac_vllm.engine import AUTOREGRESSIVE_POLICIES, ExpertEngine
+from moespac_vllm.governor import DraftGovernor
 from moespac_vllm.stats import EngineStats
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.cost_model import CostProfile, StepTimes
@@ -174,9 +175,11 @@ class SimResult:
     step_ms: float
     draft_ms: float
     stats: EngineStats = field(default_factory=EngineStats)
+    draft_len_hist: dict[int, int] = field(default_factory=dict)  # chosen k -> steps
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "stats"}
+        d["draft_len_hist"] = {str(k): v for k, v in self.draft_len_hist.items()}
         s = self.stats.as_dict()
         for k in ("hit_rate", "h2d_bytes", "stall_ms", "cpu_ms", "gpu_ms", "prefetch_precision",
                   "prefetch_recall", "prefetch_issued", "prefetch_used", "prefetch_wasted",
@@ -318,8 +321,8 @@ def run_engine(engine: ExpertEngine, work: Trace, clock: SimClock, mover: SimMov
 def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMover,
                  times: StepTimes, acceptance: float, k_max: int, seed: int = 0
                  ) -> tuple[float, int, float, list[int]]:
-    """Speculative replay with the draft length chosen before every step by the engine's
-    roofline (`ExpertEngine.choose_draft_tokens`). Windows are cut from the autoregressive
+    """Speculative replay with the draft length chosen before every step by the draft-length
+    governor (`governor.DraftGovernor`, the acceptance model's rate as its estimate). Windows are cut from the autoregressive
     stream `ar` on the fly with the same acceptance model as `windows_from_autoregressive`
     (per-draft acceptance probability, first rejection ends it; the rejected drafts' routing is
     MODELLED by resampling a token of the same request). Returns (ms, steps, draft ms, ks)."""
@@ -327,6 +330,8 @@ def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMov
     L = ar.dims.num_layers
     overhead = L * times.dense_ms_per_layer + times.lm_head_ms + (
         L * times.plan_ms_per_layer if engine.num_slots < ar.dims.num_experts else 0.0)
+    governor = DraftGovernor(k_max=k_max, draft_ms_per_token=times.draft_ms_per_token,
+                             step_overhead_ms=overhead, k_min=0, fixed_acceptance=acceptance)
     t_begin = clock.t_ms
     draft_total = 0.0
     steps = 0
@@ -337,8 +342,7 @@ def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMov
         n = rows.shape[0]
         p = 0
         while p < n:
-            k = k_max if steps == 0 else engine.choose_draft_tokens(
-                acceptance, times.draft_ms_per_token, overhead, k_max, k_min=0)
+            k = k_max if steps == 0 else governor.choose(engine)
             ks.append(k)
             k_eff = min(k, n - 1 - p)
             a = 0
@@ -403,9 +407,11 @@ def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: Co
         elapsed, steps, draft_ms, ks = run_adaptive(engine, work, clock, mover, times,
                                                     float(acceptance), draft_tokens, seed)
         mean_k = float(np.mean(ks)) if ks else 0.0
+        hist = {int(k): int(n) for k, n in zip(*np.unique(ks, return_counts=True))}
     else:
         elapsed, steps, draft_ms = run_engine(engine, work, clock, mover, times, speculative)
         mean_k = float(draft_tokens) if speculative else 0.0
+        hist = {draft_tokens if speculative else 0: steps} if steps else {}
     stats = engine.stats()
     meta = work.meta
     if adaptive_draft and "rejected_draft_routing" not in meta.modelled:
@@ -419,7 +425,8 @@ def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: Co
         acceptance=float(acceptance) if speculative else None, steps=steps,
         tokens=stats.tokens, time_ms=elapsed,
         tokens_per_s=1000.0 * stats.tokens / elapsed if elapsed > 0 else 0.0,
-        step_ms=elapsed / steps if steps else 0.0, draft_ms=draft_ms, stats=stats)
+        step_ms=elapsed / steps if steps else 0.0, draft_ms=draft_ms, stats=stats,
+        draft_len_hist=hist)
 
 
 def _profile(profile: CostProfile | str) -> CostProfile:
@@ -523,6 +530,104 @@ def sweep_table(results: Sequence[SimResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- compare -------------------------------------------------------------------------------------
+COMPARE_KS = (1, 2, 3, 8)  # the draft lengths a speculative baseline is tried at
+PRODUCT_LABEL = "spac (adaptive k)"
+AR_BASELINES = (Policy.LRU, Policy.HYBRIMOE, Policy.STATIC)
+SD_BASELINES = (Policy.SD_LRU, Policy.SD_STATIC)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """`compare`'s answer: the product row, each baseline at its best k, the oracle at its best k,
+    and every run tried (`tried`, for the JSON rows)."""
+
+    product: SimResult
+    baselines: tuple[SimResult, ...]
+    oracle: SimResult
+    tried: tuple[SimResult, ...]
+
+    @property
+    def best_baseline(self) -> SimResult:
+        return max(self.baselines, key=lambda r: r.tokens_per_s)
+
+    def ratio(self, other: SimResult) -> float:
+        return self.product.tokens_per_s / other.tokens_per_s if other.tokens_per_s > 0 else 0.0
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One JSON row per reported run (product, baselines at their best k, oracle), each with
+        `role` and `vs_product`, then a summary row."""
+        out = []
+        for role, r in ([("product", self.product)] + [("baseline", b) for b in self.baselines]
+                        + [("oracle", self.oracle)]):
+            out.append({**r.as_dict(), "role": role, "product_vs_this": self.ratio(r)})
+        bb = self.best_baseline
+        out.append({"role": "summary", "cache_ratio": self.product.cache_ratio,
+                    "profile": self.product.profile, "trace": self.product.trace,
+                    "best_baseline": bb.policy, "product_vs_best_baseline": self.ratio(bb),
+                    "product_vs_oracle": self.ratio(self.oracle)})
+        return out
+
+
+def _best(runs: list[SimResult]) -> SimResult:
+    return max(runs, key=lambda r: (r.tokens_per_s, -r.draft_tokens))
+
+
+def compare(trace: Trace, profile: CostProfile | str, cache_ratio: float, *,
+            ks: Sequence[int] = COMPARE_KS, k_max: int = DEFAULT_DRAFT_TOKENS,
+            **kw: Any) -> Comparison:
+    """The product mode (spac, draft length chosen per step up to `k_max`) against every baseline
+    at its own best draft length: lru, hybrimoe, static (plain decoding), sd-lru and sd-static at
+    each k in `ks`, and the oracle at its best k in {0} | `ks` | ORACLE_KS (k = 0: plain decoding).
+    `kw`: simulate's acceptance, seed, max_tokens, config, times."""
+    if "draft_tokens" in kw or "adaptive_draft" in kw:
+        raise ValueError("draft_tokens: compare chooses the draft lengths itself (ks, k_max)")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks: draft lengths must be integers >= 1, got {ks}")
+    profile = _profile(profile)
+    tried: list[SimResult] = []
+
+    def run(policy: Policy, k: int, **extra: Any) -> SimResult:
+        r = simulate(trace, policy, cache_ratio, profile, draft_tokens=k, **extra, **kw)
+        tried.append(r)
+        return r
+
+    product = replace(run(Policy.SPAC, k_max, adaptive_draft=True), policy=PRODUCT_LABEL)
+    baselines = [run(p, 0) for p in AR_BASELINES]
+    for p in SD_BASELINES:
+        baselines.append(_best([run(p, k) for k in ks]))
+    oracle_ks = sorted({0, *ks, *(k for k in ORACLE_KS if k <= max(ks))})
+    oracle = _best([run(Policy.ORACLE, k) for k in oracle_ks])
+    return Comparison(product=product, baselines=tuple(baselines), oracle=oracle,
+                      tried=tuple(tried))
+
+
+def compare_table(comparisons: Sequence[Comparison]) -> str:
+    """Markdown: per (trace, profile, ratio), one row per policy at its best k (tok/s, k, hit
+    rate, prefetch P/R, product / that row), then product / best baseline and product / oracle."""
+    lines = ["| trace | profile | ratio | policy | k | tok/s | product / this | hit rate | "
+             "prefetch issued | prefetch P/R |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        for r in (c.product, *c.baselines, c.oracle):
+            src = r.trace.rsplit(":", 1)[-1]
+            kind = "synthetic" if r.synthetic else r.trace.split(":", 1)[0]
+            k = ("AR" if not r.speculative else
+                 f"adaptive (mean {r.mean_draft_tokens:.2f})" if r.adaptive_draft
+                 else ("AR" if r.draft_tokens == 0 else str(r.draft_tokens)))
+            st = r.stats
+            lines.append(f"| {src} ({kind}) | {r.profile} | {r.cache_ratio:g} | {r.policy} | {k} | "
+                         f"{r.tokens_per_s:.2f} | {c.ratio(r):.2f}x | {st.hit_rate:.3f} | "
+                         f"{st.prefetch_issued} | {st.prefetch_precision:.2f}/"
+                         f"{st.prefetch_recall:.2f} |")
+        bb = c.best_baseline
+        lines.append(f"| | | | **product / best baseline ({bb.policy})** | | | "
+                     f"**{c.ratio(bb):.2f}x** | | | |")
+        lines.append(f"| | | | **product / oracle (best k)** | | | **{c.ratio(c.oracle):.2f}x** "
+                     "| | | |")
+    return "\n".join(lines) + "\n"
+
+
 def sweep_plot(results: Sequence[SimResult], path: str | Path) -> Path:
     """tok/s against cache ratio, one line per policy (matplotlib, Agg)."""
     import matplotlib
@@ -554,6 +659,10 @@ def sweep_plot(results: Sequence[SimResult], path: str | Path) -> Path:
 
 
 __all__ = [
+    "COMPARE_KS",
+    "Comparison",
+    "compare",
+    "compare_table",
     "DEFAULT_ACCEPTANCE",
     "DEFAULT_DRAFT_TOKENS",
     "SWEEP_RATIOS",

@@ -207,3 +207,48 @@ def test_a_planned_layers_host_time_is_on_the_critical_path_and_whole_layers_hav
     full_a = sim.simulate(trace, "lru", 1.0, free)
     full_b = sim.simulate(trace, "lru", 1.0, slow)
     assert full_a.time_ms == full_b.time_ms
+
+
+# ---- compare / sd-static / governor in the replay ----------------------------------------------
+def test_sd_static_verifies_windows_over_a_frozen_hot_set():
+    trace = _ar_trace(60, seed=4)
+    r = sim.simulate(trace, "sd-static", 0.25, PROFILE, draft_tokens=3, acceptance=0.8)
+    assert r.speculative and r.draft_tokens == 3 and r.draft_len_hist == {3: r.steps}
+    assert r.stats.fetched_experts == 0  # no fetching: misses run on the CPU
+    assert r.tokens == 60 and r.steps < 60
+
+
+def test_compare_reports_each_baseline_at_its_best_draft_length():
+    trace = _ar_trace(40, seed=5)
+    c = sim.compare(trace, PROFILE, 0.25, ks=(1, 3), k_max=3, acceptance=0.8)
+    assert c.product.adaptive_draft and c.product.policy == sim.PRODUCT_LABEL
+    assert sum(c.product.draft_len_hist.values()) == c.product.steps
+    names = [b.policy for b in c.baselines]
+    assert names == ["lru", "hybrimoe", "static", "sd-lru", "sd-static"]
+    for b in c.baselines:
+        tried = [r for r in c.tried if r.policy == b.policy]
+        assert b.tokens_per_s == max(r.tokens_per_s for r in tried)
+        assert {r.draft_tokens for r in tried} == ({0} if not b.speculative else {1, 3})
+    assert {r.draft_tokens for r in c.tried if r.policy == "oracle"} == {0, 1, 2, 3}
+    assert c.best_baseline.tokens_per_s == max(b.tokens_per_s for b in c.baselines)
+    summary = c.rows()[-1]
+    assert summary["product_vs_oracle"] == pytest.approx(
+        c.product.tokens_per_s / c.oracle.tokens_per_s)
+    table = sim.compare_table([c])
+    assert "product / best baseline" in table and "sd-static" in table
+    with pytest.raises(ValueError, match="ks"):
+        sim.compare(trace, PROFILE, 0.25, ks=(0, 2))
+    with pytest.raises(ValueError, match="draft_tokens"):
+        sim.compare(trace, PROFILE, 0.25, draft_tokens=2)
+
+
+def test_cli_compare_prints_json_rows_and_a_summary(tmp_path, capsys):
+    path = _ar_trace(20).save(tmp_path / "t.npz")
+    rc, out, _ = _run(capsys, "--trace", str(path), "--profile", "h100-pcie5", "--compare",
+                      "--compare-ks", "1,2", "--draft-tokens", "2", "--json")
+    assert rc == 0
+    rows = [json.loads(x) for x in out.strip().splitlines()]
+    assert [r["role"] for r in rows] == ["product"] + ["baseline"] * 5 + ["oracle", "summary"]
+    assert rows[-1]["product_vs_best_baseline"] > 0
+    rc, _, err = _run(capsys, "--trace", str(path), "--compare", "--compare-ks", "1,x")
+    assert rc == 2 and "compare-ks" in err
