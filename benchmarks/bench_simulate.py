@@ -13,6 +13,13 @@ Writes the markdown table, the plot and the JSON lines per (trace, profile) unde
 
 Targets (issue #3): rtx4090-pcie4 at 0.17 and h100-pcie5 at 0.25: spac >= 1.42x sd-lru tok/s,
 >= 1.2x spac-faithful, ms/token <= 1.15x the oracle's.
+
+    .venv/bin/python benchmarks/bench_simulate.py --compare --out bench-out/compare [--max-tokens N]
+
+`--compare` (issue #13): per trace (default: both real Mixtral routing files and the synthetic
+Qwen3 stream) and (rtx4090-pcie4, 0.17) / (h100-pcie5, 0.25): `simulate.compare` (the product
+mode against every baseline at its best draft length, the oracle at its best k); JSON rows, one
+`target` line per case (product >= 1.2x the best baseline, >= 0.9x the oracle) and compare.md.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from moespac_vllm.config import Policy
 
 REPO = Path(__file__).resolve().parents[1]
 MIXTRAL = "mixtral-8x7b-routing/humaneval_2_routing.jsonl"
+MIXTRAL_RAW = "mixtral-8x7b-routing/humaneval0_prefill_decode_routing_raw.jsonl"
 TARGET_RATIO = {"rtx4090-pcie4": 0.17, "h100-pcie5": 0.25}
 
 
@@ -72,7 +80,10 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--draft-tokens", type=int, default=sim.DEFAULT_DRAFT_TOKENS)
     ap.add_argument("--acceptance", type=float, default=sim.DEFAULT_ACCEPTANCE)
+    ap.add_argument("--compare", action="store_true", help="issue #13's compare table")
     args = ap.parse_args()
+    if args.compare:
+        return _compare(args)
     traces = args.trace or [str(_data_dir() / MIXTRAL), "synthetic"]
     profiles = args.profile or ["rtx4090-pcie4", "h100-pcie5"]
     out = Path(args.out)
@@ -99,6 +110,38 @@ def main() -> int:
                 print(json.dumps({**host, "trace": trace.label, "profile": profile,
                                   "sweep_wall_s": wall_s, **t}, sort_keys=True))
             sys.stdout.flush()
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    traces = args.trace or [str(_data_dir() / MIXTRAL), str(_data_dir() / MIXTRAL_RAW),
+                            "synthetic"]
+    profiles = args.profile or list(TARGET_RATIO)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    host = {"device": "simulated (cost model)", "host": platform.node() or "unknown",
+            "cpu": platform.processor() or platform.machine(),
+            "command": "benchmarks/bench_simulate.py " + " ".join(sys.argv[1:])}
+    comparisons = []
+    for spec in traces:
+        trace = sim.load_workload_trace(spec)
+        for profile in profiles:
+            t0 = time.perf_counter()
+            c = sim.compare(trace, profile, TARGET_RATIO[profile], k_max=args.draft_tokens,
+                            acceptance=args.acceptance, max_tokens=args.max_tokens)
+            wall_s = time.perf_counter() - t0
+            comparisons.append(c)
+            for row in c.rows():
+                print(json.dumps({**host, **row}, sort_keys=True))
+            vb, vo = c.ratio(c.best_baseline), c.ratio(c.oracle)
+            print(json.dumps({**host, "target": f"product @ {profile} ratio "
+                              f"{TARGET_RATIO[profile]} on {trace.label}",
+                              "product_vs_best_baseline": vb, "goal_vs_best_baseline": 1.2,
+                              "product_vs_oracle": vo, "goal_vs_oracle": 0.9,
+                              "best_baseline": c.best_baseline.policy, "wall_s": wall_s,
+                              "met": bool(vb >= 1.2 and vo >= 0.9)}, sort_keys=True))
+            sys.stdout.flush()
+    (out / "compare.md").write_text(sim.compare_table(comparisons))
     return 0
 
 
