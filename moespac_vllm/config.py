@@ -22,6 +22,8 @@ Flat keys (the user-facing names; README lists them):
 | profile                | str         | cost-model profile name, or a path to a calibrated JSON        |
 | cpu_threads            | int >= 1    | CPU expert thread count (default: all cores)                   |
 | prefetch               | bool        | issue prefetches between steps                                 |
+| draft_length           | DraftLength | `adaptive` (governor.py: k per step, <= num_speculative_tokens)|
+|                        |             | or `fixed` (vLLM's k); only read when a draft is configured    |
 | stats_file             | path        | JSON-lines statistics, one object every `stats_interval_steps`|
 | stats_interval_steps   | int >= 1    | how often the stats line is logged/written                     |
 | record_trace           | path        | record routing + draft signal as a trace (npz)                 |
@@ -76,6 +78,13 @@ class Policy(str, Enum):
     SD_LRU = "sd-lru"  # speculative decoding, on-demand fetch + LRU, no utility
     SD_STATIC = "sd-static"  # speculative decoding over `static`'s frozen hot set (llama.cpp + SD)
     ORACLE = "oracle"  # knows future routing: Belady eviction + exact balancer (simulator only)
+
+
+class DraftLength(str, Enum):
+    """How many draft tokens a speculative step verifies (governor.py)."""
+
+    ADAPTIVE = "adaptive"  # per step, the k <= num_speculative_tokens the governor chooses
+    FIXED = "fixed"  # always vLLM's num_speculative_tokens
 
 
 class BalancerKind(str, Enum):
@@ -191,6 +200,7 @@ class MoESpacConfig:
     profile: str = "auto"
     cpu_threads: int | None = None
     prefetch: bool = True
+    draft_length: DraftLength = DraftLength.ADAPTIVE
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
@@ -203,6 +213,8 @@ class MoESpacConfig:
             _check_int("cpu_threads", self.cpu_threads, minimum=1)
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"prefetch: must be a boolean, got {self.prefetch!r}")
+        if not isinstance(self.draft_length, DraftLength):
+            raise ValueError(f"draft_length: expected DraftLength, got {self.draft_length!r}")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -346,6 +358,7 @@ _KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
     "profile": (("profile",), lambda n, v: v.strip() if isinstance(v, str) else v),
     "cpu_threads": (("cpu_threads",), _to_opt_int),
     "prefetch": (("prefetch",), _to_bool),
+    "draft_length": (("draft_length",), _to_enum(DraftLength)),
     "stats_file": (("stats", "stats_file"), _to_opt_str),
     "stats_interval_steps": (("stats", "stats_interval_steps"), _to_int),
     "record_trace": (("stats", "record_trace"), _to_opt_str),
@@ -466,6 +479,7 @@ def shared_data_dir(environ: Mapping[str, str] | None = None) -> Path | None:
 __all__ = [
     "BalancerKind",
     "CacheConfig",
+    "DraftLength",
     "EstimatorConfig",
     "EstimatorSource",
     "FLAT_KEYS",
