@@ -342,7 +342,7 @@ def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMov
         n = rows.shape[0]
         p = 0
         while p < n:
-            k = k_max if steps == 0 else governor.choose(engine)
+            k = 0 if steps == 0 else governor.choose(engine)  # step 0: a window to model from
             ks.append(k)
             k_eff = min(k, n - 1 - p)
             a = 0
