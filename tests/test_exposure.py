@@ -54,3 +54,45 @@ def test_trace_save_replaces_a_link_instead_of_writing_through_it(tmp_path):
     rec.save(link)
     assert victim.read_bytes() == b"not a trace" and not link.is_symlink()
     assert load_trace(link).num_steps == 1
+
+
+ROUTES = """
+import json
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from moespac_vllm.patches.serve import parse_serve_args
+from vllm.entrypoints.launchers.app import build_app
+app = build_app(parse_serve_args("m", []), ("generate",))
+print(json.dumps(sorted(f"{sorted(getattr(r, 'methods', None) or [])} {r.path}"
+                        for r in app.routes)))
+"""
+
+
+def _routes(env_extra: dict[str, str]) -> tuple[list[str], str]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOESPAC_")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", ROUTES], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def test_the_plugin_registers_no_endpoint_plugin():
+    from importlib.metadata import distribution
+
+    groups = {ep.group for ep in distribution("moespac-vllm").entry_points}
+    assert "vllm.endpoint_plugins" not in groups and "vllm.general_plugins" in groups
+
+
+@pytest.mark.vllm
+def test_the_served_app_has_the_same_routes_with_the_plugin_on_and_off():
+    on, log_on = _routes({"MOESPAC_ENABLE": "1"})
+    off, log_off = _routes({"VLLM_PLUGINS": ""})
+    assert "moespac: plugin loaded" in log_on and "moespac" not in log_off
+    assert any("/v1/completions" in r for r in on)
+    assert on == off, sorted(set(on) ^ set(off))
