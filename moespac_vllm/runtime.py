@@ -37,6 +37,7 @@ from moespac_vllm.config import EstimatorSource, MoESpacConfig
 from moespac_vllm.cost_model import ExpertCosts
 from moespac_vllm.engine import ExpertEngine
 from moespac_vllm.kernels.cpu_experts import CpuExpertPool
+from moespac_vllm.metrics import MetricsExporter
 from moespac_vllm.mover import CudaStreamMover, Mover, SyncMover
 from moespac_vllm.offload import (
     CpuExperts,
@@ -90,6 +91,9 @@ NO_BOUNDARY_WARN_STEPS = 64
 # record_trace is checkpointed (atomically) at most this often (s), and never more often than ten
 # times the last save took: a killed server keeps its trace up to about then, for <= 10% of time.
 TRACE_CHECKPOINT_S = 10.0
+# /metrics is refreshed at every report and, between reports, at most this often (s): a scrape
+# then lags the engine by about a second at most, for one stats() snapshot per second.
+METRICS_REFRESH_S = 1.0
 
 
 class MonotonicClock:
@@ -124,7 +128,7 @@ class OffloadRuntime:
                  device_kernel: Callable[..., torch.Tensor] | None = None,
                  model_name: str = "", owner: object | None = None,
                  device_memory: Callable[[], tuple[int, int]] | None = None,
-                 memory_share: float = 1.0,
+                 memory_share: float = 1.0, metrics: MetricsExporter | None = None,
                  mover: Callable[[ExpertStore, SlotCache], Mover] | None = None) -> None:
         if not isinstance(config, MoESpacConfig):
             raise ValueError(f"config: expected MoESpacConfig, got {type(config).__name__}")
@@ -164,6 +168,10 @@ class OffloadRuntime:
         self._device_kernel = device_kernel
         self._device_memory = device_memory
         self._memory_share = float(memory_share)
+        if metrics is not None and not isinstance(metrics, MetricsExporter):
+            raise ValueError(f"metrics: expected MetricsExporter, got {type(metrics).__name__}")
+        self.metrics = metrics  # `moespac_*` Prometheus series, advanced at every report
+        self._metrics_at = 0.0
         self.sizing = ""  # what the device-memory sizing decided (offloading line)
         self.spec_method: str | None = None
         self.num_spec_tokens = 0
@@ -348,6 +356,8 @@ class OffloadRuntime:
             self._recorder = TraceRecorder(self.dims, source="vllm", notes={
                 "model": self.model_name, "spec_method": self.spec_method or "none",
                 "num_spec_tokens": self.num_spec_tokens})
+        if self.metrics is not None:
+            self.metrics.set_config(num_slots, E, self.costs_label)
         logger.info("moespac: MoE layers (transformer index): %s", self.model_layers)
         logger.info("%s", self.offloading_line())
 
@@ -461,16 +471,32 @@ class OffloadRuntime:
             if self._steps_since_log >= self.config.stats.stats_interval_steps:
                 self._steps_since_log = 0
                 self.report()
+            elif self.metrics is not None and \
+                    time.monotonic() - self._metrics_at >= METRICS_REFRESH_S:
+                self._refresh_metrics()
 
     def report(self) -> None:
+        """The stats line, the stats file's line and the Prometheus series, from one snapshot
+        (so /metrics equals the stats file's latest totals)."""
         s = self.stats()
         logger.info("%s, signal: %s", format_log_line(s), self.signal_source)
+        cpu_pairs = sum(e.counters.cpu_pairs for e in self.experts.values())
         if self._stats_writer is not None:
             self._stats_writer.write(s, signal=self.signal_source, policy=self.config.policy.value,
-                                     cpu_pairs=sum(e.counters.cpu_pairs
-                                                   for e in self.experts.values()),
+                                     cpu_pairs=cpu_pairs,
                                      device_pairs=sum(e.counters.device_pairs
                                                       for e in self.experts.values()))
+        if self.metrics is not None:
+            self.metrics.update(s, {"cpu_pairs": cpu_pairs})
+            self._metrics_at = time.monotonic()
+
+    def _refresh_metrics(self) -> None:
+        """Between reports (every `stats_interval_steps`), keep /metrics at most
+        METRICS_REFRESH_S behind: a scrape should not wait 50 steps."""
+        assert self.metrics is not None
+        self.metrics.update(self.stats(), {"cpu_pairs": sum(e.counters.cpu_pairs
+                                                            for e in self.experts.values())})
+        self._metrics_at = time.monotonic()
 
     def mark_draft_phase(self) -> None:
         """The drafter is about to run: publish a DRAFT context (layers and stats read it)."""
@@ -600,5 +626,5 @@ class OffloadRuntime:
             self._own_pool = None
 
 
-__all__ = ["KV_RESERVE_FRACTION", "MonotonicClock", "NO_BOUNDARY_WARN_STEPS", "OffloadRuntime",
-           "TRACE_CHECKPOINT_S", "default_costs"]
+__all__ = ["KV_RESERVE_FRACTION", "METRICS_REFRESH_S", "MonotonicClock", "NO_BOUNDARY_WARN_STEPS",
+           "OffloadRuntime", "TRACE_CHECKPOINT_S", "default_costs"]
