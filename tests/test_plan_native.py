@@ -178,6 +178,8 @@ def test_native_plans_equal_python_on_random_problems(p):
                 prefetch=bool(rng.random() < 0.8))
     drive(pair, windows, rng, prefill_every=int(rng.choice([0, 3])), drafts=bool(seed % 2),
           layer_ms=float(costs.fetch_ms))
+    pair.check()  # drive() compared after every call; once more at the end, stated here
+    assert pair.sides[0][0].stats() == pair.sides[1][0].stats()
 
 
 def _mixtral_windows(path, window: int, steps: int) -> list[np.ndarray]:
