@@ -88,9 +88,13 @@ KV_RESERVE_FRACTION = 0.5
 # Warm-up / profiling / dummy runs make a few forwards before the first scheduled step; this many
 # in a row without a step boundary means the driver's hooks are not firing.
 NO_BOUNDARY_WARN_STEPS = 64
-# record_trace is checkpointed (atomically) at most this often (s), and never more often than ten
-# times the last save took: a killed server keeps its trace up to about then, for <= 10% of time.
+# record_trace is checkpointed (atomically) at the first complete step, then at intervals doubling
+# from TRACE_FIRST_CHECKPOINT_S up to TRACE_CHECKPOINT_S, never more often than ten times the last
+# save took: vLLM force-kills its workers at shutdown (no atexit runs there), so a run keeps its
+# trace up to about the last interval, for <= 10% of time. (A short clean run lost its whole trace
+# with one fixed 10 s interval: tests/test_soak.py on a quiet machine.)
 TRACE_CHECKPOINT_S = 10.0
+TRACE_FIRST_CHECKPOINT_S = 1.0
 # /metrics is refreshed at every report and, between reports, at most this often (s): a scrape
 # then lags the engine by about a second at most, for one stats() snapshot per second.
 METRICS_REFRESH_S = 1.0
@@ -187,7 +191,8 @@ class OffloadRuntime:
         self._implicit_steps = 0  # implicit steps since the driver's last step boundary
         self._boundary_warned = False
         self._closed = False
-        self._trace_due = time.monotonic() + TRACE_CHECKPOINT_S  # next record_trace checkpoint
+        self._trace_due = 0.0  # next record_trace checkpoint: the first complete step
+        self._trace_interval_s = TRACE_FIRST_CHECKPOINT_S
         self._trace_warned = False
         self._mover_factory = mover
         self.lock = threading.Lock()
@@ -604,7 +609,8 @@ class OffloadRuntime:
                                self.config.stats.record_trace, e)
             path = None
         took = time.monotonic() - t0
-        self._trace_due = time.monotonic() + max(TRACE_CHECKPOINT_S, 10.0 * took)
+        self._trace_due = time.monotonic() + max(self._trace_interval_s, 10.0 * took)
+        self._trace_interval_s = min(TRACE_CHECKPOINT_S, 2.0 * self._trace_interval_s)
         return path
 
     def close(self) -> None:
@@ -627,4 +633,4 @@ class OffloadRuntime:
 
 
 __all__ = ["KV_RESERVE_FRACTION", "METRICS_REFRESH_S", "MonotonicClock", "NO_BOUNDARY_WARN_STEPS",
-           "OffloadRuntime", "TRACE_CHECKPOINT_S", "default_costs"]
+           "OffloadRuntime", "TRACE_CHECKPOINT_S", "TRACE_FIRST_CHECKPOINT_S", "default_costs"]
