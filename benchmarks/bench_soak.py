@@ -14,6 +14,7 @@ same port. Servers are stopped by their PID. Stdlib HTTP only.
 
 JSON row: requests, errors (non-2xx on valid requests, connection errors, timeouts), p50_ms,
 p99_ms, rss_mb_start / rss_mb_end (server + engine processes, after a 100-request warm-up),
+rss_mb_by_process_start / _end ("pid:name" -> MB),
 rss_growth, greedy_mismatches, stats_lines_valid, trace_valid, load (1-min load average at start
 and end); with --bad: bad_inputs (name -> status), bad_ok; with --restart: restart_ok,
 killed_stats_lines, killed_trace_steps.
@@ -110,17 +111,19 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-def rss_mb(pid: int) -> float:
-    """VmRSS of pid and its descendants (the API server and the engine core), MB."""
-    total = 0
-    for p in {pid} | descendants(pid):
+def rss_by_process(pid: int) -> dict[str, float]:
+    """VmRSS of pid and each descendant (the API server, the engine core), MB, keyed
+    "<pid>:<name>" so growth can be put on the process that grew."""
+    out: dict[str, float] = {}
+    for p in sorted({pid} | descendants(pid)):
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            status = Path(f"/proc/{p}/status").read_text().splitlines()
         except OSError:
             continue
-    return total / 1024
+        name = next((ln.split(None, 1)[1] for ln in status if ln.startswith("Name:")), "?")
+        kb = next((int(ln.split()[1]) for ln in status if ln.startswith("VmRSS:")), 0)
+        out[f"{p}:{name.strip()}"] = round(kb / 1024, 1)
+    return out
 
 
 def alive(pid: int) -> bool:
@@ -374,9 +377,11 @@ def soak(model: str, workdir: Path, requests: int, concurrency: int, bad: bool =
         server.wait_healthy()
         jobs = jobs_for(requests, prompts, repeated)
         warm = run_load(server.base, model, jobs[:WARMUP], concurrency)
-        row["rss_mb_start"] = round(rss_mb(server.proc.pid), 1)
+        row["rss_mb_by_process_start"] = rss_by_process(server.proc.pid)
+        row["rss_mb_start"] = round(sum(row["rss_mb_by_process_start"].values()), 1)
         rest = run_load(server.base, model, jobs[WARMUP:], concurrency)
-        row["rss_mb_end"] = round(rss_mb(server.proc.pid), 1)
+        row["rss_mb_by_process_end"] = rss_by_process(server.proc.pid)
+        row["rss_mb_end"] = round(sum(row["rss_mb_by_process_end"].values()), 1)
         answers = warm + rest
         row["errors"] = sum(1 for s, _, _ in answers if s != 200)
         lat = sorted(ms for s, _, ms in answers if s == 200)
