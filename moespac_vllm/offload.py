@@ -75,13 +75,8 @@ pair_outputs = fused_experts_pairs
 sum_pairs = sum_over_topk
 
 
-def experts_reference(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-) -> torch.Tensor:
+def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum over k (in order) of `pair_outputs`: fp32 [T,H]. `kernels.fused_experts_reference`
     without its final cast: the caller casts once."""
     return sum_over_topk(fused_experts_pairs(hidden, w13, w2, ids, weights))
@@ -314,6 +309,10 @@ class StoreCopyMover:
     @property
     def bytes_moved(self) -> int:
         return self._bytes_moved
+
+
+# Starts every CPU-expert step failure; patches/engine_errors.py fails that step's requests on it.
+FAILED_LAYER_MARKER = "moespac: the CPU experts of MoE layer"
 
 
 class MoverFault(RuntimeError):
@@ -637,8 +636,11 @@ class OffloadedExperts:
                 raise ValueError(f"topk_ids: expert ids must be in [0, {full.shape[0]})")
             slot_ids = self._slot_map[ids.long()]
         if self.host_fused is not None:  # the slots are the store's spare rows (checked at init)
-            out = self.host_fused(hidden, w13, w2, slot_ids.to(torch.int32).contiguous(),
-                                  weights.float().contiguous())
+            try:  # the host kernel is this engine's CPU expert worker
+                out = self.host_fused(hidden, w13, w2, slot_ids.to(torch.int32).contiguous(),
+                                      weights.float().contiguous())
+            except Exception as e:
+                raise self._cpu_error(e, ids.numpy()) from e
         else:
             out = self._kernel_for(hidden)(hidden, w13, w2, slot_ids.long(), weights)
         (ids_host,), ev = self.staging.to_host(ids)
@@ -691,8 +693,11 @@ class OffloadedExperts:
         E = self.store.num_experts(self.layer)
         rows = np.where(plan.cpu_mask, ids_np, plan.slot_ids + E).astype(np.int32)
         w13, w2 = self.store.rows(self.layer)
-        out = self.host_fused(hidden, w13, w2, torch.from_numpy(rows),
-                              topk_weights.detach().float().contiguous())
+        try:
+            out = self.host_fused(hidden, w13, w2, torch.from_numpy(rows),
+                                  topk_weights.detach().float().contiguous())
+        except Exception as e:  # the host kernel is this engine's CPU expert worker
+            raise self._cpu_error(e, ids_np) from e
         ms = (time.perf_counter() - t0) * 1e3
         self._gpu_ms += ms
         self.counters.launch_ms += ms
@@ -746,7 +751,7 @@ class OffloadedExperts:
     def _cpu_error(self, err: Exception, cpu_ids: np.ndarray) -> RuntimeError:
         """One clear error for a CPU expert worker that raised: the layer, its experts, why."""
         experts = sorted({int(v) for v in cpu_ids.ravel()})
-        return RuntimeError(f"moespac: the CPU experts of MoE layer {self.layer} failed "
+        return RuntimeError(f"{FAILED_LAYER_MARKER} {self.layer} failed "
                             f"(experts {experts}): {type(err).__name__}: {err}")
 
     def _check_plan(self, plan: LayerPlan, ids: np.ndarray) -> None:
@@ -771,6 +776,7 @@ def slots_for(num_experts: int, ratio: float) -> int:
 
 __all__ = [
     "CpuExperts",
+    "FAILED_LAYER_MARKER",
     "Event",
     "ExpertStore",
     "FaultTolerantMover",

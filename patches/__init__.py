@@ -78,6 +78,18 @@ LEDGER: tuple[tuple[str, str, str, str, str], ...] = (
         "when vLLM exposes a per-step callback for plugins (scheduler output + accepted counts)",
     ),
     (
+        "engine_errors.py:install",
+        "vllm.v1.engine.core.EngineCore.log_error_detail / step / step_with_batch_queue (wrapped "
+        "on the class; originals called unchanged; signatures checked at install)",
+        "vLLM treats any exception out of execute_model as fatal (the engine core dies); an "
+        "offloaded layer's CPU expert failure belongs to one step, so exactly that batch's "
+        "requests finish with vLLM's own RequestStatus.FINISHED_ERROR (HTTP 500, as for a "
+        "failed KV load) and the engine serves on; every other exception is re-raised untouched",
+        "not sanctioned (no per-request error hook for model execution in vLLM 0.32/0.33); "
+        "wraps, never edits",
+        "when vLLM fails a batch's requests instead of the engine on a model-execution error",
+    ),
+    (
         "serve.py:ensure_prometheus_multiproc_dir + moespac_vllm/metrics.py",
         "PROMETHEUS_MULTIPROC_DIR (set by `moespac serve` before vLLM / prometheus_client is "
         "imported, unless the user set it); the engine process's moespac_* series are written "

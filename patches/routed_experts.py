@@ -455,9 +455,10 @@ def register(config: MoESpacConfig) -> None:
         elif current is not OffloadedRoutedExperts:
             raise RuntimeError(f"moespac: another plugin already replaced {OOT_NAME} with "
                                f"{current.__module__}.{current.__qualname__}")
-        from moespac_vllm.patches import spec_hook
+        from moespac_vllm.patches import engine_errors, spec_hook
 
         spec_hook.install()
+        engine_errors.install()
     _ensure_ops()
 
 
