@@ -21,6 +21,18 @@ The roofline's model, per layer, for a window of n = k + 1 tokens:
 The acceptance estimate is the first-rejection model's maximum-likelihood rate over exponentially
 decayed counts: a verified draft of k tokens with `accepted` accepted is `accepted` successes in
 accepted + (1 if accepted < k else 0) Bernoulli trials (ours [I]).
+
+A batch of B requests (the vLLM glue): one k for the step, the window is B (k + 1) tokens and the
+expected tokens B times one request's. A drafter that keeps state (a draft model's KV cache) runs
+its first pass even at k = 0 (`min_draft_passes` 1: the draft term is max(k, 1) passes); a
+stateless one (n-gram lookup) is skipped (0).
+
+Online costs (`online_costs`, the vLLM glue): the draft ms per pass and the step overhead are
+exponentially weighted means of what the glue measured (`observe_draft_ms`: the drafter's wall
+time; `observe_step_ms`: a decode/verify step's wall time less the modelled MoE layers of the
+window that ran, at least 0); until the first draft is timed the governor answers k_max. After
+PROBE_AFTER_ZEROS steps in a row at k = 0 (no draft verified, so the acceptance estimate cannot
+move) it drafts one token once.
 """
 from __future__ import annotations
 
@@ -35,21 +47,21 @@ if TYPE_CHECKING:
 
 ACCEPTANCE_EMA = 0.9  # weight of the past in the online acceptance estimate
 ACCEPTANCE_PRIOR = 0.7  # the estimate before any draft was verified
+COST_EMA = 0.8  # weight of the past in the measured draft / overhead ms
+PROBE_AFTER_ZEROS = 32  # k = 0 steps in a row before one probing draft of 1 token
 
 
-def roofline(engine: ExpertEngine, acceptance: float, draft_ms_per_token: float,
-             step_overhead_ms: float, k_max: int) -> list[tuple[int, float, float]]:
-    """For k = 0..k_max: (k, expected tokens per step, modelled step ms) at `engine`'s current
-    residency and last routing window (module docstring)."""
-    if not 0.0 <= acceptance <= 1.0:
-        raise ValueError(f"acceptance: must be in [0, 1], got {acceptance}")
+def _check_k_max(k_max: int) -> None:
     if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 0:
         raise ValueError(f"k_max: must be an integer >= 0, got {k_max!r}")
-    if not draft_ms_per_token >= 0.0:
-        raise ValueError(f"draft_ms_per_token: must be >= 0, got {draft_ms_per_token}")
+
+
+def window_layer_ms(engine: ExpertEngine, num_tokens: np.ndarray) -> np.ndarray:
+    """Modelled ms of every MoE layer together for windows of `num_tokens` [N] tokens at
+    `engine`'s current residency and last routing window (module docstring) -> [N]."""
     E, K, S = engine.dims.num_experts, engine.dims.top_k, engine.num_slots
     c = engine.costs
-    ns = np.arange(1, k_max + 2, dtype=np.float64)
+    ns = np.asarray(num_tokens, dtype=np.float64)
     total = np.zeros_like(ns)
     ms = np.arange(S + 1, dtype=np.float64)[:, None]  # on-demand fetch counts considered
     for layer, ids in enumerate(engine.window_ids()):
@@ -64,7 +76,7 @@ def roofline(engine: ExpertEngine, acceptance: float, draft_ms_per_token: float,
         h_obs = np.bincount(first[(first < T) & resident], minlength=T).cumsum()
         dT, hT = float(d_obs[-1]), float(h_obs[-1])
         q = (1.0 - min(dT, E - 0.5) / E) ** (1.0 / T)  # per-token "not drawn" probability
-        idx = np.minimum(ns.astype(np.int64), T) - 1
+        idx = np.clip(ns.astype(np.int64), 1, T) - 1
         D = np.where(ns <= T, d_obs[idx], E * (1.0 - q ** ns))
         H = np.where(ns <= T, h_obs[idx], np.minimum(S, hT * D / max(dT, 1.0)))
         per = ns * K / np.maximum(D, 1.0)
@@ -73,11 +85,32 @@ def roofline(engine: ExpertEngine, acceptance: float, draft_ms_per_token: float,
         mm = np.minimum(ms, np.maximum(0.0, np.minimum(D - H, S - H)))  # [S+1, n]
         t = np.maximum((H + mm) * g + mm * c.fetch_ms, (D - H - mm) * cp)
         total += t.min(axis=0)
+    return total
+
+
+def roofline(engine: ExpertEngine, acceptance: float, draft_ms_per_token: float,
+             step_overhead_ms: float, k_max: int, *, num_requests: int = 1,
+             min_draft_passes: int = 0) -> list[tuple[int, float, float]]:
+    """For k = 0..k_max: (k, expected tokens per step, modelled step ms) at `engine`'s current
+    residency and last routing window, for `num_requests` requests drafting k tokens each
+    (module docstring)."""
+    if not 0.0 <= acceptance <= 1.0:
+        raise ValueError(f"acceptance: must be in [0, 1], got {acceptance}")
+    _check_k_max(k_max)
+    if not draft_ms_per_token >= 0.0:
+        raise ValueError(f"draft_ms_per_token: must be >= 0, got {draft_ms_per_token}")
+    if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
+        raise ValueError(f"num_requests: must be an integer >= 1, got {num_requests!r}")
+    if min_draft_passes not in (0, 1):
+        raise ValueError(f"min_draft_passes: must be 0 or 1, got {min_draft_passes!r}")
+    ns = np.arange(1, k_max + 2, dtype=np.float64)  # tokens per request
+    total = window_layer_ms(engine, ns * num_requests)
     out = []
     for i, n in enumerate(ns):
         k = int(n) - 1
         tokens = float(n) if acceptance >= 1.0 else (1 - acceptance ** n) / (1 - acceptance)
-        out.append((k, tokens, k * draft_ms_per_token + step_overhead_ms + float(total[i])))
+        out.append((k, num_requests * tokens, max(k, min_draft_passes) * draft_ms_per_token
+                    + step_overhead_ms + float(total[i])))
     return out
 
 
@@ -91,7 +124,10 @@ def best_draft_tokens(roof: list[tuple[int, float, float]], k_min: int = 0) -> i
 class DraftGovernor:
     """Chooses k per step from an online acceptance estimate (or a fixed one) and the roofline;
     keeps the histogram of chosen k. `fixed_acceptance` set: the estimate never moves (the
-    simulator's acceptance model is known)."""
+    simulator's acceptance model is known). `adaptive` False (`draft_length: fixed`): k is always
+    k_max, still counted and the acceptance still estimated. `online_costs`: the draft and
+    overhead ms are the measured means (module docstring), `draft_ms_per_token` /
+    `step_overhead_ms` only their starting values."""
 
     k_max: int
     draft_ms_per_token: float
@@ -99,25 +135,56 @@ class DraftGovernor:
     k_min: int = 0
     fixed_acceptance: float | None = None
     acceptance: float = ACCEPTANCE_PRIOR
-    hist: Counter = field(default_factory=Counter)
+    adaptive: bool = True
+    online_costs: bool = False
+    min_draft_passes: int = 0
+    hist: Counter = field(default_factory=Counter)  # chosen k -> steps
+    verified_hist: Counter = field(default_factory=Counter)  # verified draft length -> requests
     _succ: float = 0.0
     _trials: float = 0.0
+    _draft_timed: bool = False
+    _overhead_timed: bool = False
+    _zeros: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < 0:
-            raise ValueError(f"k_max: must be an integer >= 0, got {self.k_max!r}")
+        _check_k_max(self.k_max)
         if not 0 <= self.k_min <= self.k_max:
             raise ValueError(f"k_min: must be in [0, k_max={self.k_max}], got {self.k_min}")
+        if self.min_draft_passes not in (0, 1):
+            raise ValueError(f"min_draft_passes: must be 0 or 1, got {self.min_draft_passes!r}")
+        for name, v in (("draft_ms_per_token", self.draft_ms_per_token),
+                        ("step_overhead_ms", self.step_overhead_ms)):
+            if not v >= 0.0:
+                raise ValueError(f"{name}: must be >= 0, got {v}")
         if self.fixed_acceptance is not None:
             if not 0.0 <= self.fixed_acceptance <= 1.0:
                 raise ValueError(f"fixed_acceptance: must be in [0, 1], got "
                                  f"{self.fixed_acceptance}")
             self.acceptance = float(self.fixed_acceptance)
 
-    def choose(self, engine: ExpertEngine) -> int:
-        roof = roofline(engine, self.acceptance, self.draft_ms_per_token, self.step_overhead_ms,
-                        self.k_max)
-        k = best_draft_tokens(roof, self.k_min)
+    def roofline(self, engine: ExpertEngine, num_requests: int = 1
+                 ) -> list[tuple[int, float, float]]:
+        return roofline(engine, self.acceptance, self.draft_ms_per_token, self.step_overhead_ms,
+                        self.k_max, num_requests=num_requests,
+                        min_draft_passes=self.min_draft_passes)
+
+    def choose(self, engine: ExpertEngine | None, num_requests: int = 1,
+               k_limit: int | None = None) -> int:
+        """k for the next draft of `num_requests` requests, at most `k_limit` (the driver's own
+        cap, e.g. vLLM's scheduled k) when given; counted in the histogram. No engine yet (a
+        driver drafting before its first planned step): the cap."""
+        top = self.k_max if k_limit is None else max(0, min(self.k_max, int(k_limit)))
+        if not self.adaptive or engine is None or (self.online_costs and not self._draft_timed):
+            k = top
+        else:
+            roof = [r for r in self.roofline(engine, num_requests) if r[0] <= top]
+            k = best_draft_tokens(roof, min(self.k_min, top))
+            if k == 0 and top >= 1:
+                self._zeros += 1
+                if self._zeros > PROBE_AFTER_ZEROS:  # learn whether acceptance came back
+                    k, self._zeros = 1, 0
+            else:
+                self._zeros = 0
         self.hist[k] += 1
         return k
 
@@ -125,14 +192,45 @@ class DraftGovernor:
         """One verified draft: `proposed` draft tokens, `accepted` of them accepted."""
         if not 0 <= accepted <= proposed:
             raise ValueError(f"accepted: must be in [0, proposed={proposed}], got {accepted}")
-        if proposed == 0 or self.fixed_acceptance is not None:
+        if proposed == 0:
+            return
+        self.verified_hist[proposed] += 1
+        if self.fixed_acceptance is not None:
             return
         self._succ = ACCEPTANCE_EMA * self._succ + accepted
         self._trials = ACCEPTANCE_EMA * self._trials + accepted + (accepted < proposed)
         self.acceptance = self._succ / self._trials
 
+    def observe_draft_ms(self, passes: int, ms: float) -> None:
+        """The drafter ran `passes` forward passes (or lookups) in `ms` (online costs)."""
+        if passes <= 0 or not ms >= 0.0:
+            return
+        per = ms / passes
+        self.draft_ms_per_token = per if not self._draft_timed else (
+            COST_EMA * self.draft_ms_per_token + (1 - COST_EMA) * per)
+        self._draft_timed = True
+
+    def observe_step_ms(self, engine: ExpertEngine, num_tokens: int, ms: float) -> None:
+        """A decode/verify step of `num_tokens` tokens (the window `engine` just saw) took `ms`
+        without its draft: the overhead is what the modelled MoE layers leave (at least 0)."""
+        if num_tokens <= 0 or not ms >= 0.0:
+            return
+        rest = max(0.0, ms - float(window_layer_ms(engine, np.array([num_tokens]))[0]))
+        self.step_overhead_ms = rest if not self._overhead_timed else (
+            COST_EMA * self.step_overhead_ms + (1 - COST_EMA) * rest)
+        self._overhead_timed = True
+
     def draft_len_hist(self) -> dict[int, int]:
         return dict(sorted(self.hist.items()))
 
+    def verified_len_hist(self) -> dict[int, int]:
+        """Draft lengths the driver really verified, per request (what k applied looks like)."""
+        return dict(sorted(self.verified_hist.items()))
 
-__all__ = ["DraftGovernor", "best_draft_tokens", "roofline"]
+    def acceptance_estimate(self) -> float | None:
+        """The per-draft-token acceptance estimate, None before any draft was verified."""
+        return self.acceptance if self.verified_hist else None
+
+
+__all__ = ["ACCEPTANCE_PRIOR", "DraftGovernor", "PROBE_AFTER_ZEROS", "best_draft_tokens",
+           "roofline", "window_layer_ms"]

@@ -23,7 +23,11 @@ multiply the cardinality for little operational value):
   late}_total`, `moespac_stall_seconds_total`, `moespac_cpu_expert_seconds_total`,
   `moespac_host_fused_expert_seconds_total` (CPU-only engines), `moespac_steps_total`;
 - gauges: `moespac_slots_per_layer`, `moespac_cache_ratio`, `moespac_cost_profile_info{profile}`
-  (= 1; an info metric emulated as a gauge, as vLLM does, since multiprocess mode has no Info).
+  (= 1; an info metric emulated as a gauge, as vLLM does, since multiprocess mode has no Info);
+- speculative decoding (governor.py): counter `moespac_draft_steps_total{k}` (steps drafted at
+  length k: the stats' `draft_len_hist`; k is at most num_speculative_tokens, so the labels stay
+  few) and gauge `moespac_draft_acceptance` (the per-draft-token acceptance estimate), both only
+  once a draft was chosen / verified.
 
 Counters only ever increase: each update adds the difference to the previous snapshot, so after an
 update the counter equals the snapshot's total (what the stats file's line of the same step says).
@@ -96,6 +100,13 @@ def _build_families(registry: Any) -> dict[str, Any]:
                                      "The cost profile in force (value 1)",
                                      ["model_name", "profile"], registry=registry,
                                      multiprocess_mode="mostrecent")
+    fam["draft_steps"] = Counter(PREFIX + "draft_steps",
+                                 "Speculative steps per draft length k chosen by the governor",
+                                 ["model_name", "k"], registry=registry)
+    fam["draft_acceptance"] = Gauge(PREFIX + "draft_acceptance",
+                                    "Per-draft-token acceptance estimate of the draft-length "
+                                    "governor", ["model_name"], registry=registry,
+                                    multiprocess_mode="mostrecent")
     return fam
 
 
@@ -122,6 +133,7 @@ class MetricsExporter:
         self.model_name = model_name
         self._fam = families(registry)
         self._last: dict[str, float] = {c.name: 0.0 for c in COUNTERS}
+        self._last_k: dict[int, int] = {}  # draft_len_hist totals exported so far
         for c in COUNTERS:  # every series exists from the start, at 0, not at its first event
             self._fam[c.name].labels(model_name)
         self._lock = threading.Lock()
@@ -148,6 +160,13 @@ class MetricsExporter:
                 if delta > 0:
                     self._fam[c.name].labels(self.model_name).inc(delta)
                     self._last[c.name] = total
+            for k, n in stats.draft_len_hist.items():
+                delta = n - self._last_k.get(k, 0)
+                if delta > 0:
+                    self._fam["draft_steps"].labels(self.model_name, str(k)).inc(delta)
+                    self._last_k[k] = n
+            if stats.draft_acceptance is not None:
+                self._fam["draft_acceptance"].labels(self.model_name).set(stats.draft_acceptance)
 
 
 __all__ = ["COUNTERS", "CounterSpec", "MetricsExporter", "PREFIX", "families"]

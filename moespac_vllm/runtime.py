@@ -36,6 +36,7 @@ import torch
 from moespac_vllm.config import EstimatorSource, MoESpacConfig
 from moespac_vllm.cost_model import ExpertCosts
 from moespac_vllm.engine import ExpertEngine
+from moespac_vllm.governor import DraftGovernor
 from moespac_vllm.kernels.cpu_experts import CpuExpertPool
 from moespac_vllm.metrics import MetricsExporter
 from moespac_vllm.mover import CudaStreamMover, Mover, SyncMover
@@ -179,6 +180,8 @@ class OffloadRuntime:
         self.sizing = ""  # what the device-memory sizing decided (offloading line)
         self.spec_method: str | None = None
         self.num_spec_tokens = 0
+        # the draft-length governor, set by the glue when the runner drafts (patches/spec_hook)
+        self.governor: DraftGovernor | None = None
         self._step = 0
         self._open = False  # a step is open on the engine
         self._explicit = False  # opened by the driver's step hook (not an implicit dummy run)
@@ -509,6 +512,32 @@ class OffloadRuntime:
         if ctx is not None and ctx.phase is not Phase.DRAFT:
             self.board.publish(StepContext(ctx.step, Phase.DRAFT, 0, (), ctx.num_draft_tokens))
 
+    # ---- draft length (governor.py; the glue measures, the governor decides) --------------------
+    def choose_draft_tokens(self, num_requests: int, k_limit: int) -> int:
+        """k for the draft about to run (`k_limit` without a governor or before the engine)."""
+        with self.lock:
+            if self.governor is None:
+                return k_limit
+            return self.governor.choose(self.engine, num_requests, k_limit)
+
+    def observe_drafts(self, drafts: list[tuple[int, int]]) -> None:
+        """Verified drafts, one (proposed, accepted) per request."""
+        if self.governor is not None:
+            with self.lock:
+                for proposed, accepted in drafts:
+                    self.governor.observe(proposed, accepted)
+
+    def observe_draft_ms(self, passes: int, ms: float) -> None:
+        if self.governor is not None:
+            with self.lock:
+                self.governor.observe_draft_ms(passes, ms)
+
+    def observe_step_ms(self, num_tokens: int, ms: float) -> None:
+        """A decode/verify step's wall ms up to its draft (after `end_step`)."""
+        if self.governor is not None and self.engine is not None:
+            with self.lock:
+                self.governor.observe_step_ms(self.engine, num_tokens, ms)
+
     # ---- forwards ------------------------------------------------------------------------------
     def forward(self, idx: int, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
@@ -574,6 +603,9 @@ class OffloadRuntime:
         s = self.engine.stats()
         if self.host_kernels and len(self.host_kernels) == self.num_layers:
             s = replace(s, host_fused_ms=s.gpu_ms + s.cpu_ms, gpu_ms=0.0, cpu_ms=0.0)
+        if self.governor is not None:
+            s = replace(s, draft_len_hist=self.governor.draft_len_hist(),
+                        draft_acceptance=self.governor.acceptance_estimate())
         return s
 
     def summary(self) -> dict[str, Any]:
@@ -588,6 +620,9 @@ class OffloadRuntime:
             self.store.layers and not self.sized_by_device) else 0
         d["num_experts"] = self.dims.num_experts if self.dims else 0
         d["decode_steps"] = self.decode_steps
+        if self.governor is not None:
+            d["verified_draft_hist"] = {str(k): v for k, v in
+                                        self.governor.verified_len_hist().items()}
         return d
 
     def save_trace(self) -> str | None:

@@ -14,6 +14,10 @@ Counting units (all cumulative since the engine started):
   cpu_ms / gpu_ms: modelled (simulator) or measured busy time of each branch; host_fused_ms: on
   a CPU-only engine both branches run in ONE host call (stock vLLM's CPU experts over the store
   and slot rows), so that call's time is reported as what it is, not split into "GPU" and "CPU".
+- draft_len_hist: speculative steps per draft length k the draft-length governor chose (k -> steps;
+  `draft_length: fixed`: every step at vLLM's k); draft_acceptance: its per-draft-token acceptance
+  estimate from the verified drafts (None before any, or without speculation). Filled by the
+  runtime (governor.py), empty in the engine's own stats.
 
 Ratios with nothing to count (no routed pair, nothing prefetched) are undefined: the properties
 return 0.0 for numeric consumers, `as_dict` gives None and the log line prints `n/a`.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -47,6 +51,8 @@ class EngineStats:
     cpu_ms: float = 0.0
     gpu_ms: float = 0.0
     host_fused_ms: float = 0.0  # CPU-only engines: device-slot and CPU pairs in one host call
+    draft_len_hist: dict[int, int] = field(default_factory=dict)  # chosen k -> steps
+    draft_acceptance: float | None = None  # the governor's per-draft-token estimate
 
     @property
     def hit_rate_defined(self) -> bool:
@@ -81,7 +87,13 @@ class EngineStats:
         d["prefetch_precision"] = (self.prefetch_precision if self.prefetch_precision_defined
                                    else None)
         d["prefetch_recall"] = self.prefetch_recall if self.prefetch_recall_defined else None
+        d["draft_len_hist"] = {str(k): v for k, v in sorted(self.draft_len_hist.items())}
         return d
+
+    @property
+    def mean_draft_len(self) -> float | None:
+        n = sum(self.draft_len_hist.values())
+        return sum(k * v for k, v in self.draft_len_hist.items()) / n if n else None
 
 
 def _pct(value: float, defined: bool) -> str:
@@ -95,13 +107,17 @@ def format_log_line(s: EngineStats) -> str:
         times = f"host-fused experts: {s.host_fused_ms:.1f} ms"
     else:
         times = f"device experts: {s.gpu_ms:.1f} ms, CPU experts: {s.cpu_ms:.1f} ms"
+    mean_k = s.mean_draft_len
+    draft = "" if mean_k is None else (
+        f", draft length: mean {mean_k:.2f}, acceptance: "
+        + ("n/a" if s.draft_acceptance is None else f"{100 * s.draft_acceptance:.1f}%"))
     return (
         f"MoE-SpAc: steps: {s.steps}, expert hit rate: {_pct(s.hit_rate, s.hit_rate_defined)}, "
         f"prefetch precision: {_pct(s.prefetch_precision, s.prefetch_precision_defined)}, "
         f"prefetch recall: {_pct(s.prefetch_recall, s.prefetch_recall_defined)}, "
         f"experts device-slot/CPU: {s.device_experts}/{s.cpu_experts}, "
         f"fetched: {s.fetched_experts}, H2D: {s.h2d_bytes / 1e9:.2f} GB, "
-        f"stall: {s.stall_ms:.1f} ms, {times}"
+        f"stall: {s.stall_ms:.1f} ms, {times}{draft}"
     )
 
 

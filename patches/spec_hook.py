@@ -28,7 +28,10 @@ vLLM copies them to the host itself (`AsyncModelRunnerOutput.get_output()`: V1's
 object `sample_tokens` returned and counts the accepted tokens there; a synchronous
 `ModelRunnerOutput` is counted at once. A step's count is handed to the engine at the next step
 boundary (`end_step(credited)`): totals are exact, attribution lags one step under async
-scheduling.
+scheduling. The same per-request counts feed the draft-length governor's acceptance estimate.
+
+Draft length (`draft_length: adaptive`, V1 runner, synchronous scheduling): the drafter runs at
+the governor's k for the step (`patches/draft_length.py`, which says how and where not).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from typing import Any
 
 import torch
 
+from moespac_vllm.patches import draft_length
 from moespac_vllm.step_context import Phase, StepContext
 
 logger = logging.getLogger("moespac_vllm.spec_hook")
@@ -130,23 +134,30 @@ def close_step(rt: Any) -> None:
         rt.end_step(take_credit(rt))
 
 
-def _count_on_host(rt: Any, out: Any) -> Any:
-    """Count the accepted tokens of a runner output where vLLM has them on the host."""
+def _count_on_host(rt: Any, out: Any, proposed: dict[str, int] | None = None) -> Any:
+    """Count the accepted tokens of a runner output where vLLM has them on the host; with
+    `proposed` (req_id -> drafts verified this step) also hand the governor each request's
+    (proposed, accepted)."""
     from vllm.v1.outputs import AsyncModelRunnerOutput
+
+    def feed(result: Any, ids: Any) -> None:
+        credit_accepted(rt, accepted_tokens(ids))
+        if proposed and isinstance(ids, list):
+            rt.observe_drafts(draft_length.verified_drafts(result.req_ids, ids, proposed))
 
     if isinstance(out, AsyncModelRunnerOutput):
         get_output = out.get_output  # bound: V1 AsyncGPUModelRunnerOutput / V2 AsyncOutput
 
         def counted_get_output() -> Any:
             result = get_output()  # vLLM's own device->host copy (its event sync)
-            credit_accepted(rt, accepted_tokens(getattr(result, "sampled_token_ids", None)))
+            feed(result, getattr(result, "sampled_token_ids", None))
             return result
 
         out.get_output = counted_get_output  # this object only
     else:
         ids = getattr(out, "sampled_token_ids", None)
         if isinstance(ids, list):
-            credit_accepted(rt, accepted_tokens(ids))
+            feed(out, ids)
     return out
 
 
@@ -163,10 +174,14 @@ def _runtime(runner: Any) -> Any:
         runner.__dict__[_RT_ATTR] = rt
         if rt is not None:
             spec = getattr(runner, "speculative_config", None)
+            speculator = getattr(runner, "speculator", None)  # V2 runners only
             if spec is not None:
                 rt.spec_method = str(spec.method)
                 rt.num_spec_tokens = int(spec.num_speculative_tokens or 0)
-            speculator = getattr(runner, "speculator", None)  # V2 runners only
+                v2 = speculator is not None
+                draft_length.bind(runner, rt, method=rt.spec_method, k_max=rt.num_spec_tokens,
+                                  v2=v2, async_scheduling=not v2 and bool(
+                                      runner.use_async_scheduling))
             if speculator is not None:  # V2: the drafter of every method is `speculator.propose`
                 _wrap_propose(speculator, rt)
     return rt
@@ -215,6 +230,9 @@ def _execute_model(original: Any) -> Any:
             ctx = step_context_from(scheduler_output, rt.next_step_index())
             if ctx is not None:
                 rt.begin_step(ctx, explicit=True)
+            seam = draft_length.seam_of(self)
+            if seam is not None:
+                seam.begin(scheduler_output, ctx)
         return original(self, scheduler_output, *args, **kwargs)
 
     return execute_model
@@ -227,6 +245,10 @@ def _propose_draft_token_ids(original: Any) -> Any:
         if rt is not None:
             close_step(rt)  # never reads sampled_token_ids: a device tensor
             rt.mark_draft_phase()
+            seam = draft_length.seam_of(self)
+            if seam is not None:  # the drafter at the governor's k
+                return seam.propose(original, self, scheduler_output, sampled_token_ids, args,
+                                    kwargs)
         return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
 
     return propose_draft_token_ids
@@ -239,7 +261,8 @@ def _sample_tokens(original: Any) -> Any:
         if rt is not None:
             close_step(rt)  # the drafter did not run (or skipped this step)
             if out is not None:
-                _count_on_host(rt, out)
+                seam = draft_length.seam_of(self)
+                _count_on_host(rt, out, seam.proposed if seam is not None else None)
         return out
 
     return sample_tokens

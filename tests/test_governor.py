@@ -94,3 +94,73 @@ def test_bad_arguments_name_the_field(kw, field):
         g.observe(2, 3)
     with pytest.raises(ValueError, match="acceptance"):
         gv.roofline(_engine(0.25, CHEAP_GPU), 1.2, 1.0, 1.0, 2)
+
+
+# ---- the vLLM glue's uses: batches, stateful drafters, fixed mode, online costs -------------
+def test_a_batch_scales_tokens_and_widens_the_window():
+    engine = _engine(0.25, CHEAP_GPU)
+    one = gv.roofline(engine, 0.5, 2.0, 5.0, 3)
+    four = gv.roofline(engine, 0.5, 2.0, 5.0, 3, num_requests=4)
+    assert [t for _, t, _ in four] == pytest.approx([4 * t for _, t, _ in one])
+    # the window of 4 requests x (k+1) tokens: exactly what one request's roofline pays at 4(k+1)
+    layers = gv.window_layer_ms(engine, np.array([4.0, 8.0]))
+    assert four[0][2] == pytest.approx(5.0 + layers[0])
+    assert four[1][2] == pytest.approx(2.0 + 5.0 + layers[1])
+
+
+def test_a_stateful_drafter_pays_one_pass_at_k_zero():
+    engine = _engine(0.25, CHEAP_GPU)
+    free = gv.roofline(engine, 0.5, 3.0, 5.0, 2, min_draft_passes=0)
+    kept = gv.roofline(engine, 0.5, 3.0, 5.0, 2, min_draft_passes=1)
+    assert kept[0][2] == pytest.approx(free[0][2] + 3.0)  # k = 0: the first pass still runs
+    assert [m for _, _, m in kept[1:]] == pytest.approx([m for _, _, m in free[1:]])
+
+
+def test_fixed_draft_length_always_answers_k_max_and_still_estimates_acceptance():
+    engine = _engine(0.25, CHEAP_GPU)
+    g = gv.DraftGovernor(k_max=3, draft_ms_per_token=1e4, step_overhead_ms=5.0, adaptive=False)
+    assert [g.choose(engine, num_requests=2) for _ in range(4)] == [3, 3, 3, 3]
+    assert g.draft_len_hist() == {3: 4}
+    assert g.acceptance_estimate() is None
+    g.observe(3, 1)
+    assert g.acceptance_estimate() == pytest.approx(0.5)
+    assert g.verified_len_hist() == {3: 1}
+
+
+def test_online_costs_start_at_k_max_then_follow_the_measured_draft():
+    engine = _engine(0.25, CHEAP_GPU)
+    g = gv.DraftGovernor(k_max=3, draft_ms_per_token=0.0, step_overhead_ms=0.0,
+                         online_costs=True, fixed_acceptance=0.9)
+    assert g.choose(engine) == 3  # nothing measured yet: draft at full length to time it
+    g.observe_draft_ms(3, 3e4)  # 10 s per draft pass: dearer than any verification
+    assert g.choose(engine) == 0
+    g.observe_draft_ms(1, 0.0)  # the draft became free: the mean moves, k comes back
+    for _ in range(40):
+        g.observe_draft_ms(1, 0.0)
+    assert g.choose(engine) > 0
+    with pytest.raises(ValueError, match="k_max"):
+        gv.roofline(engine, 0.5, 1.0, 1.0, -1)
+
+
+def test_step_overhead_is_the_measured_step_less_the_modelled_layers():
+    engine = _engine(0.25, CHEAP_GPU)
+    n = engine.window_ids()[0].shape[0]
+    layers = float(gv.window_layer_ms(engine, np.array([n]))[0])
+    g = gv.DraftGovernor(k_max=2, draft_ms_per_token=0.0, step_overhead_ms=0.0,
+                         online_costs=True)
+    g.observe_step_ms(engine, n, layers + 7.0)
+    assert g.step_overhead_ms == pytest.approx(7.0)
+    g.observe_step_ms(engine, n, 0.0)  # faster than the model: the overhead is never negative
+    assert g.step_overhead_ms == pytest.approx(gv.COST_EMA * 7.0)
+
+
+def test_k_zero_for_long_probes_one_draft_token_and_the_cap_is_respected():
+    engine = _engine(0.25, CHEAP_GPU)
+    g = gv.DraftGovernor(k_max=3, draft_ms_per_token=1e4, step_overhead_ms=5.0,
+                         fixed_acceptance=0.9)
+    ks = [g.choose(engine) for _ in range(gv.PROBE_AFTER_ZEROS + 1)]
+    assert ks == [0] * gv.PROBE_AFTER_ZEROS + [1]
+    assert g.draft_len_hist() == {0: gv.PROBE_AFTER_ZEROS, 1: 1}
+    cheap = gv.DraftGovernor(k_max=6, draft_ms_per_token=0.0, step_overhead_ms=5.0,
+                             fixed_acceptance=1.0)
+    assert cheap.choose(_engine(1.0, CHEAP_GPU), k_limit=2) == 2
