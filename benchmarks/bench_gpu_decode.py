@@ -716,7 +716,9 @@ def resolve_kernel(device: torch.device, choice: str) -> tuple[Any, Any, str]:
         return experts_reference, None, "offload per-pair reference (torch, cpu)"
     from moespac_vllm.kernels.fused_experts import fused_experts
 
-    return fused_experts, fused_experts, "kernels.fused_experts (triton)"
+    # The layer's own default on CUDA (what vLLM runs): fused_experts, asked for its fp32 sum
+    # where a CPU partial is added to it, so the layer output is rounded once.
+    return fused_experts, None, "kernels.fused_experts (triton)"
 
 
 def resolve_cpu_path(device: torch.device, choice: str) -> tuple[Any, str, Callable[[], None]]:

@@ -535,14 +535,16 @@ def _fused_experts_triton(
     slot_ids: torch.Tensor,
     weights: torch.Tensor,
     config: KernelConfig,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     T, H, I, S, K = _check_inputs(hidden, w13, w2, slot_ids, weights)
     P = T * K
     if P == 0:
-        return torch.zeros(T, H, dtype=hidden.dtype, device=hidden.device)
+        return torch.zeros(T, H, dtype=out_dtype, device=hidden.device)
     interp = interpreter_active()
     if T <= config.gemv_max_tokens:
-        return _fused_experts_gemv(hidden, w13, w2, slot_ids, weights, config, T, H, I, K)
+        return _fused_experts_gemv(hidden, w13, w2, slot_ids, weights, config, T, H, I, K,
+                                   out_dtype)
     # Decode launches 4 kernels (align, gate/up, down, sum over k): at T=1 on an H100 the ~45
     # small torch ops this replaced cost more than the two GEMM kernels.
     sorted_pairs, block_slot = align_pairs_by_slot(
@@ -573,17 +575,17 @@ def _fused_experts_triton(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n_down, BLOCK_K=config.block_k,
         UPCAST=interp, IEEE=ieee, **launch,
     )
-    out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
+    out = torch.empty(T, H, dtype=out_dtype, device=hidden.device)
     block_h = 256 if not interp else 32
     _sum_topk_kernel[(T, triton.cdiv(H, block_h))](out_pairs, ids_flat, out, K, H, BLOCK_H=block_h)
     return out
 
 
-def _fused_experts_gemv(hidden, w13, w2, slot_ids, weights, config, T, H, I, K):
+def _fused_experts_gemv(hidden, w13, w2, slot_ids, weights, config, T, H, I, K, out_dtype):
     """Two launches, no sort and no per-pair output buffer: the tiny-T path."""
     P = T * K
     act = torch.empty(P, I, dtype=hidden.dtype, device=hidden.device)
-    out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
+    out = torch.empty(T, H, dtype=out_dtype, device=hidden.device)
     ids_flat = slot_ids.reshape(-1).contiguous()
     w_flat = weights.reshape(-1).to(torch.float32).contiguous()
     launch = {} if interpreter_active() else {"num_warps": config.num_warps}
@@ -611,9 +613,14 @@ def fused_experts(
     *,
     backend: Backend | str = Backend.AUTO,
     config: KernelConfig | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The routed experts of this device's slots: see the module docstring for shapes and the
-    numerics contract. Pairs with slot_ids < 0 contribute nothing (all negative -> zeros)."""
+    numerics contract. Pairs with slot_ids < 0 contribute nothing (all negative -> zeros).
+    `out_dtype=torch.float32` returns the fp32 sum over k before its one rounding (rule 4), so a
+    caller adding another fp32 partial (the CPU experts') rounds once, after the add."""
+    if out_dtype not in (None, torch.float32):
+        raise ValueError(f"out_dtype: None (the input dtype) or torch.float32, got {out_dtype}")
     try:
         backend = Backend(backend)
     except ValueError:
@@ -622,6 +629,9 @@ def fused_experts(
     if backend is Backend.AUTO:
         backend = Backend.TRITON if on_cuda and triton is not None else Backend.REFERENCE
     if backend is Backend.REFERENCE:
+        if out_dtype is torch.float32:
+            _check_inputs(hidden, w13, w2, slot_ids, weights)
+            return sum_over_topk(fused_experts_pairs(hidden, w13, w2, slot_ids, weights))
         return fused_experts_reference(hidden, w13, w2, slot_ids, weights)
     if triton is None:
         raise ValueError("backend: 'triton' asked for but triton is not installed")
@@ -632,7 +642,8 @@ def fused_experts(
         )
     if config is None:
         config = INTERPRET_CONFIG if interpreter_active() else DEFAULT_CONFIG
-    return _fused_experts_triton(hidden, w13, w2, slot_ids, weights, config)
+    return _fused_experts_triton(hidden, w13, w2, slot_ids, weights, config,
+                                 out_dtype or hidden.dtype)
 
 
 # ---- benchmark hook -------------------------------------------------------------------------

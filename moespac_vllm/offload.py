@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -82,16 +83,19 @@ def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return sum_over_topk(fused_experts_pairs(hidden, w13, w2, ids, weights))
 
 
-def _device_kernel(hidden: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+def _device_kernel(hidden: torch.Tensor, fp32_out: bool = False
+                   ) -> Callable[..., torch.Tensor] | None:
     """The kernels issue's Triton slot-cache kernel on CUDA tensors; None elsewhere (then the
-    per-pair reference runs, which is also what makes CPU results placement-invariant)."""
+    per-pair reference runs, which is also what makes CPU results placement-invariant).
+    `fp32_out`: it returns its fp32 sum unrounded, for a layer that adds the CPU partial and
+    rounds once (numerics contract rule 4)."""
     if not hidden.is_cuda:
         return None
     try:
         from moespac_vllm.kernels.fused_experts import fused_experts
     except ImportError:
         return None
-    return fused_experts
+    return partial(fused_experts, out_dtype=torch.float32) if fp32_out else fused_experts
 
 
 # ---- host store and device slots ----------------------------------------------------------------
@@ -605,8 +609,10 @@ class OffloadedExperts:
                        cpu_experts=tuple(sorted(set(plan.cpu_experts) | lost)),
                        device_experts=tuple(e for e in plan.device_experts if e not in lost))
 
-    def _kernel_for(self, hidden: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-        return self.device_kernel if self.device_kernel is not None else _device_kernel(hidden)
+    def _kernel_for(self, hidden: torch.Tensor, fp32_out: bool = False
+                    ) -> Callable[..., torch.Tensor] | None:
+        return (self.device_kernel if self.device_kernel is not None
+                else _device_kernel(hidden, fp32_out))
 
     def _forward_resident(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                           topk_weights: torch.Tensor, full: np.ndarray) -> torch.Tensor:
@@ -667,7 +673,7 @@ class OffloadedExperts:
         """Prefill / large step (`PrefillStreamer.should_stream`): the slot-cache pairs as usual,
         the CPU-planned pairs on the device from experts streamed through two buffers."""
         t0 = time.perf_counter()
-        kernel = self._kernel_for(hidden)
+        kernel = self._kernel_for(hidden, fp32_out=True)
         w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
         parts = []
         for i in range(0, ids_np.shape[0], step):
@@ -723,7 +729,7 @@ class OffloadedExperts:
                 raise self._cpu_error(e, ids_np[cpu_mask]) from e
         t1 = time.perf_counter()
         dev_ids = self.staging.to_device(torch.from_numpy(slot_ids.astype(np.int64)))
-        kernel = self._kernel_for(hidden)
+        kernel = self._kernel_for(hidden, fp32_out=True)
         w13, w2 = self.slots.w13(self.layer), self.slots.w2(self.layer)
         if kernel is not None:  # a fused kernel returns the k-summed [T,H]
             out = kernel(hidden, w13, w2, dev_ids, topk_weights).float()
@@ -775,24 +781,8 @@ def slots_for(num_experts: int, ratio: float) -> int:
 
 
 __all__ = [
-    "CpuExperts",
-    "FAILED_LAYER_MARKER",
-    "Event",
-    "ExpertStore",
-    "FaultTolerantMover",
-    "ImmediateEvent",
-    "HostFusedKernel",
-    "InlineCpuExperts",
-    "LayerCounters",
-    "LayerEngine",
-    "MoverFault",
-    "OffloadedExperts",
-    "SlotCache",
-    "Staging",
-    "StoreCopyMover",
-    "ThreadCpuExperts",
-    "experts_reference",
-    "pair_outputs",
-    "sum_pairs",
-    "slots_for",
+    "CpuExperts", "FAILED_LAYER_MARKER", "Event", "ExpertStore", "FaultTolerantMover",
+    "ImmediateEvent", "HostFusedKernel", "InlineCpuExperts", "LayerCounters", "LayerEngine",
+    "MoverFault", "OffloadedExperts", "SlotCache", "Staging", "StoreCopyMover",
+    "ThreadCpuExperts", "experts_reference", "pair_outputs", "sum_pairs", "slots_for",
 ]

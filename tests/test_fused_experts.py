@@ -217,10 +217,15 @@ except ModuleNotFoundError:
     from kernels import fused_experts as fe
 assert fe.interpreter_active(), "TRITON_INTERPRET=1 did not reach the kernel module"
 cases = torch.load(sys.argv[1])
+FP32_OUT_CASES = ("bf16", "gemv_bf16", "fp16")
 gemv = fe.KernelConfig(16, 16, 16, 16, 1, 1, gemv_max_tokens=1 << 20, gemv_block_n_gate_up=8,
                       gemv_block_n_down=8, gemv_block_k=16)
 outs = {k: fe.fused_experts(*v, backend="triton", config=gemv if k.startswith("gemv_") else None)
         for k, v in cases.items() if k != "align"}
+for k in FP32_OUT_CASES:
+    outs["fp32_out_" + k] = fe.fused_experts(*cases[k], backend="triton",
+                                             config=gemv if k.startswith("gemv_") else None,
+                                             out_dtype=torch.float32)
 outs["align"] = [fe.align_pairs_by_slot(ids, s, bm, use_kernel=True)
                  for ids, s, bm in cases["align"]]
 torch.save(outs, sys.argv[2])
@@ -275,6 +280,33 @@ def test_interpreted_kernel_matches_reference(interpreted, name):
         assert torch.all(got == 0)
     if name.endswith("negative_ids"):
         assert torch.all(got[2] == 0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", ["bf16", "gemv_bf16", "fp16"])
+def test_interpreted_kernel_fp32_out_is_the_sum_before_its_one_rounding(interpreted, name):
+    # out_dtype=float32 (the offloaded layer adds the CPU partial to it): both launch paths
+    # return the fp32 sum over k, not a bf16/fp16 value widened, so the layer rounds once.
+    cases, outs = interpreted
+    args = cases[name]
+    got = outs["fp32_out_" + name]
+    want = fe.fused_experts(*args, backend="reference", out_dtype=torch.float32)
+    assert got.dtype == torch.float32 == want.dtype and got.shape == want.shape
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[args[0].dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert (got.to(args[0].dtype).float() != got).any(), "the fp32 output was rounded already"
+    torch.testing.assert_close(got.to(args[0].dtype).float(), outs[name].float(), rtol=tol,
+                               atol=tol)
+
+
+def test_reference_fp32_out_is_the_unrounded_sum_and_other_dtypes_are_refused():
+    x, w13, w2, ids, wts = _case(4, 2, 32, 16, 4, dtype=torch.bfloat16, seed=3)
+    got = fe.fused_experts(x, w13, w2, ids, wts, backend="reference", out_dtype=torch.float32)
+    want = fe.sum_over_topk(fe.fused_experts_pairs(x, w13, w2, ids, wts))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(got.to(torch.bfloat16), fe.fused_experts_reference(x, w13, w2, ids, wts))
+    with pytest.raises(ValueError, match="out_dtype"):
+        fe.fused_experts(x, w13, w2, ids, wts, out_dtype=torch.float16)
 
 
 @pytest.mark.interpret
