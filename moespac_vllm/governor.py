@@ -30,7 +30,9 @@ stateless one (n-gram lookup) is skipped (0).
 Online costs (`online_costs`, the vLLM glue): the draft ms per pass and the step overhead are
 exponentially weighted means of what the glue measured (`observe_draft_ms`: the drafter's wall
 time; `observe_step_ms`: a decode/verify step's wall time less the modelled MoE layers of the
-window that ran, at least 0); until the first draft is timed the governor answers k_max. After
+window that ran, at least 0); the first draft timed is a warm-up and not counted (vLLM's n-gram
+drafter took ~1 s on its first call here, 1000x its steady state), and until the second one the
+governor answers k_max. After
 PROBE_AFTER_ZEROS steps in a row at k = 0 (no draft verified, so the acceptance estimate cannot
 move) it drafts one token once.
 """
@@ -143,6 +145,7 @@ class DraftGovernor:
     _succ: float = 0.0
     _trials: float = 0.0
     _draft_timed: bool = False
+    _draft_warm: bool = False  # the first (warm-up) draft was seen
     _overhead_timed: bool = False
     _zeros: int = 0
 
@@ -204,6 +207,9 @@ class DraftGovernor:
     def observe_draft_ms(self, passes: int, ms: float) -> None:
         """The drafter ran `passes` forward passes (or lookups) in `ms` (online costs)."""
         if passes <= 0 or not ms >= 0.0:
+            return
+        if not self._draft_warm:
+            self._draft_warm = True  # one-time costs (JIT, first allocations): not the draft's
             return
         per = ms / passes
         self.draft_ms_per_token = per if not self._draft_timed else (

@@ -11,12 +11,14 @@ tests/test_e2e_offload.py, VLLM_ENABLE_V1_MULTIPROCESSING=0, ngram engines one p
 with `draft_length: adaptive` greedy outputs equal stock vLLM's (same speculative config, k=3)
 for draft_model and ngram at cache_ratio 1.0 and 0.25; the stats carry `draft_len_hist` and the
 acceptance estimate; `draft_length: fixed` verifies k=3 on every request. The k the governor
-chooses is checked against two constructed cost profiles, where the answer is known whatever
-the machine's load: `free` (every expert costs ~0 ms: more drafts only add the n-gram lookup,
-microseconds against a step of milliseconds, so k = 3) and `dear` (each token an expert computes
-costs 1 s on either branch: a verification window of n tokens costs ~n s, which no acceptance
-below 1 repays, so k = 0 after the first, untimed, draft at k = 3, with a 1-token probe every
-`PROBE_AFTER_ZEROS` steps).
+chooses is checked on the draft model (a stateful drafter: its first pass runs at k = 0 too, to
+keep its KV cache) against two constructed cost profiles, where the answer is known whatever the
+machine's load: `free` (every expert costs ~0 ms: a verified token costs nothing and the first
+draft token costs no extra pass, so with any acceptance above 0 the governor never picks k = 0)
+and `dear` (FLOP rates of 1e-15 TFLOP/s: each token an expert computes costs hours on either
+branch, so a window of n tokens costs ~n times one token, which no acceptance below 1 repays, so k = 0 once the drafts are timed, with a 1-token probe
+every `PROBE_AFTER_ZEROS` steps). The tiny random-weight pair's n-gram acceptance is ~0 (its
+gibberish rarely repeats), so the n-gram runs mostly sit at k = 0: the right answer there.
 """
 from __future__ import annotations
 
@@ -176,7 +178,7 @@ def test_async_scheduling_keeps_vllms_k_and_says_so_once(caplog):
 
 # ---- part 2: end to end ----------------------------------------------------------------------
 def _profile(tmp: Path, name: str, dear: bool) -> str:
-    """A cost profile JSON: `dear` makes every token an expert computes cost 1 s on either branch
+    """A cost profile JSON: `dear` makes every token an expert computes cost hours on either branch
     (tiny FLOP rates), `free` makes every expert cost ~0."""
     from moespac_vllm.cost_model import CostProfile
 
@@ -209,17 +211,18 @@ def runs(tmp_path_factory) -> dict:
     jobs = [
         ("draft_model", {"runs": [{"label": "stock"}]}, False),
         ("draft_model", {"runs": [
-            {"label": "1.0", "moespac": {"cache_ratio": 1.0, "draft_length": "adaptive"}},
+            {"label": "1.0", "moespac": {"cache_ratio": 1.0, "draft_length": "adaptive",
+                                         "profile": free}},
             {"label": "0.25", "moespac": {"cache_ratio": 0.25, "draft_length": "adaptive",
-                                          "stats_file": stats_file,
+                                          "profile": dear, "stats_file": stats_file,
                                           "stats_interval_steps": 5}},
             {"label": "fixed", "moespac": {"cache_ratio": 0.25, "draft_length": "fixed"}},
         ]}, True),
         ("ngram", {"runs": [{"label": "stock"}]}, False),
         ("ngram", {"runs": [{"label": "1.0", "moespac": {
-            "cache_ratio": 1.0, "draft_length": "adaptive", "profile": free}}]}, True),
+            "cache_ratio": 1.0, "draft_length": "adaptive"}}]}, True),
         ("ngram", {"runs": [{"label": "0.25", "moespac": {
-            "cache_ratio": 0.25, "draft_length": "adaptive", "profile": dear}}]}, True),
+            "cache_ratio": 0.25, "draft_length": "adaptive"}}]}, True),
     ]
     out: dict = {m: {"texts": {}, "stats": {}} for m in ("draft_model", "ngram")}
     pending, running = list(jobs), []
@@ -246,19 +249,21 @@ def test_adaptive_greedy_outputs_equal_stock(runs, mode, label):
     s = runs[mode]["stats"][label]
     hist = {int(k): v for k, v in s["draft_len_hist"].items()}
     assert hist and sum(hist.values()) > 0 and set(hist) <= set(range(K + 1))
-    assert 0.0 <= s["draft_acceptance"] <= 1.0
+    if mode == "draft_model":  # (an n-gram run may never have had a draft verified)
+        assert 0.0 <= s["draft_acceptance"] <= 1.0
     # what vLLM verified follows the governor: no request verified more than any chosen k
-    assert max(int(k) for k in s["verified_draft_hist"]) <= max(hist)
+    assert max((int(k) for k in s["verified_draft_hist"]), default=0) <= max(hist)
 
 
 @pytest.mark.slow
 def test_the_governor_follows_the_cost_of_verification(runs):
-    free = {int(k): v for k, v in runs["ngram"]["stats"]["1.0"]["draft_len_hist"].items()}
-    dear = {int(k): v for k, v in runs["ngram"]["stats"]["0.25"]["draft_len_hist"].items()}
-    assert max(free, key=free.get) == K  # drafts cost ~nothing: the longest
-    assert max(dear, key=dear.get) == 0  # every verified token costs seconds: none
-    assert len(dear) >= 2 and dear.get(K, 0) >= 1  # the first, untimed draft at k_max
-    assert runs["ngram"]["texts"]["0.25"] == runs["ngram"]["texts"]["stock"]
+    stats = runs["draft_model"]["stats"]
+    free = {int(k): v for k, v in stats["1.0"]["draft_len_hist"].items()}
+    dear = {int(k): v for k, v in stats["0.25"]["draft_len_hist"].items()}
+    assert stats["1.0"]["draft_acceptance"] > 0.0
+    assert 0 not in free  # verification free, the first draft token free: always >= 1
+    assert max(dear, key=dear.get) == 0  # every verified token costs hours: none
+    assert len(dear) >= 2 and dear.get(K, 0) >= 1  # the first, untimed drafts at k_max
 
 
 @pytest.mark.slow
