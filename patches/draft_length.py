@@ -155,8 +155,28 @@ def bind(runner: Any, rt: Any, *, method: str, k_max: int, v2: bool, async_sched
     return seam
 
 
+def check_vllm(v1_runner: type) -> None:
+    """Install-time check that the seam is still there: vLLM's SchedulerOutput carries
+    `num_spec_tokens_to_schedule` and V1's `propose_draft_token_ids` reads it from its argument
+    (vLLM 0.32 / 0.33). Raises TypeError naming what moved."""
+    import dataclasses
+    import inspect
+
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    if "num_spec_tokens_to_schedule" not in {f.name for f in dataclasses.fields(SchedulerOutput)}:
+        raise TypeError("moespac: vllm SchedulerOutput.num_spec_tokens_to_schedule is gone; "
+                        "update patches/draft_length.py")
+    src = inspect.getsource(v1_runner.propose_draft_token_ids)
+    if "scheduler_output.num_spec_tokens_to_schedule" not in src:
+        raise TypeError("moespac: vllm GPUModelRunner.propose_draft_token_ids no longer reads "
+                        "scheduler_output.num_spec_tokens_to_schedule; update "
+                        "patches/draft_length.py")
+
+
 def seam_of(runner: Any) -> DraftLengthSeam | None:
     return runner.__dict__.get(STATE_ATTR)
 
 
-__all__ = ["DraftLengthSeam", "STATELESS_DRAFTERS", "bind", "seam_of", "trim", "verified_drafts"]
+__all__ = ["DraftLengthSeam", "STATELESS_DRAFTERS", "bind", "check_vllm", "seam_of", "trim",
+           "verified_drafts"]

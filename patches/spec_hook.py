@@ -292,6 +292,8 @@ def install() -> None:
         if _installed:
             return
         classes = runner_classes()
+        # the draft-length seam reads vLLM's Dynamic SD field: check it before wrapping
+        draft_length.check_vllm(classes["v1"])
         for name, params in V1_METHODS:
             make = {"execute_model": _execute_model, "sample_tokens": _sample_tokens,
                     "propose_draft_token_ids": _propose_draft_token_ids}[name]

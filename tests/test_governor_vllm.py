@@ -281,3 +281,16 @@ def test_the_stats_file_carries_the_histogram_and_the_acceptance(runs):
     last = lines[-1]
     assert sum(last["draft_len_hist"].values()) > 0
     assert last["draft_acceptance"] is not None
+
+
+def test_the_seam_is_checked_at_install():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    draft_length.check_vllm(GPUModelRunner)  # the installed vLLM has it
+
+    class Moved(GPUModelRunner):
+        def propose_draft_token_ids(self, scheduler_output, sampled_token_ids):
+            return [[] for _ in sampled_token_ids]  # reads no draft length
+
+    with pytest.raises(TypeError, match="num_spec_tokens_to_schedule"):
+        draft_length.check_vllm(Moved)
