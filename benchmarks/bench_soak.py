@@ -370,7 +370,11 @@ def soak(model: str, workdir: Path, requests: int, concurrency: int, bad: bool =
     repeated = prompts[:REPEATED]
     ref_proc = start_offline(model, repeated)
     row: dict = {"bench": "soak", "requests": requests, "concurrency": concurrency,
-                 "max_tokens": MAX_TOKENS, "load_start": load1()}
+                 "max_tokens": MAX_TOKENS, "load_start": load1(),
+                 # oneDNN keeps one primitive per GEMM shape (default 1,024 of them): on a CPU-only
+                 # engine that cache, not the server, is what grows over a soak (README row)
+                 "onednn_primitive_cache_capacity": os.environ.get(
+                     "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default")}
     port = free_port()
     server = Server(model, port, workdir)
     try:
