@@ -78,6 +78,21 @@ LEDGER: tuple[tuple[str, str, str, str, str], ...] = (
         "when vLLM exposes a per-step callback for plugins (scheduler output + accepted counts)",
     ),
     (
+        "draft_length.py:DraftLengthSeam.propose (called from spec_hook's V1 "
+        "propose_draft_token_ids wrapper)",
+        "the original is called with a shallow copy of the SchedulerOutput whose "
+        "num_spec_tokens_to_schedule is the governor's k (vLLM's Dynamic SD field, read by "
+        "propose_draft_token_ids and handed to every proposer; checked at install); vLLM's object "
+        "is not changed; at k = 0 the stateless n-gram drafter is not called",
+        "draft_length: adaptive: the draft length chosen per step (governor.py) with the draft "
+        "loop stopped early, not only trimmed; only under synchronous scheduling (async "
+        "scheduling reserves vLLM's k placeholders before the drafter runs: vLLM's k is kept)",
+        "not sanctioned: Dynamic SD is meant to be set by the scheduler "
+        "(num_speculative_tokens_per_batch_size); no per-step hook for plugins",
+        "when vLLM lets a plugin choose num_spec_tokens_to_schedule per step (a scheduler hook "
+        "with the runner's feedback)",
+    ),
+    (
         "engine_errors.py:install",
         "vllm.v1.engine.core.EngineCore.log_error_detail / step / step_with_batch_queue (wrapped "
         "on the class; originals called unchanged; signatures checked at install)",
