@@ -19,8 +19,10 @@ Measured (benchmarks/README.md, bench_layer_host.py --dims qwen3-30b-a3b): the P
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,7 +92,12 @@ def attach(engine: ExpertEngine, required: bool = False) -> NativePlanner | None
 
 
 class NativePlanner:
-    """`plan_layer` / `finish_layer` / prefetch of one engine, in C++ on the engine's arrays."""
+    """`plan_layer` / `finish_layer` / prefetch of one engine, in C++ on the engine's arrays.
+
+    `plan_layer(layer, topk_ids) -> LayerPlan` and `finish_layer(layer, topk_ids)` are the
+    compiled functions themselves (instance attributes), so the engine's dispatch reaches C++
+    with no Python frame between: the whole Python cost of a planned forward is the engine's
+    two method calls. Routing of any integer dtype and strides is read in place."""
 
     def __init__(self, engine: ExpertEngine) -> None:
         from moespac_vllm.engine import (FAITHFUL_THRESHOLD, HYBRIMOE_DECAY, PREFETCH_IDLE_ONLY,
@@ -123,9 +130,13 @@ class NativePlanner:
             arrays["levels"] = est._levels
         tables = [(t._slot_of, t._expert_in, t._state, t._pins, t._last_use, t._uses, t._ready,
                    t._meta) for t in engine.tables]
-        mover, clock = engine.mover, engine.clock
-        self._planner = _plan.Planner(cfg, tables, arrays, mover.load, mover.is_ready,
-                                      clock.now_ms, LayerPlan, self._ids)
+        hooks: dict[str, Any] = dict(
+            load=engine.mover.load, is_ready=engine.mover.is_ready, now=engine.clock.now_ms,
+            as_ids=self._ids, window_ids=engine._window_ids, plan_type=LayerPlan,
+            plan_fields=_slot_descriptors(LayerPlan, _PLAN_FIELDS),
+            drop_draft=est.drop_draft if est is not None else None)
+        self._planner = _plan.Planner(cfg, tables, arrays, hooks)
+        self.plan_layer, self.finish_layer = self._planner.entry_points()
         if engine._next_use is not None:
             self.set_future(engine._next_use, engine._future)
 
@@ -142,31 +153,16 @@ class NativePlanner:
 
     @staticmethod
     def _ids(topk_ids: Any) -> np.ndarray:
-        """Any integer [T, K] array-like -> C-contiguous int32/int64 (the native code reads
-        those in place and sends everything else here)."""
+        """Any integer [T, K] array-like -> `np.asarray` of it in native byte order (the native
+        code reads integer ndarrays in place and sends everything else here; what it returns
+        is also what the engine keeps as the layer's window routing)."""
         ids = np.asarray(topk_ids)
         if ids.ndim != 2 or ids.dtype.kind not in "iu":
             raise ValueError(f"topk_ids: expected an integer [T, K] array, got {ids.dtype} "
                              f"{ids.shape}")
-        if ids.dtype not in (np.int64, np.int32) or not ids.flags.c_contiguous:
-            ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if not ids.dtype.isnative:
+            ids = ids.astype(ids.dtype.newbyteorder("="))
         return ids
-
-    def plan_layer(self, layer: int, topk_ids: Any) -> LayerPlan:
-        eng = self.engine
-        decoding = eng._decoding()
-        plan = self._planner.plan(layer, topk_ids, decoding)
-        if decoding:
-            eng._window_ids[layer] = topk_ids if type(topk_ids) is np.ndarray \
-                else np.asarray(topk_ids)
-        return plan
-
-    def finish_layer(self, layer: int, topk_ids: Any) -> None:
-        eng = self.engine
-        decoding = eng._decoding()
-        self._planner.finish(layer, topk_ids, decoding)
-        if decoding and eng.estimator is not None:
-            eng.estimator.drop_draft(layer)
 
     def prefetch_step(self) -> None:
         """end_step's prefetch for spac / hybrimoe (every layer not yet whole)."""
@@ -176,6 +172,24 @@ class NativePlanner:
                        deadline: bool) -> None:
         self._planner.prefetch_with(layer, np.ascontiguousarray(score, dtype=np.float64),
                                     np.ascontiguousarray(tiebreak, dtype=np.int64), deadline)
+
+
+_PLAN_FIELDS = ("layer", "slot_ids", "cpu_mask", "fetches", "cpu_experts", "device_experts")
+
+
+def _slot_descriptors(cls: type, names: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """The member descriptors of slotted dataclass `cls`'s fields, when its fields are exactly
+    `names` in that order and nothing runs after `__init__` sets them (no `__post_init__`):
+    then the native code may set the slots of a new instance itself. Else None (it calls
+    `cls(...)`)."""
+    if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__"):
+        return None
+    if tuple(f.name for f in dataclasses.fields(cls)) != names:
+        return None
+    out = tuple(cls.__dict__.get(n) for n in names)
+    if not all(isinstance(d, types.MemberDescriptorType) for d in out):
+        return None
+    return out
 
 
 def measure_plan_ms(dims: ModelDims, costs: ExpertCosts, *, window_tokens: int = 4,
