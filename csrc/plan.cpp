@@ -5,16 +5,21 @@
 // (cache.SlotTable: admit / victim / pin / unpin / touch / mark_ready), the estimator's level
 // rule (estimator.UtilityEstimator._apply) and spac / hybrimoe / spac-faithful prefetch
 // (engine._prefetch_layer, _faithful_prefetch), step for step as the Python code does them, on
-// the very numpy arrays the Python objects own (cache.py, engine_state.py). The mover and the
-// clock stay Python objects: they are called back in the order the Python engine calls them.
-// So the two paths give identical plans, books and tables (tests/test_plan_native.py, hypothesis
-// + the real Mixtral traces, every policy), and either can continue from the other's state.
+// the very numpy arrays the Python objects own (cache.py, engine_state.py). The mover stays a
+// Python object, called back in the order the Python engine calls it; the clock is read once per
+// call (see now()). So the two paths give identical plans, books and tables
+// (tests/test_plan_native.py, hypothesis + the real Mixtral traces, every policy), and either can
+// continue from the other's state.
 //
 // Why native: at Qwen3-30B-A3B scale (E=128, top-8, 22 slots) the Python plan costs 180-530 us
 // per layer forward (issue 11; cProfile: sorted() keys, per-slot victim loops, numpy calls on
 // 128-element rows, the balancer's Python-int bitsets), 9-25 ms of host time per decode step
-// against a 5-6 ms step on the GPU. The same work here is a few microseconds
-// (benchmarks/bench_layer_host.py --dims qwen3-30b-a3b).
+// against a 5-6 ms step on the GPU. Here it is 3-9 us (benchmarks/bench_layer_host.py --dims
+// qwen3-30b-a3b, this 2-core EPYC, shared). What a forward costs now is mostly its calls into
+// Python: plan_layer / finish_layer are plain METH_FASTCALL functions (entry_points), routing is
+// read in place whatever its integer dtype, the LayerPlan is filled slot by slot, and what is
+// left is the mover: 10-35 is_ready polls and 2-16 loads per forward, ~0.1 us each with the
+// benchmark's lean Python mover, about half the forward's time.
 // Why C++17 + pybind11: the build skeleton (setup.py) already compiles csrc/*.cpp with
 // pybind11, which needs no extra toolchain on a fresh machine (Rust/PyO3 would need cargo);
 // pybind11's numpy buffers give zero-copy pointers into the tables, and the module uses only
@@ -902,15 +907,48 @@ class Planner {
         return n;
     }
 
-    // SlotTable.victim: the READY resident with the smallest key, or -1
+    // SlotTable.victim: the READY resident with the smallest key, or -1. One loop per order
+    // (an admission scans every slot: ~15 of them per Qwen3 layer forward under lru at W=4)
     int victim(const Table& t, const double* scores, bool has_thr, double thr,
                const int64_t* next_use) const {
+        const int64_t *lu = t.last_use, *uses = t.uses;
+        switch (order_) {
+            case O_LRU:
+                return victim_by(t, [&](int a, int b) {
+                    return lu[a] != lu[b] ? lu[a] < lu[b] : a < b;
+                });
+            case O_LFU:
+                return victim_by(t, [&](int a, int b) {
+                    if (uses[a] != uses[b]) return uses[a] < uses[b];
+                    return lu[a] != lu[b] ? lu[a] < lu[b] : a < b;
+                });
+            case O_UTILITY:
+                if (!scores) break;  // the generic loop raises at its first comparison
+                return victim_by(t, [&](int a, int b) {
+                    return scores[a] != scores[b] ? scores[a] < scores[b] : a < b;
+                }, has_thr ? scores : nullptr, thr);
+            default:
+                break;
+        }
         int best = -1;
         for (int s = 0; s < S_; ++s) {
             if (t.state[s] != READY) continue;
             const int e = int(t.expert_in[s]);
             if (has_thr && order_ == O_UTILITY && !(scores[e] < thr)) continue;
             if (best < 0 || less(t, e, best, scores, next_use)) best = e;
+        }
+        return best;
+    }
+
+    // the READY resident smallest by `less`; with `below`, only those with below[e] < thr
+    template <class Less>
+    int victim_by(const Table& t, Less less, const double* below = nullptr, double thr = 0.0) const {
+        int best = -1;
+        for (int s = 0; s < S_; ++s) {
+            if (t.state[s] != READY) continue;
+            const int e = int(t.expert_in[s]);
+            if (below && !(below[e] < thr)) continue;
+            if (best < 0 || less(e, best)) best = e;
         }
         return best;
     }
@@ -1202,10 +1240,9 @@ py::tuple exact_solve(py::array_t<int64_t, py::array::c_style | py::array::force
 // plan_layer(layer, topk_ids) / finish_layer(layer, topk_ids), METH_FASTCALL, bound to a capsule
 // holding the Planner (and a reference to its Python object, so it outlives them): a call costs
 // what a builtin's does, where pybind11's method dispatcher took 0.19 us (measured).
-constexpr const char* CAPSULE = "moespac_vllm._plan.Planner";
-
+// The capsule is unnamed: a named one costs a strcmp on every call, and no other code sees it.
 Planner* capsule_planner(PyObject* self) {
-    return static_cast<Planner*>(PyCapsule_GetPointer(self, CAPSULE));
+    return static_cast<Planner*>(PyCapsule_GetPointer(self, nullptr));
 }
 
 bool entry_args(PyObject* const* args, Py_ssize_t nargs, const char* name, int& layer) {
@@ -1275,7 +1312,7 @@ void release_capsule(PyObject* capsule) {
 // (plan_layer, finish_layer) bound to `self` (a Planner)
 py::tuple entry_points(py::object self) {
     Planner& planner = self.cast<Planner&>();
-    py::object capsule = steal(PyCapsule_New(&planner, CAPSULE, release_capsule));
+    py::object capsule = steal(PyCapsule_New(&planner, nullptr, release_capsule));
     if (PyCapsule_SetContext(capsule.ptr(), self.inc_ref().ptr()) < 0) {
         self.dec_ref();
         throw py::error_already_set();
@@ -1298,9 +1335,6 @@ PYBIND11_MODULE(_plan, m) {
         "toolchain and numpy buffers give zero-copy pointers into the tables.";
     py::class_<Planner>(m, "Planner")
         .def(py::init<py::dict, py::list, py::dict, py::dict>())
-        .def("plan", [](Planner& p, int layer, py::object ids) { return p.plan(layer, ids.ptr()); })
-        .def("finish",
-             [](Planner& p, int layer, py::object ids) { p.finish(layer, ids.ptr()); })
         .def("entry_points", &entry_points,
              "(plan_layer, finish_layer): the per-forward calls as plain CPython functions")
         .def("prefetch_step", &Planner::prefetch_step)

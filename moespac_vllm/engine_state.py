@@ -13,6 +13,9 @@ Shapes: L MoE layers, E experts per layer.
 - `Counters`: the engine's books (hits, misses, ...) as one int64 array, read and written by name.
 - `ArrayField`: a float or int attribute of the engine stored in one element of an array
   (NaN reads as None for optional times).
+- The timeline (`LINK_FREE_MS` ... `END_MS`, float64) and clock (`TICK`, `STEP`, `DECODING`,
+  int64) slot indices; `DECODING` holds the phase the plan depends on (decode/verify vs
+  prefill), so the native planner needs no argument for it.
 
 Pure: numpy only.
 """
