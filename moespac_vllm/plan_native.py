@@ -178,19 +178,20 @@ class NativePlanner:
 _PLAN_FIELDS = ("layer", "slot_ids", "cpu_mask", "fetches", "cpu_experts", "device_experts")
 
 
-def _slot_descriptors(cls: type, names: tuple[str, ...]) -> tuple[Any, ...] | None:
-    """The member descriptors of slotted dataclass `cls`'s fields, when its fields are exactly
-    `names` in that order and nothing runs after `__init__` sets them (no `__post_init__`):
-    then the native code may set the slots of a new instance itself. Else None (it calls
-    `cls(...)`)."""
-    if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__"):
-        return None
-    if tuple(f.name for f in dataclasses.fields(cls)) != names:
-        return None
-    out = tuple(cls.__dict__.get(n) for n in names)
-    if not all(isinstance(d, types.MemberDescriptorType) for d in out):
-        return None
-    return out
+def _slot_descriptors(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The member descriptors of slotted dataclass `cls`'s fields, in field order: the native code
+    sets a new instance's slots through them, which is all `cls(...)` does when nothing runs after
+    `__init__` sets the fields. Raises ValueError when `cls` is not that (other fields than
+    `names`, a `__post_init__`, no slots), so a change to LayerPlan stops here, not in a plan."""
+    fields = tuple(f.name for f in dataclasses.fields(cls))
+    post_init = any("__post_init__" in vars(k) for k in cls.__mro__)
+    descriptors = tuple(vars(cls).get(n) for n in names)
+    if fields != names or post_init or not all(
+            isinstance(d, types.MemberDescriptorType) for d in descriptors):
+        raise ValueError(f"plan_type: the native planner fills the slots {names} of a slotted "
+                         f"dataclass without __post_init__; {cls.__name__} has fields {fields}"
+                         f"{' and a __post_init__' if post_init else ''}")
+    return descriptors
 
 
 def measure_plan_ms(dims: ModelDims, costs: ExpertCosts, *, window_tokens: int = 4,

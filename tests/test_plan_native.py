@@ -299,13 +299,14 @@ def test_native_rejects_bad_routing_naming_the_field():
         eng.plan_layer(0, np.array([[0, 1]]))
 
 
-def test_native_plans_are_layer_plans_set_field_by_field_or_built_by_the_class(monkeypatch):
-    """The native code sets a new LayerPlan's slots itself when plan_native finds its member
-    descriptors (fields as expected, no __post_init__); otherwise it calls LayerPlan(...). Both
-    give a frozen LayerPlan equal to the Python engine's."""
+def test_native_plans_are_layer_plans_set_slot_by_slot_as_the_class_builds_them(monkeypatch):
+    """The native code sets a new LayerPlan's slots itself through the member descriptors
+    plan_native hands it (refused for a class whose fields differ or that has a __post_init__),
+    or, given none, calls LayerPlan(...): both give a frozen LayerPlan equal to the Python
+    engine's."""
     from moespac_vllm.engine import LayerPlan
 
-    assert plan_native._slot_descriptors(LayerPlan, plan_native._PLAN_FIELDS) is not None
+    assert len(plan_native._slot_descriptors(LayerPlan, plan_native._PLAN_FIELDS)) == 6
 
     @dataclasses.dataclass(frozen=True, slots=True)
     class Checked:
@@ -314,8 +315,10 @@ def test_native_plans_are_layer_plans_set_field_by_field_or_built_by_the_class(m
         def __post_init__(self) -> None:
             pass
 
-    assert plan_native._slot_descriptors(Checked, ("layer",)) is None
-    assert plan_native._slot_descriptors(LayerPlan, ("layer",)) is None
+    with pytest.raises(ValueError, match="plan_type: .* and a __post_init__"):
+        plan_native._slot_descriptors(Checked, ("layer",))
+    with pytest.raises(ValueError, match="plan_type"):
+        plan_native._slot_descriptors(LayerPlan, ("layer",))
     costs = ExpertCosts(0.01, 0.001, 0.5, 0.01, 0.2)
     dims = ModelDims(2, 8, 2, 16, 8, 2)
     ids = np.array([[0, 3], [3, 5]], dtype=np.int16)
