@@ -85,8 +85,8 @@ import numpy as np
 from moespac_vllm.cache import EvictionOrder, SlotTable
 from moespac_vllm.config import EstimatorConfig, MoESpacConfig, Policy, ThetaScale
 from moespac_vllm.cost_model import ExpertCosts
-from moespac_vllm.engine_state import (BEGIN_MS, END_MS, GAP_MS, LINK_FREE_MS, STEP, TICK,
-                                       ArrayField, Counters, ExpertSet)
+from moespac_vllm.engine_state import (BEGIN_MS, DECODING, END_MS, GAP_MS, LINK_FREE_MS, STEP,
+                                       TICK, ArrayField, Counters, ExpertSet)
 from moespac_vllm.stats import EngineStats, StatsWriter, format_log_line
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.trace import ModelDims
@@ -197,7 +197,7 @@ class ExpertEngine:
             self.balancer = balancer
         self._native = None
         self._times = np.array([0.0, np.nan, 0.0, np.nan])
-        self._clock = np.array([0, -1], dtype=np.int64)
+        self._clock = np.array([0, -1, 1], dtype=np.int64)  # tick, step, decoding
         self._next_use = None
         if self.policy is Policy.ORACLE:
             if future_counts is None:
@@ -229,6 +229,9 @@ class ExpertEngine:
             from moespac_vllm.plan_native import attach
 
             self._native = attach(self, required=bool(native))
+            if self._native is not None:  # its compiled calls themselves: no frame between
+                self.plan_layer = self._native.plan_layer
+                self.finish_layer = self._native.finish_layer
 
     # ---- oracle ------------------------------------------------------------------------------
     def set_future(self, future_counts: np.ndarray) -> None:
@@ -258,6 +261,7 @@ class ExpertEngine:
     def begin_step(self, ctx: StepContext) -> None:
         self._flush_resident()
         self._ctx = ctx
+        self._clock[DECODING] = ctx.phase in (Phase.DECODE, Phase.VERIFY)
         if ctx.phase in (Phase.DECODE, Phase.VERIFY):
             self._step += 1
             now = self.clock.now_ms()
@@ -265,8 +269,8 @@ class ExpertEngine:
                 self._gap_ms = max(0.0, now - self._end_ms)
             self._begin_ms = now
 
-    def _decoding(self) -> bool:
-        return self._ctx is None or self._ctx.phase in (Phase.DECODE, Phase.VERIFY)
+    def _decoding(self) -> bool:  # no step begun yet, or a decode/verify one (begin_step)
+        return bool(self._clock[DECODING])
 
     def _scores(self, layer: int) -> np.ndarray | None:
         """The per-expert score the utility eviction order compares. spac: level + a recency

@@ -13,6 +13,9 @@ Shapes: L MoE layers, E experts per layer.
 - `Counters`: the engine's books (hits, misses, ...) as one int64 array, read and written by name.
 - `ArrayField`: a float or int attribute of the engine stored in one element of an array
   (NaN reads as None for optional times).
+- The timeline (`LINK_FREE_MS` ... `END_MS`, float64) and clock (`TICK`, `STEP`, `DECODING`,
+  int64) slot indices; `DECODING` holds the phase the plan depends on (decode/verify vs
+  prefill), so the native planner needs no argument for it.
 
 Pure: numpy only.
 """
@@ -29,9 +32,10 @@ COUNTER_NAMES = ("steps", "tokens", "hits", "misses", "fetched_experts", "device
                  "prefetch_late")
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
-# slots of the engine's float64 timeline array and int64 clock array (shared with csrc/plan.cpp)
+# slots of the engine's float64 timeline array and int64 clock array (shared with csrc/plan.cpp);
+# clock[DECODING] is 1 while the step is a decode/verify one (or none began yet), 0 in prefill
 LINK_FREE_MS, BEGIN_MS, GAP_MS, END_MS = 0, 1, 2, 3
-TICK, STEP = 0, 1
+TICK, STEP, DECODING = 0, 1, 2
 
 
 class ExpertSet:
@@ -109,4 +113,5 @@ class ArrayField:
         getattr(obj, self.array)[self.index] = math.nan if value is None else value
 
 
-__all__ = ["COUNTER_NAMES", "ArrayField", "Counters", "ExpertSet"]
+__all__ = ["BEGIN_MS", "COUNTER_NAMES", "DECODING", "END_MS", "GAP_MS", "LINK_FREE_MS", "STEP",
+           "TICK", "ArrayField", "Counters", "ExpertSet"]

@@ -4,10 +4,10 @@ spac-faithful prefetch.
 
 `attach(engine)` builds a `NativePlanner` over the engine's own state: the slot tables' arrays
 (cache.py), the engine's masks, books, timeline and scores (engine_state.py) and the estimator's
-levels. The C++ code changes those arrays in place and calls the engine's mover and clock back in
-the order the Python engine does, so plans, books and tables are identical to the Python
-reference's (tests/test_plan_native.py: hypothesis problems and the real Mixtral traces, every
-policy). What the native planner does not cover stays in Python on the same state: the oracle's
+levels. The C++ code changes those arrays in place and calls the engine's mover back in the order
+the Python engine does (the clock it reads once per call: every decision of one plan uses the
+time the plan started at), so plans, books and tables are identical to the Python reference's
+(tests/test_plan_native.py: hypothesis problems and the real Mixtral traces, every policy). What the native planner does not cover stays in Python on the same state: the oracle's
 and `static`'s end-of-step placement, the whole-layer path, the draft signal, statistics.
 
 Used by default whenever the module imports and the configuration is covered (balanced policies
@@ -15,12 +15,15 @@ need the exact balancer; another balancer keeps the Python path); otherwise the 
 the Python path and says so in one log line.
 
 Measured (benchmarks/README.md, bench_layer_host.py --dims qwen3-30b-a3b): the Python plan costs
-180-530 us per planned layer forward at Qwen3-30B-A3B scale; this path a few microseconds.
+180-530 us per planned layer forward at Qwen3-30B-A3B scale; this path 3-9 us (2-core EPYC,
+shared), about half of it the mover's own Python (is_ready / load callbacks).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,7 +93,12 @@ def attach(engine: ExpertEngine, required: bool = False) -> NativePlanner | None
 
 
 class NativePlanner:
-    """`plan_layer` / `finish_layer` / prefetch of one engine, in C++ on the engine's arrays."""
+    """`plan_layer` / `finish_layer` / prefetch of one engine, in C++ on the engine's arrays.
+
+    `plan_layer(layer, topk_ids) -> LayerPlan` and `finish_layer(layer, topk_ids)` are the
+    compiled functions themselves (instance attributes), so the engine's dispatch reaches C++
+    with no Python frame between: the whole Python cost of a planned forward is the engine's
+    two method calls. Routing of any integer dtype and strides is read in place."""
 
     def __init__(self, engine: ExpertEngine) -> None:
         from moespac_vllm.engine import (FAITHFUL_THRESHOLD, HYBRIMOE_DECAY, PREFETCH_IDLE_ONLY,
@@ -123,9 +131,13 @@ class NativePlanner:
             arrays["levels"] = est._levels
         tables = [(t._slot_of, t._expert_in, t._state, t._pins, t._last_use, t._uses, t._ready,
                    t._meta) for t in engine.tables]
-        mover, clock = engine.mover, engine.clock
-        self._planner = _plan.Planner(cfg, tables, arrays, mover.load, mover.is_ready,
-                                      clock.now_ms, LayerPlan, self._ids)
+        hooks: dict[str, Any] = dict(
+            load=engine.mover.load, is_ready=engine.mover.is_ready, now=engine.clock.now_ms,
+            as_ids=self._ids, window_ids=engine._window_ids, plan_type=LayerPlan,
+            plan_fields=_slot_descriptors(LayerPlan, _PLAN_FIELDS),
+            drop_draft=est.drop_draft if est is not None else None)
+        self._planner = _plan.Planner(cfg, tables, arrays, hooks)
+        self.plan_layer, self.finish_layer = self._planner.entry_points()
         if engine._next_use is not None:
             self.set_future(engine._next_use, engine._future)
 
@@ -142,31 +154,16 @@ class NativePlanner:
 
     @staticmethod
     def _ids(topk_ids: Any) -> np.ndarray:
-        """Any integer [T, K] array-like -> C-contiguous int32/int64 (the native code reads
-        those in place and sends everything else here)."""
+        """Any integer [T, K] array-like -> `np.asarray` of it in native byte order (the native
+        code reads integer ndarrays in place and sends everything else here; what it returns
+        is also what the engine keeps as the layer's window routing)."""
         ids = np.asarray(topk_ids)
         if ids.ndim != 2 or ids.dtype.kind not in "iu":
             raise ValueError(f"topk_ids: expected an integer [T, K] array, got {ids.dtype} "
                              f"{ids.shape}")
-        if ids.dtype not in (np.int64, np.int32) or not ids.flags.c_contiguous:
-            ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if not ids.dtype.isnative:
+            ids = ids.astype(ids.dtype.newbyteorder("="))
         return ids
-
-    def plan_layer(self, layer: int, topk_ids: Any) -> LayerPlan:
-        eng = self.engine
-        decoding = eng._decoding()
-        plan = self._planner.plan(layer, topk_ids, decoding)
-        if decoding:
-            eng._window_ids[layer] = topk_ids if type(topk_ids) is np.ndarray \
-                else np.asarray(topk_ids)
-        return plan
-
-    def finish_layer(self, layer: int, topk_ids: Any) -> None:
-        eng = self.engine
-        decoding = eng._decoding()
-        self._planner.finish(layer, topk_ids, decoding)
-        if decoding and eng.estimator is not None:
-            eng.estimator.drop_draft(layer)
 
     def prefetch_step(self) -> None:
         """end_step's prefetch for spac / hybrimoe (every layer not yet whole)."""
@@ -176,6 +173,25 @@ class NativePlanner:
                        deadline: bool) -> None:
         self._planner.prefetch_with(layer, np.ascontiguousarray(score, dtype=np.float64),
                                     np.ascontiguousarray(tiebreak, dtype=np.int64), deadline)
+
+
+_PLAN_FIELDS = ("layer", "slot_ids", "cpu_mask", "fetches", "cpu_experts", "device_experts")
+
+
+def _slot_descriptors(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The member descriptors of slotted dataclass `cls`'s fields, in field order: the native code
+    sets a new instance's slots through them, which is all `cls(...)` does when nothing runs after
+    `__init__` sets the fields. Raises ValueError when `cls` is not that (other fields than
+    `names`, a `__post_init__`, no slots), so a change to LayerPlan stops here, not in a plan."""
+    fields = tuple(f.name for f in dataclasses.fields(cls))
+    post_init = any("__post_init__" in vars(k) for k in cls.__mro__)
+    descriptors = tuple(vars(cls).get(n) for n in names)
+    if fields != names or post_init or not all(
+            isinstance(d, types.MemberDescriptorType) for d in descriptors):
+        raise ValueError(f"plan_type: the native planner fills the slots {names} of a slotted "
+                         f"dataclass without __post_init__; {cls.__name__} has fields {fields}"
+                         f"{' and a __post_init__' if post_init else ''}")
+    return descriptors
 
 
 def measure_plan_ms(dims: ModelDims, costs: ExpertCosts, *, window_tokens: int = 4,

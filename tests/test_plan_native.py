@@ -1,9 +1,11 @@
 """The native planner (csrc/plan.cpp via plan_native.py) against the Python engine, its reference:
-identical plans, books, slot tables, levels, scores and copy sequences, on random problems
-(hypothesis) and on the real Mixtral traces, for every policy; and the exact balancer's native
-port against `ExactBalancer` bit for bit."""
+identical plans, books, slot tables, levels, scores, window routing and copy sequences, on random
+problems (hypothesis; routing handed over in every integer dtype, strided, as lists, big-endian)
+and on the real Mixtral traces, for every policy; and the exact balancer's native port against
+`ExactBalancer` bit for bit."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -73,11 +75,16 @@ class Pair:
         np.testing.assert_array_equal(a.cpu_mask, b.cpu_mask)
         assert (a.fetches, a.cpu_experts, a.device_experts) == \
             (b.fetches, b.cpu_experts, b.device_experts)
+        assert type(a) is type(b)
 
     def check(self) -> None:
         (pe, _, pm), (ne, _, nm) = self.sides
         assert pe.stats() == ne.stats()
         assert pm.calls[-8:] == nm.calls[-8:] and len(pm.calls) == len(nm.calls)
+        for x, y in zip(pe._window_ids, ne._window_ids):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
         a, b = _state(pe), _state(ne)
         if a != b:  # one blob compare per call; the field-wise compare only names the culprit
             for x, y in zip(_fields(pe), _fields(ne)):
@@ -102,10 +109,28 @@ def _state(eng: ExpertEngine) -> bytes:
     return b"".join(x.tobytes() for x in _fields(eng))
 
 
+def as_routing(ids: np.ndarray, how: str) -> object:
+    """[T, K] routing handed to the engine in one of the forms the engine accepts."""
+    if how == "list":
+        return ids.tolist()
+    if how == "strided":  # a view with non-unit strides, in place of a contiguous array
+        wide = np.zeros((ids.shape[0], 2 * ids.shape[1]), dtype=ids.dtype)
+        wide[:, ::2] = ids
+        return wide[:, ::2]
+    if how == "big-endian":
+        return ids.astype(ids.dtype.newbyteorder(">"))
+    return np.ascontiguousarray(ids, dtype=how)
+
+
+ROUTING_FORMS = ("int64", "int32", "int16", "uint8", "uint32", "strided", "list", "big-endian")
+
+
 def drive(pair: Pair, windows: list[np.ndarray], rng: np.random.Generator,
-          prefill_every: int = 0, drafts: bool = False, layer_ms: float = 0.3) -> None:
+          prefill_every: int = 0, drafts: bool = False, layer_ms: float = 0.3,
+          forms: tuple[str, ...] = ("same",)) -> None:
     """windows: [steps] of [T, L, K] routing. Decode/verify steps (T = 1: decode), an occasional
-    prefill step, draft routing before each verify window, and clock time between layers."""
+    prefill step, draft routing before each verify window, and clock time between layers; each
+    layer's routing in a form drawn from `forms` ("same": the window's own dtype, contiguous)."""
     num_layers = windows[0].shape[1]
     E = pair.sides[0][0].dims.num_experts
     for step, w in enumerate(windows):
@@ -115,6 +140,9 @@ def drive(pair: Pair, windows: list[np.ndarray], rng: np.random.Generator,
         pair.call("begin_step", StepContext(step, phase, T, (T,), 0 if prefill else T - 1))
         for layer in range(num_layers):
             ids = np.ascontiguousarray(w[:, layer])
+            form = str(rng.choice(forms))
+            if form != "same":
+                ids = as_routing(ids, form)
             pair.plan(layer, ids)
             pair.advance(float(rng.uniform(0.0, 2 * layer_ms)))
             pair.call("finish_layer", layer, ids)
@@ -177,7 +205,7 @@ def test_native_plans_equal_python_on_random_problems(p):
     pair = Pair(policy, ModelDims(L, E, K, 16, 8, 2), S, costs, future,
                 prefetch=bool(rng.random() < 0.8))
     drive(pair, windows, rng, prefill_every=int(rng.choice([0, 3])), drafts=bool(seed % 2),
-          layer_ms=float(costs.fetch_ms))
+          layer_ms=float(costs.fetch_ms), forms=ROUTING_FORMS if seed % 3 == 0 else ("same",))
     pair.check()  # drive() compared after every call; once more at the end, stated here
     assert pair.sides[0][0].stats() == pair.sides[1][0].stats()
 
@@ -269,3 +297,42 @@ def test_native_rejects_bad_routing_naming_the_field():
     eng.plan_layer(0, np.array([[0, 1]]))
     with pytest.raises(ValueError, match="planned twice"):
         eng.plan_layer(0, np.array([[0, 1]]))
+
+
+def test_native_plans_are_layer_plans_set_slot_by_slot_as_the_class_builds_them(monkeypatch):
+    """The native code sets a new LayerPlan's slots itself through the member descriptors
+    plan_native hands it (refused for a class whose fields differ or that has a __post_init__),
+    or, given none, calls LayerPlan(...): both give a frozen LayerPlan equal to the Python
+    engine's."""
+    from moespac_vllm.engine import LayerPlan
+
+    assert len(plan_native._slot_descriptors(LayerPlan, plan_native._PLAN_FIELDS)) == 6
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        layer: int
+
+        def __post_init__(self) -> None:
+            pass
+
+    with pytest.raises(ValueError, match="plan_type: .* and a __post_init__"):
+        plan_native._slot_descriptors(Checked, ("layer",))
+    with pytest.raises(ValueError, match="plan_type"):
+        plan_native._slot_descriptors(LayerPlan, ("layer",))
+    costs = ExpertCosts(0.01, 0.001, 0.5, 0.01, 0.2)
+    dims = ModelDims(2, 8, 2, 16, 8, 2)
+    ids = np.array([[0, 3], [3, 5]], dtype=np.int16)
+    plans = []
+    for fields in ("found", "none"):
+        if fields == "none":
+            monkeypatch.setattr(plan_native, "_slot_descriptors", lambda cls, names: None)
+        pair = Pair(Policy.SPAC, dims, 2, costs)
+        pair.call("begin_step", StepContext(0, Phase.VERIFY, 2, (2,), 1))
+        python, native = pair.call("plan_layer", 0, ids)
+        assert type(native) is LayerPlan
+        assert (native.layer, native.fetches, native.cpu_experts, native.device_experts) == \
+            (python.layer, python.fetches, python.cpu_experts, python.device_experts)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            native.layer = 1
+        plans.append(native)
+    assert repr(plans[0]) == repr(plans[1])
