@@ -303,6 +303,47 @@ def test_native_repeated_expert_in_one_token_gives_each_pair_its_weight():
     _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids, torch.bfloat16)
 
 
+@pytest.fixture
+def tuning():
+    """Set the native kernel's process-wide knobs for one test; restored afterwards."""
+    from moespac_vllm import _cpu_experts
+
+    saved = _cpu_experts._tuning()
+    yield _cpu_experts._set_tuning
+    _cpu_experts._set_tuning(*saved)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_stream_layouts_and_prefetch_match_the_reference(tuning, dtype):
+    # 1..9 tokens per expert (4 streams per GEMV up to 4 tokens, 2 above), H and I not multiples
+    # of the vector width nor of 4 (tails; odd gate/up chunks and down chunks with rows % 4 left
+    # over). Prefetching changes no arithmetic: bit-identical results with it and without.
+    H, I, E = 70, 37, 3
+    for isa in _isas(dtype):
+        with ce.CpuExpertPool(2, isa=isa) as p:
+            for ntok in range(1, 10):
+                x, w13, w2, _, wts = _native_case(ntok, 2, H, I, E, dtype, seed=ntok)
+                ids = torch.tensor([[0, 2]] * ntok, dtype=torch.int32)
+                want = fe.fused_experts_pairs(x, w13, w2, ids, wts)
+                by_setting = {}
+                for s4_max_tokens, prefetch_bytes in [(0, 0), (4, 0), (4, -1), (4, 4096), (2, 64)]:
+                    tuning(s4_max_tokens, prefetch_bytes)
+                    got = p.submit(x, w13, w2, ids, wts).result()
+                    _assert_pairs_close(got, want, ids, dtype)
+                    by_setting[s4_max_tokens, prefetch_bytes] = got
+                assert torch.equal(by_setting[4, 0], by_setting[4, -1])
+                assert torch.equal(by_setting[4, 0], by_setting[4, 4096])
+
+
+@needs_native
+def test_native_tuning_refuses_bad_values_naming_the_field(tuning):
+    with pytest.raises(ValueError, match="^s4_max_tokens"):
+        tuning(5, -1)
+    with pytest.raises(ValueError, match="^prefetch_bytes"):
+        tuning(4, -2)
+
+
 @needs_native
 def test_native_reads_a_store_slice_with_its_expert_stride():
     # The host store's tensors may be views whose experts sit further apart than one expert
@@ -390,13 +431,17 @@ def test_read_probe_sums_every_word_of_the_buffer():
     pool = _cpu_experts.Pool(2)
     try:
         for streams in (1, 2, 4):
-            job = pool.read(buf.data_ptr(), buf.numel() * 8 - 64, streams=streams)  # odd tail
-            assert job.wait()
-            assert job.checksum == int(buf[:-8].sum())
+            for pf in (0, 2048):  # prefetching past the buffer's end must not fault
+                job = pool.read(buf.data_ptr(), buf.numel() * 8 - 64, streams=streams,
+                                prefetch_bytes=pf)  # an odd tail
+                assert job.wait()
+                assert job.checksum == int(buf[:-8].sum())
         with pytest.raises(ValueError, match="^buffer"):
             pool.read(buf.data_ptr() + 8, 64)
         with pytest.raises(ValueError, match="^streams"):
             pool.read(buf.data_ptr(), 64, streams=3)
+        with pytest.raises(ValueError, match="^prefetch_bytes"):
+            pool.read(buf.data_ptr(), 64, prefetch_bytes=-1)
     finally:
         pool.close()
 
@@ -434,4 +479,5 @@ def test_bench_cpu_experts_rows_carry_the_bandwidth_ratio(monkeypatch, capsys):
         assert r["read_bandwidth_ratio"] == pytest.approx(r["gbps"] / r["read_gbps"])
         assert r["ms_per_expert"] == pytest.approx(r["median_ms"] / 8)
     assert all(r["rel_err_vs_reference"] < 1e-4 for r in results if r["backend"] == "native")
-    assert {r["streams"] for r in rows if r["kind"] == "read_bandwidth"} == {1, 2, 4}
+    probes = {(r["streams"], r["prefetch_bytes"]) for r in rows if r["kind"] == "read_bandwidth"}
+    assert probes == {(s, pf) for s in (1, 2, 4) for pf in (0, 2048)}
