@@ -26,7 +26,9 @@ pinned: the kernel's threads are not), sums a 128 MiB slice (slices cycle throug
 GiB buffer from torch's allocator, like the bank) in 4 MiB chunks with 512-bit loads, as 1, 2
 and 4 sequential streams per chunk, each without and with the kernel's software prefetch (2 KiB
 ahead into L2); read_gbps is the best of these six variants' medians over the row, so the
-reference gets every trick the kernel uses. Also per row: rel_err_vs_reference against the pure-torch
+reference gets every trick the kernel uses. paired_ratio_median is the median over the calls of
+each call's gbps over the best variant of the probe sample just before it (the VM's read
+bandwidth swings 2x between rows; pairing cancels the slow swings, not the fast ones). Also per row: rel_err_vs_reference against the pure-torch
 reference's fp32 k-sum (kernels.fused_experts.fused_experts_pairs + sum_over_topk; an op that
 returns the activation dtype shows that rounding, ~2e-3 at bf16) and the 1-minute load average.
 An `overlap` line submits to the native pool and sleeps as long as the CPU work takes (standing in
@@ -103,6 +105,10 @@ class ReadProbe:
     def mark(self) -> int:
         return len(self.samples[PROBES[0]])
 
+    def last_gbps(self) -> float:
+        """The best variant of the latest sample."""
+        return max(v[-1] for v in self.samples.values())
+
     def gbps(self, since: int = 0) -> float:
         """The best variant's median over the samples since `mark()` returned `since`."""
         return max(statistics.median(v[since:]) for v in self.samples.values())
@@ -111,14 +117,18 @@ class ReadProbe:
         self.pool.close()
 
 
-def _times_ms(fn, calls: int, probe: ReadProbe | None = None) -> list[float]:
+def _times_ms(fn, calls: int, probe: ReadProbe | None = None,
+              refs: list[float] | None = None) -> list[float]:
     """Wall ms of calls 1..calls (call 0 warms up); with a probe, a probe sample before each
-    call, so kernel and probe see the same load on a shared machine."""
+    call, so kernel and probe see the same load on a shared machine (`refs` gets each call's
+    own reference: the best variant of the sample just before it)."""
     fn(0)  # warm-up (its weights are re-read from DRAM later: the bank cycles)
     ts = []
     for i in range(1, calls + 1):
         if probe is not None:
             probe.sample()
+            if refs is not None:
+                refs.append(probe.last_gbps())
         t0 = time.perf_counter()
         fn(i)
         ts.append((time.perf_counter() - t0) * 1e3)
@@ -225,15 +235,18 @@ def main(argv: list[str] | None = None) -> int:
                 got = ce.sum_over_topk(res) if res.dim() == 3 else res.float()
                 err = float((got.float() - want).norm() / want.norm())
                 since = probe.mark()
-                ts = _times_ms(fn, calls, probe)
+                refs: list[float] = []
+                ts = _times_ms(fn, calls, probe, refs)
                 bw = probe.gbps(since)
                 ms = statistics.median(ts)
                 gbps = weight_gb / (ms / 1e3)
+                paired = statistics.median(weight_gb / (t / 1e3) / r for t, r in zip(ts, refs))
                 row = {"kind": "result", "backend": name, "dtype": str(dtype).split(".")[-1],
                        "tokens_per_expert": n, "experts": E_CALL, "bank_experts": args.bank,
                        "hidden": H, "intermediate": I, "threads": threads, "calls": calls,
                        "median_ms": ms, "min_ms": min(ts), "ms_per_expert": ms / E_CALL,
                        "gbps": gbps, "read_gbps": bw, "read_bandwidth_ratio": gbps / bw,
+                       "paired_ratio_median": paired,
                        "rel_err_vs_reference": err, "loadavg_1m": os.getloadavg()[0]}
                 if name.startswith("native"):
                     row["isa"] = name.split(":")[1] if ":" in name else \

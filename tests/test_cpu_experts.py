@@ -477,6 +477,7 @@ def test_bench_cpu_experts_rows_carry_the_bandwidth_ratio(monkeypatch, capsys):
     for r in results:
         assert r["device"] and r["gbps"] > 0 and r["read_gbps"] > 0
         assert r["read_bandwidth_ratio"] == pytest.approx(r["gbps"] / r["read_gbps"])
+        assert r["paired_ratio_median"] > 0
         assert r["ms_per_expert"] == pytest.approx(r["median_ms"] / 8)
     assert all(r["rel_err_vs_reference"] < 1e-4 for r in results if r["backend"] == "native")
     probes = {(r["streams"], r["prefetch_bytes"]) for r in rows if r["kind"] == "read_bandwidth"}
