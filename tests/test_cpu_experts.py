@@ -240,8 +240,35 @@ def _isas(dtype: torch.dtype) -> list[str]:
     return [i for i in ce.native_isas() if i != "avx512bf16" or dtype == torch.bfloat16]
 
 
+_MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def _one_flip_bound(x, w13, w2, ids, wts) -> torch.Tensor:
+    """Per pair [T,K]: the most one activation rounded to its neighbour (one ulp of the dtype at
+    its value, as the module docstring allows) can move the pair:
+    |weight| * max_i ulp(act_i) * ||w2[e][:, i]||."""
+    I = w13.shape[1] // 2
+    bits = _MANTISSA_BITS[x.dtype]
+    out = torch.zeros(ids.shape, dtype=torch.float32)
+    for t in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e < 0:
+                continue
+            gu = w13[e].double() @ x[t].double()
+            act = (torch.nn.functional.silu(gu[:I]) * gu[I:]).abs() * (1 + 2.0 ** -bits)
+            _, ex = torch.frexp(act)  # act in [2^(ex-1), 2^ex): spacing 2^(ex-1-bits)
+            ulp = torch.pow(2.0, (ex - 1 - bits).double())
+            out[t, k] = abs(float(wts[t, k])) * float((ulp * w2[e].double().norm(dim=0)).max())
+    return out
+
+
 def _assert_pairs_close(got: torch.Tensor, want: torch.Tensor, ids: torch.Tensor,
-                        dtype: torch.dtype) -> None:
+                        dtype: torch.dtype, inputs: tuple | None = None) -> None:
+    """Pair errors within TOL; with `inputs` (x, w13, w2, ids, weights) the worst-pair bound
+    also allows one activation per pair rounded to its neighbour (_one_flip_bound), which a
+    pair of few intermediate rows, or one activation far above the rest, cannot absorb in its
+    own norm."""
     assert got.dtype == torch.float32 and got.shape == want.shape
     off = ids < 0
     assert torch.all(got[off] == 0), "pairs with ids < 0 must be exact zeros"
@@ -253,7 +280,10 @@ def _assert_pairs_close(got: torch.Tensor, want: torch.Tensor, ids: torch.Tensor
     assert float(err.median()) <= median_tol, f"median pair error {float(err.median()):.2e}"
     # A pair whose gate/up sums cancel (tiny H, an output far below the batch's) carries the
     # round-off of its terms, not of its result: scale the worst case by the batch's median too.
-    worst = diff / torch.maximum(norm, norm.median()).clamp_min(1e-30)
+    scale = torch.maximum(norm, norm.median())
+    if inputs is not None:  # the flip's bound plus the fp32 round-off the tolerance allows
+        diff = (diff - _one_flip_bound(*inputs)[~off]).clamp_min(0)
+    worst = diff / scale.clamp_min(1e-30)
     assert float(worst.max()) <= worst_tol, f"worst pair error {float(worst.max()):.2e}"
 
 
@@ -288,7 +318,8 @@ def test_native_pairs_match_the_reference_on_random_problems(T, K, H, I, E, dtyp
     x, w13, w2, ids, wts = _native_case(T, K, H, I, E, dtype, seed)
     with ce.CpuExpertPool(2, backend="native") as p:
         got = p.submit(x, w13, w2, ids, wts).result()
-    _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids, dtype)
+    _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids, dtype,
+                        (x, w13, w2, ids, wts))
 
 
 @needs_native
