@@ -207,10 +207,13 @@ inline uint16_t f32_to_f16(float f) {
 // tokens (TT per tile) before row k+1, so
 // - DRAM sees S strictly sequential streams, which the hardware prefetchers follow, and
 // - each activation load serves S rows: at 4 tokens and S = 4, 8 loads per 16 multiply-adds
-//   (S = 2: 6 per 8), the difference between load-bound and not at 4 tokens on Zen 4 (one
-//   512-bit load per cycle).
-// The software prefetch carries each stream across its 4 KiB page boundaries, where the L2
-// stream prefetcher stops (torch's allocator gives 4 KiB pages unless THP is `always`).
+//   (S = 2: 6 per 8).
+// Each run is long (the gate/up chunk's two halves of gate and of up; the down chunk's four
+// quarters), not S adjacent rows: the earlier measurement here, one core, 4 adjacent 4 KiB rows
+// interleaved 16 GB/s against 24 GB/s row after row, was without software prefetch.
+// The software prefetch runs each stream further ahead than the hardware's, and across its 4 KiB
+// page boundaries, where hardware stream prefetchers stop (torch's allocator gives 4 KiB pages
+// here: THP is `madvise`).
 //
 // Defined once per ISA region (namespace) below, so that every instantiation carries its
 // region's target attribute and the loaders' intrinsics inline into it.
@@ -648,7 +651,8 @@ constexpr int64_t kReadChunk = 4 << 20;
 // 0.78-0.81 with 2 KiB; at 1 token 0.80-0.98 without, 0.90-1.0 with 1 KiB. Into L1 (PREFETCHT0)
 // it was worse than none at 1-2 tokens (the L1's few miss buffers fill), and 4 KiB was worse
 // than 2 KiB. The hardware's L2 stream prefetcher alone stops at each 4 KiB page and runs too
-// little ahead once the core also computes (4+ tokens).
+// little ahead once the core also computes (4+ tokens). The benchmark's read probe gets the
+// same prefetch as a variant, so the reference is not the weaker for it.
 constexpr int64_t kPrefetchSmall = 1024, kPrefetchLarge = 2048;
 
 // Kernel knobs (process-wide, read at submit; `_set_tuning` sets them for A/B benchmarks).
