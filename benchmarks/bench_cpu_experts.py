@@ -19,11 +19,16 @@ so a call's weights were last read 7 calls (~530 MB of other weights) earlier.
 Each row: median_ms / min_ms over the calls, ms_per_expert, gbps (the 8 experts' weight bytes,
 3*H*I*bytes each, over the median time) and read_bandwidth_ratio = gbps / read_gbps. read_gbps
 is this machine's read bandwidth, measured STREAM-like in the same run and interleaved with the
-row's calls (a probe sample before every call, so both see the same load on a shared machine):
-the native module's read probe with the same thread count as the kernel sums a 128 MiB slice
-(slices cycle through a --probe-gib GiB buffer from torch's allocator, like the bank) in 4 MiB
-chunks with 512-bit loads, as 1, 2 and 4 sequential streams per chunk; read_gbps is the best
-stream count's median over the row. Also per row: rel_err_vs_reference against the pure-torch
+row's calls (a probe sample before every call, so both see the same load on a shared machine;
+the row reports the median of each, kernel and probe, over the same repetitions): the native
+module's read probe, on a pool of its own with the same thread count as the kernel's (neither
+pinned: the kernel's threads are not), sums a 128 MiB slice (slices cycle through a --probe-gib
+GiB buffer from torch's allocator, like the bank) in 4 MiB chunks with 512-bit loads, as 1, 2
+and 4 sequential streams per chunk, each without and with the kernel's software prefetch (2 KiB
+ahead into L2); read_gbps is the best of these six variants' medians over the row, so the
+reference gets every trick the kernel uses. paired_ratio_median is the median over the calls of
+each call's gbps over the best variant of the probe sample just before it (the VM's read
+bandwidth swings 2x between rows; pairing cancels the slow swings, not the fast ones). Also per row: rel_err_vs_reference against the pure-torch
 reference's fp32 k-sum (kernels.fused_experts.fused_experts_pairs + sum_over_topk; an op that
 returns the activation dtype shows that rounding, ~2e-3 at bf16) and the 1-minute load average.
 An `overlap` line submits to the native pool and sleeps as long as the CPU work takes (standing in
@@ -53,6 +58,8 @@ from moespac_vllm.calibrate import describe_device
 
 H, I, E_CALL = 2048, 768, 8
 STREAMS = (1, 2, 4)  # read-probe streams per chunk
+PREFETCH_BYTES = (0, 2048)  # read-probe prefetch distances (the kernel's, at 3+ tokens)
+PROBES = tuple((s, pf) for s in STREAMS for pf in PREFETCH_BYTES)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -70,7 +77,7 @@ class ReadProbe:
     a `gib` GiB buffer from torch's allocator (as the expert bank): a sample reads the next
     `slice_mib` MiB slice (slices cycle through the whole buffer, so none is in cache), once for
     each of 1, 2 and 4 sequential streams per chunk (a core may pull more from several streams
-    than from one; the kernel reads two)."""
+    than from one; the kernel reads 2 or 4) without and with software prefetch."""
 
     def __init__(self, threads: int, gib: float, slice_mib: int = 128) -> None:
         from moespac_vllm import _cpu_experts
@@ -82,37 +89,46 @@ class ReadProbe:
         self.buf = torch.ones(self.nbytes + 64, dtype=torch.uint8)
         self.off = (-self.buf.data_ptr()) % 64
         self.pool = _cpu_experts.Pool(threads)
-        self.samples: dict[int, list[float]] = {s: [] for s in STREAMS}
+        self.samples: dict[tuple[int, int], list[float]] = {p: [] for p in PROBES}
         self._next = 0
         self.pool.read(self.buf.data_ptr() + self.off, self.nbytes).wait()  # warm the threads
 
     def sample(self) -> None:
-        for streams in STREAMS:
+        for streams, pf in PROBES:
             start = self.off + self._next * self.slice_bytes
             self._next = (self._next + 1) % (self.nbytes // self.slice_bytes)
             t0 = time.perf_counter()
-            self.pool.read(self.buf.data_ptr() + start, self.slice_bytes, streams=streams).wait()
-            self.samples[streams].append(self.slice_bytes / (time.perf_counter() - t0) / 1e9)
+            self.pool.read(self.buf.data_ptr() + start, self.slice_bytes, streams=streams,
+                           prefetch_bytes=pf).wait()
+            self.samples[streams, pf].append(self.slice_bytes / (time.perf_counter() - t0) / 1e9)
 
     def mark(self) -> int:
-        return len(self.samples[STREAMS[0]])
+        return len(self.samples[PROBES[0]])
+
+    def last_gbps(self) -> float:
+        """The best variant of the latest sample."""
+        return max(v[-1] for v in self.samples.values())
 
     def gbps(self, since: int = 0) -> float:
-        """The best stream count's median over the samples since `mark()` returned `since`."""
+        """The best variant's median over the samples since `mark()` returned `since`."""
         return max(statistics.median(v[since:]) for v in self.samples.values())
 
     def close(self) -> None:
         self.pool.close()
 
 
-def _times_ms(fn, calls: int, probe: ReadProbe | None = None) -> list[float]:
+def _times_ms(fn, calls: int, probe: ReadProbe | None = None,
+              refs: list[float] | None = None) -> list[float]:
     """Wall ms of calls 1..calls (call 0 warms up); with a probe, a probe sample before each
-    call, so kernel and probe see the same load on a shared machine."""
+    call, so kernel and probe see the same load on a shared machine (`refs` gets each call's
+    own reference: the best variant of the sample just before it)."""
     fn(0)  # warm-up (its weights are re-read from DRAM later: the bank cycles)
     ts = []
     for i in range(1, calls + 1):
         if probe is not None:
             probe.sample()
+            if refs is not None:
+                refs.append(probe.last_gbps())
         t0 = time.perf_counter()
         fn(i)
         ts.append((time.perf_counter() - t0) * 1e3)
@@ -219,15 +235,18 @@ def main(argv: list[str] | None = None) -> int:
                 got = ce.sum_over_topk(res) if res.dim() == 3 else res.float()
                 err = float((got.float() - want).norm() / want.norm())
                 since = probe.mark()
-                ts = _times_ms(fn, calls, probe)
+                refs: list[float] = []
+                ts = _times_ms(fn, calls, probe, refs)
                 bw = probe.gbps(since)
                 ms = statistics.median(ts)
                 gbps = weight_gb / (ms / 1e3)
+                paired = statistics.median(weight_gb / (t / 1e3) / r for t, r in zip(ts, refs))
                 row = {"kind": "result", "backend": name, "dtype": str(dtype).split(".")[-1],
                        "tokens_per_expert": n, "experts": E_CALL, "bank_experts": args.bank,
                        "hidden": H, "intermediate": I, "threads": threads, "calls": calls,
                        "median_ms": ms, "min_ms": min(ts), "ms_per_expert": ms / E_CALL,
                        "gbps": gbps, "read_gbps": bw, "read_bandwidth_ratio": gbps / bw,
+                       "paired_ratio_median": paired,
                        "rel_err_vs_reference": err, "loadavg_1m": os.getloadavg()[0]}
                 if name.startswith("native"):
                     row["isa"] = name.split(":")[1] if ":" in name else \
@@ -255,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
           "experts": E_CALL, "cpu_ms": cpu_ms, "other_ms": cpu_ms, "wall_ms": wall,
           "serial_ms": 2 * cpu_ms, "overlap_fraction": max(0.0, (2 * cpu_ms - wall) / cpu_ms),
           "loadavg_1m": os.getloadavg()[0]})
-    for streams, samples in probe.samples.items():
+    for (streams, pf), samples in probe.samples.items():
         emit({"kind": "read_bandwidth", "threads": threads, "streams": streams,
-              "samples": len(samples), "median_gbps": statistics.median(samples),
+              "prefetch_bytes": pf, "samples": len(samples), "median_gbps": statistics.median(samples),
               "max_gbps": max(samples), "min_gbps": min(samples)})
     for p in pools.values():
         p.close()

@@ -29,12 +29,21 @@
 // atomic counter, then down chunks of any expert whose gate/up chunks are done: no barrier, so a
 // descheduled thread (a shared machine) delays only the chunk it holds. Jobs run in FIFO order;
 // a thread that finds nothing left moves on to the next job. Idle threads block on a condition
-// variable (no spinning between jobs).
+// variable (no spinning between jobs: on a shared 2-core host a spinning pool takes the cores
+// from everyone else; vLLM's OpenMP op runs 5-10x slower than when quiet at load 3). Fixed cost
+// per job, measured here with a tiny job: ~20 us back to back, 55-100 us after 3 ms idle (the
+// VM's vCPU wake-up), plus ~35 us of CpuExpertPool's Python; ~3% of a 2.5 ms layer at 1 token.
 //
 // Inner kernel (one per ISA x dtype, chosen at run time with __builtin_cpu_supports, never
-// -march=native, so one build runs on any x86-64): two weight rows from two sequential streams
-// (see gemv2) against up to 8 tokens held in registers, each weight vector loaded once for all
-// of them. bf16 on AVX512-BF16: VDPBF16PS on the raw bf16 pairs (32 per instruction); elsewhere
+// -march=native, so one build runs on any x86-64): S weight rows from S sequential streams (see
+// gemv; S = 4 at up to 4 tokens per expert, 2 above) against up to 4 (S = 4) or 8 tokens held in
+// registers (16 accumulators), each weight vector loaded once for all of them and each
+// activation vector once for all S rows; every stream prefetches 1-2 KiB ahead into L2; the
+// horizontal sums go four at a time through one shuffle tree. Where the time goes (Zen 4, one
+// core, per call of 8 experts): at 1 token reading is all of it; at 4 tokens VDPBF16PS alone is
+// ~1 per cycle, i.e. ~46 GB/s of weights per core, so without the prefetch the core's compute
+// and its misses serialize (0.66 of the read bandwidth at 2 threads) and with it they overlap
+// (~0.8). bf16 on AVX512-BF16: VDPBF16PS on the raw bf16 pairs (32 per instruction); elsewhere
 // bf16 is widened by a 16-bit shift and fp16 by VCVTPH2PS into fp32 FMAs (AVX-512 or
 // AVX2+FMA+F16C); a portable scalar loop is the last resort. AMX is not used (no AMX on the CPUs
 // measured here; a tile kernel would pay off only above ~16 tokens per expert).
@@ -185,28 +194,35 @@ inline uint16_t f32_to_f16(float f) {
 }
 
 // ---- the GEMV tile -----------------------------------------------------------------------------
-// tile<L, S, TT, U>: S weight rows w[s] (S = 1 or 2) against TT activation vectors x[t], all of
-// length n, in the weights' dtype: y[s][t * ystride] = sum_c w[s][c] * x[t][c], fp32 sums, U
+// tile<L, S, TT, U>: S weight rows w[s] (S = 1, 2 or 4) against TT activation vectors x[t], all
+// of length n, in the weights' dtype: y[s][yoff + t] = sum_c w[s][c] * x[t][c], fp32 sums, U
 // column steps unrolled (independent accumulators, so one token is not bound by the multiply-add
 // latency). A Loader L gives the element type (T), the operand vector (V) and accumulator (A)
-// types, the step, loads (zero-padded tail), the multiply-add and the horizontal sum.
+// types, the step, loads (zero-padded tail), the multiply-add and the horizontal sums. With
+// pf > 0 each row's line pf elements ahead is prefetched into L2 (one PREFETCHT1 per 64 bytes
+// read; see kPrefetch* for why L2 and how far).
 //
-// gemv2: rows a[0..nrows) and b[0..nrows) (two runs of consecutive rows, leading dimension ld;
-// b may be null) against ntok vectors: ya / yb [nrows, ntok] fp32. Row k of a and row k of b go
-// together, all their tokens (8 per tile) before row k+1, so
-// - DRAM sees two strictly sequential streams, which the hardware prefetchers follow (measured
-//   on this Zen 4, one core: 4 rows of 4 KiB read interleaved 16 GB/s, row after row 24 GB/s,
-//   the same as a plain sequential sum), and
-// - each activation load serves two rows: at 4 tokens 6 loads per 8 multiply-adds instead of 5
-//   per 4 (Zen 4 issues one 512-bit load per cycle).
-// The gate/up chunk pairs gate row i with up row i; the down chunk pairs its two halves.
+// gemv: S runs of nrows consecutive rows each (run s starts at w[s], leading dimension ld)
+// against ntok vectors: y[s] [nrows, ntok] fp32. Row k of every run goes together, all its
+// tokens (TT per tile) before row k+1, so
+// - DRAM sees S strictly sequential streams, which the hardware prefetchers follow, and
+// - each activation load serves S rows: at 4 tokens and S = 4, 8 loads per 16 multiply-adds
+//   (S = 2: 6 per 8).
+// Each run is long (the gate/up chunk's two halves of gate and of up; the down chunk's four
+// quarters), not S adjacent rows: the earlier measurement here, one core, 4 adjacent 4 KiB rows
+// interleaved 16 GB/s against 24 GB/s row after row, was without software prefetch.
+// The software prefetch runs each stream further ahead than the hardware's, and across its 4 KiB
+// page boundaries, where hardware stream prefetchers stop (torch's allocator gives 4 KiB pages
+// here: THP is `madvise`).
 //
 // Defined once per ISA region (namespace) below, so that every instantiation carries its
 // region's target attribute and the loaders' intrinsics inline into it.
 #define MOESPAC_GEMV_KERNELS \
 template <class L, int S, int TT, int U> \
 inline void tile(const typename L::T* const* w, const typename L::T* const* x, int64_t n, \
-                 float* const* y, int64_t yoff) { \
+                 float* const* y, int64_t yoff, int64_t pf) { \
+    using T = typename L::T; \
+    constexpr int64_t step_bytes = L::step * int64_t(sizeof(T)); \
     typename L::A acc[S][U][TT]; \
     for (int s = 0; s < S; ++s) \
         for (int u = 0; u < U; ++u) \
@@ -214,10 +230,13 @@ inline void tile(const typename L::T* const* w, const typename L::T* const* x, i
     int64_t c = 0; \
     for (; c + U * L::step <= n; c += U * L::step) { \
         for (int u = 0; u < U; ++u) { \
+            const int64_t cu = c + u * L::step; \
+            if (pf > 0 && (uint64_t(cu) * sizeof(T)) % 64 < uint64_t(step_bytes)) \
+                for (int s = 0; s < S; ++s) __builtin_prefetch(w[s] + cu + pf, 0, 2); \
             typename L::V wv[S]; \
-            for (int s = 0; s < S; ++s) wv[s] = L::load(w[s] + c + u * L::step); \
+            for (int s = 0; s < S; ++s) wv[s] = L::load(w[s] + cu); \
             for (int t = 0; t < TT; ++t) { \
-                const typename L::V xv = L::load(x[t] + c + u * L::step); \
+                const typename L::V xv = L::load(x[t] + cu); \
                 for (int s = 0; s < S; ++s) acc[s][u][t] = L::madd(acc[s][u][t], wv[s], xv); \
             } \
         } \
@@ -239,49 +258,72 @@ inline void tile(const typename L::T* const* w, const typename L::T* const* x, i
             for (int s = 0; s < S; ++s) acc[s][0][t] = L::madd(acc[s][0][t], wv[s], xv); \
         } \
     } \
+    /* horizontal sums four accumulators at a time (sum4: one shuffle tree for all four) */ \
+    typename L::A fin[S * TT]; \
     for (int s = 0; s < S; ++s) \
         for (int t = 0; t < TT; ++t) { \
-            typename L::A sum = acc[s][0][t]; \
-            for (int u = 1; u < U; ++u) sum = L::add(sum, acc[s][u][t]); \
-            y[s][yoff + t] = L::sum(sum); \
+            fin[s * TT + t] = acc[s][0][t]; \
+            for (int u = 1; u < U; ++u) fin[s * TT + t] = L::add(fin[s * TT + t], acc[s][u][t]); \
         } \
+    float sums[S * TT]; \
+    int k = 0; \
+    for (; k + 4 <= S * TT; k += 4) L::sum4(fin + k, sums + k); \
+    for (; k < S * TT; ++k) sums[k] = L::sum(fin[k]); \
+    for (int s = 0; s < S; ++s) \
+        for (int t = 0; t < TT; ++t) y[s][yoff + t] = sums[s * TT + t]; \
 } \
  \
+/* Up to 16 accumulators (of 32 vector registers at AVX-512) per tile. */ \
 template <class L, int S> \
 inline void row_tokens(const typename L::T* const* w, const typename L::T* const* x, int64_t n, \
-                       int ntok, float* const* y) { \
+                       int ntok, float* const* y, int64_t pf) { \
+    constexpr int TMAX = S == 4 ? 4 : 8; \
     int t = 0; \
-    for (; t + 8 <= ntok; t += 8) tile<L, S, 8, 1>(w, x + t, n, y, t); \
+    for (; t + TMAX <= ntok; t += TMAX) \
+        tile<L, S, TMAX, 1>(w, x + t, n, y, t, t ? 0 : pf); \
     switch (ntok - t) { \
-        case 7: tile<L, S, 7, 1>(w, x + t, n, y, t); break; \
-        case 6: tile<L, S, 6, 1>(w, x + t, n, y, t); break; \
-        case 5: tile<L, S, 5, 1>(w, x + t, n, y, t); break; \
-        case 4: tile<L, S, 4, 1>(w, x + t, n, y, t); break; \
-        case 3: tile<L, S, 3, 2>(w, x + t, n, y, t); break; \
-        case 2: tile<L, S, 2, 2>(w, x + t, n, y, t); break; \
-        case 1: tile<L, S, 1, 4>(w, x + t, n, y, t); break; \
+        case 7: tile<L, S, 7, 1>(w, x + t, n, y, t, t ? 0 : pf); break; \
+        case 6: tile<L, S, 6, 1>(w, x + t, n, y, t, t ? 0 : pf); break; \
+        case 5: tile<L, S, 5, 1>(w, x + t, n, y, t, t ? 0 : pf); break; \
+        case 4: tile<L, S, 4, 1>(w, x + t, n, y, t, t ? 0 : pf); break; \
+        case 3: tile<L, S, 3, S == 4 ? 1 : 2>(w, x + t, n, y, t, t ? 0 : pf); break; \
+        case 2: tile<L, S, 2, S == 4 ? 1 : 2>(w, x + t, n, y, t, t ? 0 : pf); break; \
+        case 1: tile<L, S, 1, S == 4 ? 2 : 4>(w, x + t, n, y, t, t ? 0 : pf); break; \
         default: break; \
     } \
 } \
  \
-template <class L> \
-void gemv2(const void* a, const void* b, int64_t ld, int64_t nrows, int64_t n, \
-           const void* const* xv, int ntok, float* ya, float* yb) { \
+template <class L, int S> \
+void gemv_s(const void* const* wv, int64_t ld, int64_t nrows, int64_t n, \
+            const void* const* xv, int ntok, float* const* yv, int64_t pf_bytes) { \
     using T = typename L::T; \
     const T* const* x = reinterpret_cast<const T* const*>(xv); \
+    const int64_t pf = pf_bytes / int64_t(sizeof(T)); \
     for (int64_t r = 0; r < nrows; ++r) { \
-        const T* w[2] = {static_cast<const T*>(a) + r * ld, \
-                         b ? static_cast<const T*>(b) + r * ld : nullptr}; \
-        float* y[2] = {ya + r * ntok, b ? yb + r * ntok : nullptr}; \
-        if (b) row_tokens<L, 2>(w, x, n, ntok, y); \
-        else row_tokens<L, 1>(w, x, n, ntok, y); \
+        const T* w[S]; \
+        float* y[S]; \
+        for (int s = 0; s < S; ++s) { \
+            w[s] = static_cast<const T*>(wv[s]) + r * ld; \
+            y[s] = yv[s] + r * ntok; \
+        } \
+        row_tokens<L, S>(w, x, n, ntok, y, pf); \
     } \
+} \
+ \
+template <class L> \
+void gemv(const void* const* w, int S, int64_t ld, int64_t nrows, int64_t n, \
+          const void* const* x, int ntok, float* const* y, int64_t pf_bytes) { \
+    if (S == 4) gemv_s<L, 4>(w, ld, nrows, n, x, ntok, y, pf_bytes); \
+    else if (S == 2) gemv_s<L, 2>(w, ld, nrows, n, x, ntok, y, pf_bytes); \
+    else gemv_s<L, 1>(w, ld, nrows, n, x, ntok, y, pf_bytes); \
 }
 
-// Sum of 64-byte lines over [p, p + nbytes) (nbytes a multiple of 64): the read probe's body.
-using ReadFn = uint64_t (*)(const uint8_t* p, int64_t nbytes);
-using GemvFn = void (*)(const void* a, const void* b, int64_t ld, int64_t nrows, int64_t n,
-                        const void* const* x, int ntok, float* ya, float* yb);
+// Sum of 64-byte lines over [p, p + nbytes) (nbytes a multiple of 64), each line pf bytes ahead
+// prefetched into L2 if pf > 0 (as the kernel does): the read probe's body.
+using ReadFn = uint64_t (*)(const uint8_t* p, int64_t nbytes, int64_t pf);
+// S (1, 2 or 4) runs of nrows rows: see gemv above.
+using GemvFn = void (*)(const void* const* w, int S, int64_t ld, int64_t nrows, int64_t n,
+                        const void* const* x, int ntok, float* const* y, int64_t pf_bytes);
 
 // ---- scalar (portable) -------------------------------------------------------------------------
 namespace scalar {
@@ -294,6 +336,7 @@ struct ScalarF32 {
     static A madd(A a, V w, V x) { return a + w * x; }
     static A add(A a, A b) { return a + b; }
     static float sum(A a) { return a; }
+    static void sum4(const A* a, float* o) { for (int k = 0; k < 4; ++k) o[k] = a[k]; }
 };
 struct ScalarBF16 : ScalarF32 {
     using T = uint16_t;
@@ -309,7 +352,7 @@ struct ScalarF16 : ScalarF32 {
 MOESPAC_GEMV_KERNELS
 
 template <int S>
-uint64_t read_lines(const uint8_t* p, int64_t nbytes) {
+uint64_t read_lines(const uint8_t* p, int64_t nbytes, int64_t pf) {
     const int64_t part = nbytes / (64 * S) * 64;
     uint64_t acc[S][8] = {};
     auto line = [](uint64_t* a, const uint8_t* q) {
@@ -317,12 +360,19 @@ uint64_t read_lines(const uint8_t* p, int64_t nbytes) {
         for (int k = 0; k < 8; ++k) a[k] += w[k];
     };
     for (int64_t i = 0; i < part; i += 64)
-        for (int s = 0; s < S; ++s) line(acc[s], p + s * part + i);
+        for (int s = 0; s < S; ++s) {
+            if (pf > 0) __builtin_prefetch(p + s * part + i + pf, 0, 2);
+            line(acc[s], p + s * part + i);
+        }
     for (int64_t i = S * part; i < nbytes; i += 64) line(acc[0], p + i);
     uint64_t t = 0;
     for (int s = 0; s < S; ++s)
         for (int k = 0; k < 8; ++k) t += acc[s][k];
     return t;
+}
+// a[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, fp32 (the gate/up chunk's epilogue).
+void silu_mul(const float* g, const float* u, float* a, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 }  // namespace scalar
 
@@ -353,6 +403,12 @@ struct Avx2F32 {
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         return _mm_cvtss_f32(s);
+    }
+    static void sum4(const A* a, float* o) {
+        // per 128-bit half: [a0+a1.., b.., c.., d..] by two hadd levels, then the halves added
+        const __m256 ab = _mm256_hadd_ps(a[0], a[1]), cd = _mm256_hadd_ps(a[2], a[3]);
+        const __m256 abcd = _mm256_hadd_ps(ab, cd);
+        _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
     }
 };
 struct Avx2BF16 : Avx2F32 {
@@ -386,12 +442,15 @@ inline __m256i line(__m256i a, const uint8_t* q) {
 }
 
 template <int S>
-uint64_t read_lines(const uint8_t* p, int64_t nbytes) {
+uint64_t read_lines(const uint8_t* p, int64_t nbytes, int64_t pf) {
     const int64_t part = nbytes / (64 * S) * 64;
     __m256i acc[S];
     for (int s = 0; s < S; ++s) acc[s] = _mm256_setzero_si256();
     for (int64_t i = 0; i < part; i += 64)
-        for (int s = 0; s < S; ++s) acc[s] = line(acc[s], p + s * part + i);
+        for (int s = 0; s < S; ++s) {
+            if (pf > 0) __builtin_prefetch(p + s * part + i + pf, 0, 2);
+            acc[s] = line(acc[s], p + s * part + i);
+        }
     for (int64_t i = S * part; i < nbytes; i += 64) acc[0] = line(acc[0], p + i);
     for (int s = 1; s < S; ++s) acc[0] = _mm256_add_epi64(acc[0], acc[s]);
     alignas(32) uint64_t b[4];
@@ -424,6 +483,17 @@ struct Avx512F32 {
     static A madd(A a, V w, V x) { return _mm512_fmadd_ps(w, x, a); }
     static A add(A a, A b) { return _mm512_add_ps(a, b); }
     static float sum(A a) { return _mm512_reduce_add_ps(a); }
+    static void sum4(const A* a, float* o) {
+        // one shuffle tree for four sums: pairs of lanes, then quads, then the four 128-bit lanes
+        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+        const __m512 abcd = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+        const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+        _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    }
 };
 struct Avx512BF16Widen : Avx512F32 {
     using T = uint16_t;
@@ -448,22 +518,70 @@ struct Avx512Dp {
     static A madd(A a, V w, V x) { return _mm512_dpbf16_ps(a, (__m512bh)w, (__m512bh)x); }
     static A add(A a, A b) { return _mm512_add_ps(a, b); }
     static float sum(A a) { return _mm512_reduce_add_ps(a); }
+    static void sum4(const A* a, float* o) {
+        // one shuffle tree for four sums: pairs of lanes, then quads, then the four 128-bit lanes
+        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+        const __m512 abcd = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+        const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+        _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    }
 };
 
 MOESPAC_GEMV_KERNELS
 
 template <int S>
-uint64_t read_lines(const uint8_t* p, int64_t nbytes) {
+uint64_t read_lines(const uint8_t* p, int64_t nbytes, int64_t pf) {
     const int64_t part = nbytes / (64 * S) * 64;
     __m512i acc[S];
     for (int s = 0; s < S; ++s) acc[s] = _mm512_setzero_si512();
     for (int64_t i = 0; i < part; i += 64)
-        for (int s = 0; s < S; ++s)
+        for (int s = 0; s < S; ++s) {
+            if (pf > 0) __builtin_prefetch(p + s * part + i + pf, 0, 2);
             acc[s] = _mm512_add_epi64(acc[s], _mm512_load_si512(p + s * part + i));
+        }
     for (int64_t i = S * part; i < nbytes; i += 64)
         acc[0] = _mm512_add_epi64(acc[0], _mm512_load_si512(p + i));
     for (int s = 1; s < S; ++s) acc[0] = _mm512_add_epi64(acc[0], acc[s]);
     return uint64_t(_mm512_reduce_add_epi64(acc[0]));
+}
+// silu_mul, 8 lanes at a time in fp64 (exp by 2^k * e^r, |r| <= ln2/2, Taylor to r^9:
+// 4e-11 relative), rounded once to fp32: within 1 ulp of the exact silu*up (measured over g in
+// [-120, 120]), against the scalar form's ~1.5 (std::exp, the division and the product each
+// round) and torch's Sleef exp in the reference; where fp32's exp(-g) overflows, +-0 as the
+// fp32 form gives. A Cephes fp32 polynomial was 2x cheaper but up to 4 ulp off, which flipped
+// enough fp16 activations to break the per-pair tolerance. std::exp per element was ~6 ns:
+// 140 us of thread time per call at 4 tokens x 8 experts, ~2% of it.
+inline __m512d exp_pd(__m512d x) {
+    // below -746 exp is 0 in fp64 and above 710 it is inf; the clamp keeps k finite
+    x = _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(-746.0)), _mm512_set1_pd(710.0));
+    const __m512d k = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(k, _mm512_set1_pd(6.93147180369123816490e-01), x);
+    r = _mm512_fnmadd_pd(k, _mm512_set1_pd(1.90821492927058770002e-10), r);
+    constexpr double c[] = {1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                            1.0 / 6.0, 0.5, 1.0, 1.0};
+    __m512d p = _mm512_set1_pd(1.0 / 362880.0);
+    for (double ck : c) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(ck));
+    return _mm512_scalef_pd(p, k);
+}
+
+void silu_mul(const float* g, const float* u, float* a, int64_t n) {
+    const __m512d one = _mm512_set1_pd(1.0);
+    for (int64_t i = 0; i < n; i += 8) {
+        const __mmask8 m = n - i >= 8 ? __mmask8(0xff) : __mmask8((1u << (n - i)) - 1);
+        const __m512d gv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, g + i));
+        const __m512d uv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, u + i));
+        const __m512d e = exp_pd(_mm512_sub_pd(_mm512_setzero_pd(), gv));
+        __m512d y = _mm512_mul_pd(_mm512_div_pd(gv, _mm512_add_pd(one, e)), uv);
+        // where fp32's exp(-g) overflows (g < -88.72), the fp32 form gives g / inf * u = +-0
+        const __mmask8 inf = _mm512_cmp_pd_mask(gv, _mm512_set1_pd(-88.72283905206835), _CMP_LT_OQ);
+        y = _mm512_mask_mul_pd(y, inf, _mm512_mul_pd(gv, _mm512_setzero_pd()), uv);
+        _mm256_mask_storeu_ps(a + i, m, _mm512_cvtpd_ps(y));
+    }
 }
 }  // namespace avx512
 
@@ -474,24 +592,34 @@ uint64_t read_lines(const uint8_t* p, int64_t nbytes) {
 #endif
 #endif  // __x86_64__
 
+using SiluFn = void (*)(const float* g, const float* u, float* a, int64_t n);
+
+SiluFn silu_for(Isa isa) {
+#if defined(__x86_64__)
+    if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) return &avx512::silu_mul;
+#endif
+    (void)isa;
+    return &scalar::silu_mul;
+}
+
 GemvFn gemv_for(Isa isa, DType dt) {
     switch (isa) {
 #if defined(__x86_64__)
         case Isa::Avx512Bf16:
-            return &avx512::gemv2<avx512::Avx512Dp>;
+            return &avx512::gemv<avx512::Avx512Dp>;
         case Isa::Avx512:
-            return dt == DType::F32    ? &avx512::gemv2<avx512::Avx512F32>
-                   : dt == DType::BF16 ? &avx512::gemv2<avx512::Avx512BF16Widen>
-                                       : &avx512::gemv2<avx512::Avx512F16>;
+            return dt == DType::F32    ? &avx512::gemv<avx512::Avx512F32>
+                   : dt == DType::BF16 ? &avx512::gemv<avx512::Avx512BF16Widen>
+                                       : &avx512::gemv<avx512::Avx512F16>;
         case Isa::Avx2:
-            return dt == DType::F32    ? &avx2::gemv2<avx2::Avx2F32>
-                   : dt == DType::BF16 ? &avx2::gemv2<avx2::Avx2BF16>
-                                       : &avx2::gemv2<avx2::Avx2F16>;
+            return dt == DType::F32    ? &avx2::gemv<avx2::Avx2F32>
+                   : dt == DType::BF16 ? &avx2::gemv<avx2::Avx2BF16>
+                                       : &avx2::gemv<avx2::Avx2F16>;
 #endif
         default:
-            return dt == DType::F32    ? &scalar::gemv2<scalar::ScalarF32>
-                   : dt == DType::BF16 ? &scalar::gemv2<scalar::ScalarBF16>
-                                       : &scalar::gemv2<scalar::ScalarF16>;
+            return dt == DType::F32    ? &scalar::gemv<scalar::ScalarF32>
+                   : dt == DType::BF16 ? &scalar::gemv<scalar::ScalarBF16>
+                                       : &scalar::gemv<scalar::ScalarF16>;
     }
 }
 
@@ -517,6 +645,24 @@ constexpr int64_t kDownRowsMin = 32, kDownRowsMax = 128;     // hidden rows
 constexpr int64_t kChunksPerThread = 4;
 constexpr int64_t kReadChunk = 4 << 20;
 
+// Software prefetch, per weight stream, into L2 (PREFETCHT1): 1 KiB ahead at <= 2 tokens per
+// expert, 2 KiB above. Measured here (Zen 4 VM, 2 threads, shared: A/B in one process, thread
+// CPU time per byte against the read probe's): at 4 tokens 0.66 of the read bandwidth without,
+// 0.78-0.81 with 2 KiB; at 1 token 0.80-0.98 without, 0.90-1.0 with 1 KiB. Into L1 (PREFETCHT0)
+// it was worse than none at 1-2 tokens (the L1's few miss buffers fill), and 4 KiB was worse
+// than 2 KiB. The hardware's L2 stream prefetcher alone stops at each 4 KiB page and runs too
+// little ahead once the core also computes (4+ tokens). The benchmark's read probe gets the
+// same prefetch as a variant, so the reference is not the weaker for it.
+constexpr int64_t kPrefetchSmall = 1024, kPrefetchLarge = 2048;
+
+// Kernel knobs (process-wide, read at submit; `_set_tuning` sets them for A/B benchmarks).
+struct Tuning {
+    int s4_max_tokens = 4;  // 4 streams per GEMV up to this many tokens per expert, else 2
+    int64_t pf_bytes = -1;  // prefetch distance; -1: kPrefetchSmall / kPrefetchLarge by tokens
+};
+Tuning g_tuning;
+std::mutex g_tuning_m;
+
 struct Group {
     int64_t expert;
     int64_t first;  // into Job::pairs
@@ -528,6 +674,7 @@ struct Job {
     // experts
     DType dt = DType::F32;
     GemvFn gemv = nullptr;
+    SiluFn silu = nullptr;
     int64_t T = 0, K = 0, H = 0, I = 0, esize = 0;
     const uint8_t* x = nullptr;
     const uint8_t* w13 = nullptr;
@@ -545,6 +692,8 @@ struct Job {
     int64_t gu_rows = 0, dn_rows = 0, gu_per_group = 0, dn_per_group = 0, n_gate_up = 0;
     std::unique_ptr<std::atomic<int64_t>[]> gate_up_left;  // per group: gate/up chunks not done
     std::unique_ptr<std::atomic<int64_t>[]> down_next;     // per group: next down chunk to claim
+    int s4_max_tokens = 4;  // Tuning's, at submit
+    int64_t pf_bytes = -1;  // experts: Tuning's, at submit; read probe: the distance (0: none)
     // read probe
     ReadFn read = nullptr;
     const uint8_t* buf = nullptr;
@@ -567,8 +716,16 @@ struct Job {
 
 struct Scratch {
     std::vector<const void*> xs;
-    std::vector<float> y0, y1;
+    std::vector<float> y0, y1, a;
 };
+
+// Streams per GEMV call: 4 at up to 4 tokens per expert (an activation load serves 4 rows), 2
+// above (16 accumulators: 2 rows x 8 tokens).
+inline int streams_for(const Job& j, int ntok) { return ntok <= j.s4_max_tokens ? 4 : 2; }
+
+inline int64_t prefetch_for(const Job& j, int ntok) {
+    return j.pf_bytes >= 0 ? j.pf_bytes : ntok <= 2 ? kPrefetchSmall : kPrefetchLarge;
+}
 
 void run_gate_up(Job& j, const Group& g, int64_t chunk, Scratch& s) {
     const int64_t i0 = chunk * j.gu_rows, rows = std::min(j.gu_rows, j.I - i0);
@@ -579,12 +736,29 @@ void run_gate_up(Job& j, const Group& g, int64_t chunk, Scratch& s) {
     s.y0.resize(size_t(rows) * n);
     s.y1.resize(size_t(rows) * n);
     const uint8_t* w = j.w13 + g.expert * j.w13_estride;
-    j.gemv(w + i0 * j.H * j.esize, w + (j.I + i0) * j.H * j.esize, j.H, rows, j.H, s.xs.data(), n,
-           s.y0.data(), s.y1.data());
+    const int64_t row_bytes = j.H * j.esize;
+    const uint8_t* gate = w + i0 * row_bytes;
+    const uint8_t* up = w + (j.I + i0) * row_bytes;
+    const int64_t pf = prefetch_for(j, n);
+    // gate row i with up row i; at 4 streams the chunk's two halves of each side by side
+    int64_t done = 0;
+    if (streams_for(j, n) == 4 && rows >= 2) {
+        const int64_t half = rows / 2;
+        const void* ws[4] = {gate, gate + half * row_bytes, up, up + half * row_bytes};
+        float* ys[4] = {s.y0.data(), s.y0.data() + half * n, s.y1.data(), s.y1.data() + half * n};
+        j.gemv(ws, 4, j.H, half, j.H, s.xs.data(), n, ys, pf);
+        done = 2 * half;
+    }
+    if (done < rows) {
+        const void* ws[2] = {gate + done * row_bytes, up + done * row_bytes};
+        float* ys[2] = {s.y0.data() + done * n, s.y1.data() + done * n};
+        j.gemv(ws, 2, j.H, rows - done, j.H, s.xs.data(), n, ys, pf);
+    }
+    s.a.resize(size_t(rows) * n);
+    j.silu(s.y0.data(), s.y1.data(), s.a.data(), rows * n);
     for (int64_t r = 0; r < rows; ++r) {
         for (int p = 0; p < n; ++p) {
-            const float gt = s.y0[r * n + p], up = s.y1[r * n + p];
-            const float a = gt / (1.0f + std::exp(-gt)) * up;
+            const float a = s.a[r * n + p];
             uint8_t* row = j.act + (g.first + p) * j.act_ld;
             if (j.dt == DType::F32) reinterpret_cast<float*>(row)[i0 + r] = a;
             else if (j.dt == DType::BF16) reinterpret_cast<uint16_t*>(row)[i0 + r] = f32_to_bf16(a);
@@ -599,15 +773,26 @@ void run_down(Job& j, const Group& g, int64_t chunk, Scratch& s) {
     s.xs.resize(n);
     for (int p = 0; p < n; ++p) s.xs[p] = j.act_row(g.first + p);
     s.y0.resize(size_t(rows) * n);
-    const uint8_t* w = j.w2 + g.expert * j.w2_estride;
-    // the chunk's two halves as the two streams (an odd last row alone)
-    const int64_t half = rows / 2;
-    const uint8_t* w0 = w + h0 * j.I * j.esize;
-    j.gemv(w0, w0 + half * j.I * j.esize, j.I, half, j.I, s.xs.data(), n, s.y0.data(),
-           s.y0.data() + half * n);
-    if (rows % 2)
-        j.gemv(w0 + 2 * half * j.I * j.esize, nullptr, j.I, 1, j.I, s.xs.data(), n,
-               s.y0.data() + 2 * half * n, nullptr);
+    const int64_t row_bytes = j.I * j.esize;
+    const uint8_t* w0 = j.w2 + g.expert * j.w2_estride + h0 * row_bytes;
+    // the chunk's S equal parts as the S streams, the last rows % S alone
+    const int S = streams_for(j, n);
+    const int64_t pf = prefetch_for(j, n);
+    const int64_t part = rows / S;
+    if (part > 0) {
+        const void* ws[4];
+        float* ys[4];
+        for (int k = 0; k < S; ++k) {
+            ws[k] = w0 + k * part * row_bytes;
+            ys[k] = s.y0.data() + k * part * n;
+        }
+        j.gemv(ws, S, j.I, part, j.I, s.xs.data(), n, ys, pf);
+    }
+    if (S * part < rows) {
+        const void* ws[1] = {w0 + S * part * row_bytes};
+        float* ys[1] = {s.y0.data() + S * part * n};
+        j.gemv(ws, 1, j.I, rows - S * part, j.I, s.xs.data(), n, ys, pf);
+    }
     for (int p = 0; p < n; ++p) {
         const int32_t pair = j.pairs[g.first + p];
         const float wt = j.wts[pair];
@@ -631,7 +816,7 @@ void work(Job& j, Scratch& s) {
     if (j.kind == Job::Read) {
         for (int64_t it; (it = j.next.fetch_add(1, std::memory_order_relaxed)) < j.n_items;) {
             const int64_t off = it * kReadChunk, len = std::min(kReadChunk, j.nbytes - off);
-            j.checksum.fetch_add(j.read(j.buf + off, len), std::memory_order_relaxed);
+            j.checksum.fetch_add(j.read(j.buf + off, len, j.pf_bytes), std::memory_order_relaxed);
         }
         return;
     }
@@ -790,12 +975,18 @@ JobHandle submit_experts(Pool& pool, const std::string& dtype, const std::string
     j->dt = parse_dtype(dtype);
     const Isa i = parse_isa(isa, j->dt);
     j->gemv = gemv_for(i, j->dt);
+    j->silu = silu_for(i);
     j->esize = j->dt == DType::F32 ? 4 : 2;
     if (T < 0 || K < 0) throw py::value_error("ids: negative shape");
     if (H < 1 || I < 1 || E < 0) throw py::value_error("w13: H and I must be >= 1");
     if (w13_estride < 2 * I * H || w2_estride < H * I)
         throw py::value_error("w13/w2: expert stride smaller than one expert");
     j->T = T; j->K = K; j->H = H; j->I = I;
+    {
+        std::lock_guard<std::mutex> lk(g_tuning_m);
+        j->s4_max_tokens = g_tuning.s4_max_tokens;
+        j->pf_bytes = g_tuning.pf_bytes;
+    }
     j->x = reinterpret_cast<const uint8_t*>(x);
     j->w13 = reinterpret_cast<const uint8_t*>(w13);
     j->w2 = reinterpret_cast<const uint8_t*>(w2);
@@ -855,14 +1046,17 @@ JobHandle submit_experts(Pool& pool, const std::string& dtype, const std::string
 }
 
 JobHandle submit_read(Pool& pool, uintptr_t buf, int64_t nbytes, const std::string& isa,
-                      int streams) {
+                      int streams, int64_t prefetch_bytes) {
     if (buf % 64 || nbytes <= 0 || nbytes % 64)
         throw py::value_error("buffer: needs a 64-byte aligned address and a size that is a "
                               "positive multiple of 64");
     if (streams != 1 && streams != 2 && streams != 4)
         throw py::value_error("streams: expected 1, 2 or 4");
+    if (prefetch_bytes < 0 || prefetch_bytes > (1 << 16))
+        throw py::value_error("prefetch_bytes: expected 0..65536");
     auto j = std::make_shared<Job>();
     j->kind = Job::Read;
+    j->pf_bytes = prefetch_bytes;
     j->read = read_for(isa == "auto" ? best_isa(DType::F32) : parse_isa(isa, DType::F32), streams);
     j->buf = reinterpret_cast<const uint8_t*>(buf);
     j->nbytes = nbytes;
@@ -883,6 +1077,22 @@ PYBIND11_MODULE(_cpu_experts, m) {
             if (isa_supported(i)) out.emplace_back(isa_name(i));
         return out;
     }, "The ISAs this CPU can run (avx512bf16 serves bfloat16 only).");
+    m.def("_set_tuning", [](int s4_max_tokens, int64_t prefetch_bytes) {
+        if (s4_max_tokens < 0 || s4_max_tokens > 4)
+            throw py::value_error("s4_max_tokens: expected 0..4");
+        if (prefetch_bytes < -1 || prefetch_bytes > (1 << 16))
+            throw py::value_error("prefetch_bytes: expected -1 (auto) or 0..65536");
+        std::lock_guard<std::mutex> lk(g_tuning_m);
+        g_tuning.s4_max_tokens = s4_max_tokens;
+        g_tuning.pf_bytes = prefetch_bytes;
+    }, py::arg("s4_max_tokens"), py::arg("prefetch_bytes"),
+       "Kernel knobs for A/B benchmarks (process-wide, read at submit): 4 streams per GEMV up "
+       "to s4_max_tokens tokens per expert (else 2); software prefetch distance in bytes per "
+       "stream (-1: the default by tokens per expert, 0: none).");
+    m.def("_tuning", [] {
+        std::lock_guard<std::mutex> lk(g_tuning_m);
+        return py::make_tuple(g_tuning.s4_max_tokens, g_tuning.pf_bytes);
+    });
     py::class_<JobHandle>(m, "Job")
         .def("done", &JobHandle::done)
         .def("wait", &JobHandle::wait, py::arg("timeout_s") = -1.0)
@@ -900,8 +1110,10 @@ PYBIND11_MODULE(_cpu_experts, m) {
              "w2_expert_stride elements (all in `dtype`), ids [T,K] int32, weights [T,K] fp32, "
              "out [T,K,H] fp32. The buffers must live until the Job is done.")
         .def("read", &submit_read, py::arg("buffer"), py::arg("nbytes"), py::arg("isa") = "auto",
-             py::arg("streams") = 1,
+             py::arg("streams") = 1, py::arg("prefetch_bytes") = 0,
              "The read-bandwidth probe: the pool's threads sum 4 MiB chunks of the buffer "
              "(64-byte aligned), each chunk as `streams` (1, 2 or 4) sequential streams side by "
-             "side; returns a Job whose checksum is the sum of its 64-bit words.");
+             "side, with 512-bit loads where the CPU has them, each stream prefetching "
+             "prefetch_bytes ahead into L2 as the kernel does (0: none); returns a Job whose "
+             "checksum is the sum of its 64-bit words.");
 }

@@ -101,9 +101,11 @@ def native_isas() -> tuple[str, ...]:
 
 def check_cpu_inputs(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor, *, id_range: bool = True,
 ) -> None:
-    """Shapes, dtypes, devices and id range; ValueError naming the field."""
+    """Shapes, dtypes, devices and (with id_range) the id range; ValueError naming the field.
+    The native backend checks int32 ids itself while grouping the pairs (id_range=False saves
+    the ~5 us reduction per call)."""
     for name, t in (("hidden", hidden), ("w13", w13), ("w2", w2), ("ids", ids),
                     ("weights", weights)):
         if not isinstance(t, torch.Tensor):
@@ -126,7 +128,7 @@ def check_cpu_inputs(
     if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point():
         raise ValueError(f"weights: expected float {tuple(ids.shape)}, got {weights.dtype} "
                          f"{tuple(weights.shape)}")
-    if ids.numel() and int(ids.max()) >= E:
+    if id_range and ids.numel() and int(ids.max()) >= E:
         raise ValueError(f"ids: expert id {int(ids.max())} out of range for E={E}")
 
 
@@ -310,7 +312,9 @@ class CpuExpertPool:
         not be written until the future is done."""
         if self.closed:
             raise RuntimeError("CpuExpertPool: submit after close()")
-        check_cpu_inputs(hidden, w13, w2, ids, weights)
+        # the native kernel checks int32 ids itself; wider ones are checked before narrowing
+        check_cpu_inputs(hidden, w13, w2, ids, weights,
+                         id_range=self._native is None or ids.dtype != torch.int32)
         if self._native is None:
             return self._pool.submit(self._fn, hidden, w13, w2, ids, weights)
         return self._submit_native(hidden, w13, w2, ids, weights)
