@@ -474,6 +474,19 @@ uint64_t read_lines(const uint8_t* p, int64_t nbytes, int64_t pf) {
 #endif
 namespace avx512 {
 
+// The four horizontal sums of a[0..3] into o[0..3] with one shuffle tree: pairs of lanes, then
+// quads, then the four 128-bit lanes.
+static inline void sum4_ps512(const __m512* a, float* o) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    const __m512 abcd = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
 struct Avx512F32 {
     using T = float; using V = __m512; using A = __m512;
     static constexpr int step = 16;
@@ -483,17 +496,7 @@ struct Avx512F32 {
     static A madd(A a, V w, V x) { return _mm512_fmadd_ps(w, x, a); }
     static A add(A a, A b) { return _mm512_add_ps(a, b); }
     static float sum(A a) { return _mm512_reduce_add_ps(a); }
-    static void sum4(const A* a, float* o) {
-        // one shuffle tree for four sums: pairs of lanes, then quads, then the four 128-bit lanes
-        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
-        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
-        const __m512 abcd = _mm512_add_ps(
-            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-        const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
-        _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    }
+    static void sum4(const A* a, float* o) { sum4_ps512(a, o); }
 };
 struct Avx512BF16Widen : Avx512F32 {
     using T = uint16_t;
@@ -518,17 +521,7 @@ struct Avx512Dp {
     static A madd(A a, V w, V x) { return _mm512_dpbf16_ps(a, (__m512bh)w, (__m512bh)x); }
     static A add(A a, A b) { return _mm512_add_ps(a, b); }
     static float sum(A a) { return _mm512_reduce_add_ps(a); }
-    static void sum4(const A* a, float* o) {
-        // one shuffle tree for four sums: pairs of lanes, then quads, then the four 128-bit lanes
-        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
-        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
-        const __m512 abcd = _mm512_add_ps(
-            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-        const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
-        _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    }
+    static void sum4(const A* a, float* o) { sum4_ps512(a, o); }
 };
 
 MOESPAC_GEMV_KERNELS

@@ -113,26 +113,20 @@ def install() -> bool:
                 setattr(self, _FAILED_ATTR, scheduler_output)
             raise
 
-    def wrapped_step(self: Any) -> Any:
-        try:
-            return step(self)
-        except Exception as e:
-            batch = self.__dict__.pop(_FAILED_ATTR, None)
-            if batch is None or not is_failed_layer(e):
-                raise
-            return fail_batch(self, batch, e), True
+    def failed_batch_fails_its_requests(original: Any) -> Any:
+        def wrapped(self: Any) -> Any:
+            try:
+                return original(self)
+            except Exception as e:
+                batch = self.__dict__.pop(_FAILED_ATTR, None)
+                if batch is None or not is_failed_layer(e):
+                    raise
+                return fail_batch(self, batch, e), True
 
-    def wrapped_step_bq(self: Any) -> Any:
-        try:
-            return step_bq(self)
-        except Exception as e:
-            batch = self.__dict__.pop(_FAILED_ATTR, None)
-            if batch is None or not is_failed_layer(e):
-                raise
-            return fail_batch(self, batch, e), True
+        return wrapped
 
     EngineCore.log_error_detail = wrapped_log_error_detail
-    EngineCore.step = wrapped_step
-    EngineCore.step_with_batch_queue = wrapped_step_bq
+    EngineCore.step = failed_batch_fails_its_requests(step)
+    EngineCore.step_with_batch_queue = failed_batch_fails_its_requests(step_bq)
     _installed = True
     return True
