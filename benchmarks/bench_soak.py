@@ -133,6 +133,24 @@ def alive(pid: int) -> bool:
         return False
 
 
+def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout_s: float) -> None:
+    """Poll base/health once a second until 200; raises if proc exits (with its log's tail) or
+    timeout_s passes. Shared by this soak and the server tests."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + log_path.read_text()[-4000:])
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not healthy in {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 class Server:
     """`moespac serve` on 127.0.0.1:port, logging to log_path; stopped by its PID."""
 
@@ -153,19 +171,7 @@ class Server:
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout_s: float = 900) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + self.log_path.read_text()[-4000:])
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy in {timeout_s:.0f} s")
-            time.sleep(1)
+        wait_healthy(self.proc, self.base, self.log_path, timeout_s)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         kids = descendants(self.proc.pid)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from test_server import REPO, _free_port, _post, tiny_model  # noqa: F401  (fixture)
+from test_server import REPO, _free_port, _post, tiny_model, wait_healthy  # noqa: F401
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -30,17 +28,7 @@ def test_not_enabled_server_exports_no_moespac_series(tiny_model, tmp_path):  # 
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy in 300 s"
-            time.sleep(1)
+        wait_healthy(server, base, log_path, 300)
         status, _ = _post(base + "/v1/completions", {"model": tiny_model, "prompt": "def f(x):",
                                                      "max_tokens": 4, "temperature": 0.0})
         assert status == 200

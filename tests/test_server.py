@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from conftest import load_benchmark
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -48,36 +49,10 @@ def _prompts() -> list[str]:
             for i in range(N_REQUESTS // 2)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children_of(pid: int) -> set[int]:
-    """All descendants of pid (from /proc), to check none outlives the server."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                parent[int(d.name)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, frontier = set(), {pid}
-    while frontier:
-        nxt = {c for c, p in parent.items() if p in frontier} - out
-        out |= nxt
-        frontier = nxt
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+# loopback helpers shared with benchmarks/bench_soak.py (one copy)
+_soak = load_benchmark("bench_soak")
+_free_port, _children_of, _alive = _soak.free_port, _soak.descendants, _soak.alive
+wait_healthy = _soak.wait_healthy
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -175,17 +150,7 @@ def test_serve_answers_like_offline_and_stops_cleanly(tiny_model, tmp_path):
     stats_file = tmp_path / "stats.jsonl"
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600  # torch.compile on 2 cores
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy in 600 s"
-            time.sleep(1)
+        wait_healthy(server, base, tmp_path / "server.log", 600)  # torch.compile, 2 cores
 
         prompts = _prompts()
         jobs = [("completions", i, {"model": tiny_model, "prompt": p, "max_tokens": MAX_TOKENS,
