@@ -411,12 +411,12 @@ def window_steps(work: Trace):
 
 
 def adaptive_steps(engine: Any, ar: Trace, acceptance: float, k_max: int,
-                   times: dict[str, float], seed: int):
+                   times: StepTimes, seed: int):
     """`simulate.run_adaptive`'s windows, cut on the fly from the plain stream by the same
     governor (`simulate.adaptive_governor`: k = 0 first, then the roofline's choice with its
     hysteresis); rejected drafts' routing MODELLED by resampling a token, as there."""
     rng = np.random.default_rng([seed, 17])
-    governor = adaptive_governor(engine, StepTimes(**times), acceptance, k_max)
+    governor = adaptive_governor(engine, times, acceptance, k_max)
     decode = ar.kind == StepKind.DECODE
     steps = 0
     for sid in dict.fromkeys(ar.seq_id[decode].tolist()):
@@ -610,7 +610,7 @@ def _run_runtime(b: Bench, case: Case) -> dict[str, Any]:
                                                    b.args.seed))
     elif case.mode == "adaptive":
         source = adaptive_steps(engine, b.ar_work, b.args.acceptance, case.k,
-                                b.step_times or {}, b.args.seed)
+                                sim_times(b), b.args.seed)
     elif case.mode == "prefill":
         source = iter([(prefill_ids(b.ar_work, case.k), 0, 0)])
     else:
@@ -680,6 +680,12 @@ def _run_runtime(b: Bench, case: Case) -> dict[str, Any]:
     return r
 
 
+def sim_times(b: Bench) -> StepTimes:
+    """The simulator's step times for this bench: the profile's (plan and launch per layer,
+    shared compute) with the non-expert pieces measured here."""
+    return replace(b.profile.step_times(b.dims), **b.step_times)
+
+
 def simulated_case(b: Bench, case: Case, tokens: int) -> tuple[float | None, str]:
     """The simulator's tok/s for the case's policy, ratio and windows (calibrated profile,
     measured non-expert times), or None and why."""
@@ -694,7 +700,7 @@ def simulated_case(b: Bench, case: Case, tokens: int) -> tuple[float | None, str
 
     r = simulate(b.trace, policy, case.ratio, b.profile, draft_tokens=max(case.k, 1),
                  acceptance=b.args.acceptance, seed=b.args.seed,
-                 times=StepTimes(**b.step_times), max_tokens=max(1, tokens),
+                 times=sim_times(b), max_tokens=max(1, tokens),
                  adaptive_draft=case.mode == "adaptive")
     return r.tokens_per_s, "simulate.simulate, same trace / windows / costs"
 
@@ -706,12 +712,34 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+class NativeDeviceKernel:
+    """cpu-as-device: the native CPU expert kernel (its own pool) as the layer's fused device
+    kernel, (x, w13, w2, ids, weights) -> fp32 [T,H] summed over k; ids -1 are skipped. The path
+    `moespac calibrate` times as the device on a machine without CUDA, so the simulator's device
+    costs are those of what runs (benchmarks/bench_fidelity.py)."""
+
+    def __init__(self) -> None:
+        from moespac_vllm.kernels.cpu_experts import CpuExpertPool
+
+        self.pool = CpuExpertPool(backend="native")
+
+    def __call__(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.pool.wait(self.pool.submit(hidden, w13, w2, ids, weights))
+
+
 def resolve_kernel(device: torch.device, choice: str) -> tuple[Any, Any, str]:
     """(fused-style kernel for warm-up, what the layer gets as `device_kernel`, name). On a CPU the
     layer's own per-pair reference runs (device_kernel None), as in the vLLM-cpu plugin."""
     if choice == "reference":  # on a CPU too: then the layer takes its device paths (resident)
         return (experts_reference, experts_reference,
                 f"offload.experts_reference (torch, {device.type})")
+    if choice == "native":
+        if device.type == "cuda":
+            raise ValueError("kernel: 'native' is the CPU kernel playing the device; this run "
+                             "has a CUDA device")
+        k = NativeDeviceKernel()
+        return k, k, "kernels.cpu_experts.CpuExpertPool(native) as the device kernel"
     if device.type != "cuda":
         return experts_reference, None, "offload per-pair reference (torch, cpu)"
     from moespac_vllm.kernels.fused_experts import fused_experts
@@ -792,7 +820,7 @@ def simulated(b: Bench, name: str, ratio: float, tokens: int) -> float | None:
         return None
     from moespac_vllm.simulate import simulate
 
-    times = StepTimes(**b.step_times)
+    times = sim_times(b)
     r = simulate(b.trace, name, ratio, b.profile, draft_tokens=b.args.draft_tokens,
                  acceptance=b.args.acceptance, seed=b.args.seed, times=times,
                  max_tokens=max(1, tokens))
@@ -808,6 +836,8 @@ def make_bench(args: argparse.Namespace, path: str | Trace, device: torch.device
     trace = cut_layers(full, args.layers)
     if args.tiny:
         trace = shrink_dims(trace, TINY_H, TINY_I)
+    elif args.hidden is not None:
+        trace = shrink_dims(trace, args.hidden, args.inter or max(1, args.hidden // 2))
     dims = trace.dims
     draft_gb = args.draft_gb if args.draft_gb is not None else (
         0.001 if args.tiny else DRAFT_GB_FULL * dims.num_layers / full_layers)
@@ -906,12 +936,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-gb", type=float, default=None,
                    help="bytes one draft forward streams (default 4 GB x layers kept / L)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--kernel", default="auto", choices=("auto", "triton", "reference"))
+    p.add_argument("--kernel", default="auto", choices=("auto", "triton", "reference", "native"),
+                   help="native (CPU only): the native CPU kernel plays the device kernel")
     p.add_argument("--profile", default="calibrate",
                    help="'calibrate' (measure here first) or a cost_model profile name/path")
     p.add_argument("--cpu-path", default="native", choices=("native", "torch", "exact", "layer"),
                    help="CPU experts: the layer's own path, or a CpuExpertPool backend")
     p.add_argument("--tiny", action="store_true", help=f"H={TINY_H}, I={TINY_I} (CPU / CI)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="expert hidden size H instead of the trace's (same routing)")
+    p.add_argument("--inter", type=int, default=None,
+                   help="expert intermediate size I with --hidden (default H/2)")
     p.add_argument("--distinct-layers", action="store_true",
                    help="one random host bank per layer instead of one shared bank")
     p.add_argument("--out", default="out/gpu_decode", help="folder for jsonl + plot")
@@ -922,6 +957,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("steps", "draft_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name.replace('_', '-')}: must be >= 1")
+    for name in ("hidden", "inter"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"{name}: must be >= 1, got {v}")
+    if args.inter is not None and args.hidden is None:
+        raise ValueError("inter: give it with --hidden")
     return args
 
 

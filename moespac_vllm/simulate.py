@@ -8,9 +8,11 @@ contract), with a simulated clock and a simulated mover in place of CUDA:
                    clock += dense_ms_per_layer              # attention, router, norms (device)
                    plan = plan_layer(l, ids[T, K])
                    clock += plan_ms_per_layer               # the plan's host time (S < E only)
-                   device branch: experts in ready order, each max(ready_at, t) + gpu_ms(n)
+                   device branch: after launch_ms_per_layer (S < E only), experts in ready
+                                  order, each max(ready_at, t) + gpu_ms(n)
                    CPU branch:    sum of cpu_ms(n) over plan.cpu_experts, in parallel
-                   clock = max(device end, CPU end); finish_layer(l)
+                   clock = max(device end, CPU end)         # shared_compute: device end + CPU
+                   finish_layer(l)
                clock += lm_head_ms; end_step(accepted)      # end_step issues prefetches
 
 Overlap modelled: prefetch copies issued at end_step (or at a layer's end) run on the PCIe link
@@ -274,13 +276,15 @@ def run_step(engine: ExpertEngine, ids: np.ndarray, num_accepted: int, speculati
         clock.t_ms += draft_ms
     engine.begin_step(StepContext(step=step, phase=Phase.VERIFY if speculative else Phase.DECODE,
                                   num_tokens=T, tokens_per_request=(T,), num_draft_tokens=k))
-    plan_ms = times.plan_ms_per_layer if engine.num_slots < E else 0.0  # whole layers: none
+    planned = engine.num_slots < E  # whole layers: no plan, the resident path's own launch
+    plan_ms = times.plan_ms_per_layer if planned else 0.0
+    launch_ms = times.launch_ms_per_layer if planned else 0.0
     for layer in range(L):
         clock.t_ms += times.dense_ms_per_layer
         layer_ids = ids[:, layer, :]
         plan = engine.plan_layer(layer, layer_ids)
         clock.t_ms += plan_ms  # host work between the routing and the expert kernels
-        t0 = clock.t_ms
+        t0 = clock.t_ms + launch_ms  # the device branch starts after its launch
         counts = np.bincount(layer_ids.ravel(), minlength=E)
         table = engine.tables[layer]
         ready = sorted((max(t0, mover.ready_at(layer, table.slot_of(e))), int(counts[e]))
@@ -292,7 +296,8 @@ def run_step(engine: ExpertEngine, ids: np.ndarray, num_accepted: int, speculati
             t = max(t, r) + g
             gpu_busy += g
         cpu_busy = sum(cpu_fixed + cpu_tok * int(counts[e]) for e in plan.cpu_experts)
-        clock.t_ms = max(t, t0 + cpu_busy)
+        # shared cores (cpu-as-device): the CPU branch runs after the device branch, not beside
+        clock.t_ms = t + cpu_busy if times.shared_compute else max(t, t0 + cpu_busy)
         engine.record_timing(stall_ms=t - t0 - gpu_busy, cpu_ms=cpu_busy, gpu_ms=gpu_busy)
         engine.finish_layer(layer, layer_ids)
     clock.t_ms += times.lm_head_ms
@@ -325,7 +330,8 @@ def adaptive_governor(engine: ExpertEngine, times: StepTimes, acceptance: float,
     step drafts k = 0 (a window to model from) by the replay's own rule."""
     L = engine.dims.num_layers
     overhead = L * times.dense_ms_per_layer + times.lm_head_ms + (
-        L * times.plan_ms_per_layer if engine.num_slots < engine.dims.num_experts else 0.0)
+        L * (times.plan_ms_per_layer + times.launch_ms_per_layer)
+        if engine.num_slots < engine.dims.num_experts else 0.0)
     return DraftGovernor(k_max=k_max, draft_ms_per_token=times.draft_ms_per_token,
                          step_overhead_ms=overhead, k_min=0, fixed_acceptance=acceptance)
 

@@ -55,7 +55,12 @@ def test_cpu_calibration_says_the_device_side_is_absent():
     cal = calibrate(TINY, tokens=(1, 4), reps=3, cpu_experts=2)
     assert cal.device_kind is DeviceKind.CPU_AS_DEVICE
     assert any("device side is absent" in n for n in cal.notes)
-    assert cal.device_fit == cal.cpu_fit  # the CPU is the device: one measurement, not two
+    # the CPU is the device: one measurement, the device's without the call's fixed cost
+    M = cal.experts_per_call
+    assert [n for n, _ in cal.device_fit.points] == [n for n, _ in cal.cpu_fit.points]
+    for (_, dev), (_, cpu) in zip(cal.device_fit.points, cal.cpu_fit.points):
+        assert dev == pytest.approx(max(0.0, cpu - cal.launch_ms / M))
+    assert cal.launch_ms >= 0.0
     assert [n for n, _ in cal.cpu_fit.points] == [1, 4]
     assert all(ms > 0 for _, ms in cal.cpu_fit.points)
     assert cal.h2d_gbps > 0 and cal.fetch_ms > 0
@@ -139,3 +144,15 @@ def test_calibration_measures_the_engines_host_time_per_layer_decision():
     assert CostProfile.from_calibration("t", cal).host_plan_ms == cal.host_plan_ms
     with pytest.raises(ValueError, match="window_tokens"):
         measure_plan_ms(TINY, cal.expert_costs(), window_tokens=0)
+
+
+def test_split_launch_takes_the_calls_fixed_cost_out_of_the_per_expert_points():
+    from moespac_vllm.calibrate import split_launch
+
+    # call(M experts) = M x 0.1 ms + 0.3 ms launch, per expert at M = 4: 0.175 ms; call(1) = 0.4
+    launch, pts = split_launch([(1, 0.175), (4, 0.275)], 4, 0.4)
+    assert launch == pytest.approx(0.3)
+    assert pts == [(1, pytest.approx(0.1)), (4, pytest.approx(0.2))]
+    assert split_launch([(1, 0.2)], 1, 0.5) == (0.0, [(1, 0.2)])  # one expert per call: no split
+    launch, pts = split_launch([(1, 0.1)], 4, 0.05)  # noise: one call cheaper than its share
+    assert launch == 0.0 and pts == [(1, 0.1)]

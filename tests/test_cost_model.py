@@ -142,3 +142,33 @@ def test_calibrated_profile_carries_the_measured_host_plan_time() -> None:
         cpu_threads=2, h2d_gbps=5.0, fetch_ms=0.04, device_fit=fit, cpu_fit=fit,
         device_method="unit", cpu_method="unit", experts_per_call=4, host_plan_ms=0.0123)
     assert CostProfile.from_calibration("unit", cal).host_plan_ms == 0.0123
+
+
+def test_launch_per_layer_and_shared_compute_reach_the_step_times_and_json() -> None:
+    for name in ("h100-pcie5", "rtx4090-pcie4", "jetson-orin"):
+        p = get_profile(name)
+        assert 0.0 < p.layer_launch_ms < 0.2 and not p.shared_compute
+        t = p.step_times(QWEN3_30B_A3B)
+        assert t.launch_ms_per_layer == p.layer_launch_ms and t.shared_compute is False
+    p = replace(get_profile("h100-pcie5"), layer_launch_ms=0.07, shared_compute=True)
+    back = CostProfile.from_json(p.to_json())
+    assert back.layer_launch_ms == 0.07 and back.shared_compute is True
+    with pytest.raises(ValueError, match="layer_launch_ms"):
+        replace(p, layer_launch_ms=-0.1)
+    with pytest.raises(ValueError, match="shared_compute"):
+        replace(p, shared_compute=1)
+
+
+def test_a_cpu_as_device_calibration_shares_its_cores_and_keeps_the_launch() -> None:
+    cal_mod = pytest.importorskip("moespac_vllm.calibrate")
+    dims = ModelDims(4, 8, 2, hidden_size=256, intermediate_size=128)
+    fit = cal_mod.AffineFit.fit([(1, 0.11), (4, 0.14)])
+    kw = dict(dims=dims, device_name="unit", cpu_threads=2, h2d_gbps=5.0, fetch_ms=0.04,
+              device_fit=fit, cpu_fit=fit, device_method="unit", cpu_method="unit",
+              experts_per_call=4, launch_ms=0.05)
+    cpu = CostProfile.from_calibration("c", cal_mod.Calibration(
+        device_kind=cal_mod.DeviceKind.CPU_AS_DEVICE, **kw))
+    gpu = CostProfile.from_calibration("g", cal_mod.Calibration(
+        device_kind=cal_mod.DeviceKind.CUDA, **kw))
+    assert cpu.shared_compute and not gpu.shared_compute
+    assert cpu.layer_launch_ms == gpu.layer_launch_ms == 0.05
