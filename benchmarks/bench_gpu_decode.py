@@ -788,12 +788,15 @@ def resolve_costs(spec: str, dims: ModelDims, device: torch.device, quick: bool,
 
 def measure_step_times(b: Bench, reps: int = 10) -> dict[str, float]:
     """Median ms of the non-expert pieces of a step on this device (what the simulator is given
-    so that modelled and measured runs share everything but the expert path)."""
+    so that modelled and measured runs share everything but the expert path): one layer's dense
+    part exactly as `_run_runtime` runs it (attention, norms, residual adds, the device router)
+    and the LM head, at 1 token and at a verify window of 1 + draft_tokens tokens (their slope:
+    what each more token costs), and one draft pass."""
     import statistics
 
     dims, device = b.dims, b.device
-    x = torch.randn(1, dims.hidden_size, device=device, dtype=torch.bfloat16)
-    H = dims.hidden_size
+    H, K = dims.hidden_size, dims.top_k
+    wide = 1 + b.args.draft_tokens
 
     def timed(fn: Any) -> float:
         out = []
@@ -805,10 +808,25 @@ def measure_step_times(b: Bench, reps: int = 10) -> dict[str, float]:
             out.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(out)
 
+    def dense_and_head(T: int) -> tuple[float, float]:
+        x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+        want = torch.arange(K, device=device).repeat(T, 1)
+        zero = torch.zeros_like(x)
+
+        def dense() -> torch.Tensor:
+            y = F.rms_norm(x + b.stubs.attention(0, x), (H,))
+            b.router.route(0, y, want)
+            return F.rms_norm(y + zero, (H,))
+
+        return timed(dense), timed(lambda: b.stubs.lm_head(x))
+
+    d1, h1 = dense_and_head(1)
+    dw, hw = dense_and_head(wide)
     return {
         "draft_ms_per_token": timed(b.stubs.draft_token),
-        "dense_ms_per_layer": timed(lambda: F.rms_norm(x + b.stubs.attention(0, x), (H,))),
-        "lm_head_ms": timed(lambda: b.stubs.lm_head(x)),
+        "dense_ms_per_layer": d1, "lm_head_ms": h1,
+        "dense_ms_per_token": max(0.0, (dw - d1) / (wide - 1)),
+        "lm_head_ms_per_token": max(0.0, (hw - h1) / (wide - 1)),
     }
 
 

@@ -42,6 +42,12 @@ from moespac_vllm.trace import MIXTRAL_8X7B, QWEN3_30B_A3B, ModelDims
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKENS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+# Timed calls rotate over this many bytes of distinct weights (at most COLD_SETS_MAX sets), so
+# that no cache serves a repeat: at small dims (H=512, I=256: 0.8 MB an expert) a repeated set of
+# 8 experts stayed in the L3 and calibrated copies and kernels 4-8x faster than the decode
+# harness then ran them over 128 experts a layer (benchmarks/bench_fidelity.py, 2026-12-02).
+COLD_BYTES = 128 << 20
+COLD_SETS_MAX = 256
 QUICK_TOKENS: tuple[int, ...] = (1, 4, 16)
 
 
@@ -226,15 +232,18 @@ def measure_copy(dims: ModelDims, device: torch.device, *, dtype: torch.dtype = 
     """(large-transfer GB/s, one-expert fetch ms) from pinned host memory into `device`
     (on a CPU device: host memcpy into a slot buffer)."""
     on_cuda = device.type == "cuda"
-    hw13, hw2 = _random_experts(2, dims, dtype, torch.device("cpu"), seed=1, pin=on_cuda)
-    dw13 = torch.empty_like(hw13[0], device=device)
-    dw2 = torch.empty_like(hw2[0], device=device)
-    flip = [0]
+    n = _cold_sets(dims.expert_bytes, floor=2)
+    hw13, hw2 = _random_experts(n, dims, dtype, torch.device("cpu"), seed=1, pin=on_cuda)
+    # on a CPU the destination slots are host memory too: rotate them as well
+    dn = 1 if on_cuda else n
+    dw13 = torch.empty((dn, *hw13.shape[1:]), dtype=dtype, device=device)
+    dw2 = torch.empty((dn, *hw2.shape[1:]), dtype=dtype, device=device)
+    turn = [0]
 
-    def one_expert() -> None:  # alternate sources so no cache serves a repeat
-        i = flip[0] = 1 - flip[0]
-        dw13.copy_(hw13[i], non_blocking=True)
-        dw2.copy_(hw2[i], non_blocking=True)
+    def one_expert() -> None:  # rotate sources (and host slots) so no cache serves a repeat
+        i = turn[0] = (turn[0] + 1) % n
+        dw13[i % dn].copy_(hw13[i], non_blocking=True)
+        dw2[i % dn].copy_(hw2[i], non_blocking=True)
 
     fetch_ms = _median_ms(one_expert, device, warmup, reps)
     n = max(1, large_mb * (1 << 20) // 4)
@@ -251,16 +260,30 @@ def measure_experts(dims: ModelDims, device: torch.device,
                     kernel: Callable[..., torch.Tensor], tokens: Sequence[int], experts: int, *,
                     dtype: torch.dtype = torch.bfloat16, warmup: int = 2, reps: int = 10,
                     ) -> list[tuple[int, float]]:
-    """[(n, ms per expert)]: `experts` distinct experts, each routed n tokens, one kernel call."""
-    w13, w2 = _random_experts(experts, dims, dtype, device, seed=2)
+    """[(n, ms per expert)]: `experts` distinct experts, each routed n tokens, one kernel call;
+    successive calls take the next of `_cold_sets` sets of experts (cold weights, as in a run)."""
+    sets = _cold_sets(experts * dims.expert_bytes)
+    w13, w2 = _random_experts(experts * sets, dims, dtype, device, seed=2)
     g = torch.Generator(device="cpu").manual_seed(3)
     points = []
     for n in tokens:
         x = torch.randn(n, dims.hidden_size, generator=g).to(device=device, dtype=dtype)
         ids, wts = _routing(n, experts, device)
-        ms = _median_ms(lambda: kernel(x, w13, w2, ids, wts), device, warmup, reps)
+        shifted = [ids + i * experts for i in range(sets)]
+        turn = [0]
+
+        def call() -> torch.Tensor:
+            i = turn[0] = (turn[0] + 1) % sets
+            return kernel(x, w13, w2, shifted[i], wts)
+
+        ms = _median_ms(call, device, warmup, reps)
         points.append((int(n), ms / experts))
     return points
+
+
+def _cold_sets(set_bytes: int, floor: int = 1) -> int:
+    """How many distinct sets of `set_bytes` the timed calls rotate over (COLD_BYTES)."""
+    return max(floor, min(COLD_SETS_MAX, -(-COLD_BYTES // max(1, set_bytes))))
 
 
 def split_launch(points: Sequence[tuple[int, float]], experts: int, one_ms: float

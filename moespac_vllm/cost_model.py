@@ -90,6 +90,10 @@ class StepTimes:
     draft_ms_per_token: float  # one draft-model forward at batch 1
     dense_ms_per_layer: float  # attention + router + norms of one target layer, one forward
     lm_head_ms: float  # final norm + LM head (+ sampling), one forward
+    # what each token of a forward after its first adds (a verify window of T tokens pays
+    # T - 1 of them): FLOPs at the device's rate; ~0 on a GPU at decode sizes, not on a CPU
+    dense_ms_per_token: float = 0.0
+    lm_head_ms_per_token: float = 0.0
     # the engine's host work per planned layer forward (plan_layer + finish_layer): between the
     # layer's routing and its expert kernels, so on the critical path of both branches
     plan_ms_per_layer: float = 0.0
@@ -187,10 +191,13 @@ class CostProfile:
         if params < 0:
             raise ValueError(f"dense_params_per_layer: must be >= 0, got {params}")
         bw = self.device_mem_gbps * 1e6  # bytes per ms
+        per_flop_ms = 0.0 if self.device_tflops is None else 1.0 / (self.device_tflops * 1e9)
         return StepTimes(
             draft_ms_per_token=self.draft_ms_per_token,
             dense_ms_per_layer=params * dims.dtype_bytes / bw + self.dense_layer_overhead_ms,
             lm_head_ms=vocab_size * h * dims.dtype_bytes / bw,
+            dense_ms_per_token=2 * params * per_flop_ms,
+            lm_head_ms_per_token=2 * vocab_size * h * per_flop_ms,
             plan_ms_per_layer=self.host_plan_ms,
             launch_ms_per_layer=self.layer_launch_ms,
             shared_compute=self.shared_compute,

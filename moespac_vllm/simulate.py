@@ -5,7 +5,7 @@ contract), with a simulated clock and a simulated mover in place of CUDA:
 
     per step:  [draft phase: k x draft_ms_per_token]        # SD policies only
                begin_step; for each layer l:
-                   clock += dense_ms_per_layer              # attention, router, norms (device)
+                   clock += dense_ms_per_layer (+ per token) # attention, router, norms
                    plan = plan_layer(l, ids[T, K])
                    clock += plan_ms_per_layer               # the plan's host time (S < E only)
                    device branch: after launch_ms_per_layer (S < E only), experts in ready
@@ -82,11 +82,16 @@ class SimClock:
 class SimMover:
     """`Mover` on a simulated PCIe link: copies run one after another, each `fetch_ms` long,
     starting no earlier than when they are issued. `cancel` of a copy not yet started removes it
-    (later queued copies move up); a started copy cannot be recalled (its bytes still count)."""
+    (later queued copies move up); a started copy cannot be recalled (its bytes still count).
+    `synchronous` (shared compute, cpu-as-device: the host thread makes the copy, as the
+    runtime's synchronous mover does): a load advances the clock by its copy, so it lands when
+    issued and overlaps nothing."""
 
-    def __init__(self, clock: SimClock, fetch_ms: float, expert_bytes: int) -> None:
+    def __init__(self, clock: SimClock, fetch_ms: float, expert_bytes: int,
+                 synchronous: bool = False) -> None:
         if not fetch_ms >= 0.0:
             raise ValueError(f"fetch_ms: must be >= 0, got {fetch_ms}")
+        self.synchronous = bool(synchronous)
         self.clock = clock
         self.fetch_ms = float(fetch_ms)
         self.expert_bytes = int(expert_bytes)
@@ -111,6 +116,8 @@ class SimMover:
             self._queue.append(key)
         self._bytes += self.expert_bytes
         self.loads += 1
+        if self.synchronous:
+            self.clock.t_ms = max(self.clock.t_ms, self._link_free)
 
     def ready_at(self, layer: int, slot: int) -> float:
         """When the last load into (layer, slot) lands; +inf if none is recorded (never loaded,
@@ -279,8 +286,9 @@ def run_step(engine: ExpertEngine, ids: np.ndarray, num_accepted: int, speculati
     planned = engine.num_slots < E  # whole layers: no plan, the resident path's own launch
     plan_ms = times.plan_ms_per_layer if planned else 0.0
     launch_ms = times.launch_ms_per_layer if planned else 0.0
+    dense_ms = times.dense_ms_per_layer + (T - 1) * times.dense_ms_per_token
     for layer in range(L):
-        clock.t_ms += times.dense_ms_per_layer
+        clock.t_ms += dense_ms
         layer_ids = ids[:, layer, :]
         plan = engine.plan_layer(layer, layer_ids)
         clock.t_ms += plan_ms  # host work between the routing and the expert kernels
@@ -300,7 +308,7 @@ def run_step(engine: ExpertEngine, ids: np.ndarray, num_accepted: int, speculati
         clock.t_ms = t + cpu_busy if times.shared_compute else max(t, t0 + cpu_busy)
         engine.record_timing(stall_ms=t - t0 - gpu_busy, cpu_ms=cpu_busy, gpu_ms=gpu_busy)
         engine.finish_layer(layer, layer_ids)
-    clock.t_ms += times.lm_head_ms
+    clock.t_ms += times.lm_head_ms + (T - 1) * times.lm_head_ms_per_token
     engine.end_step(int(num_accepted) if speculative else 0)
     return draft_ms
 
@@ -332,7 +340,10 @@ def adaptive_governor(engine: ExpertEngine, times: StepTimes, acceptance: float,
     overhead = L * times.dense_ms_per_layer + times.lm_head_ms + (
         L * (times.plan_ms_per_layer + times.launch_ms_per_layer)
         if engine.num_slots < engine.dims.num_experts else 0.0)
-    return DraftGovernor(k_max=k_max, draft_ms_per_token=times.draft_ms_per_token,
+    # every draft token also widens the verify window's dense layers and LM head by one token
+    per_draft = times.draft_ms_per_token + L * times.dense_ms_per_token + \
+        times.lm_head_ms_per_token
+    return DraftGovernor(k_max=k_max, draft_ms_per_token=per_draft,
                          step_overhead_ms=overhead, k_min=0, fixed_acceptance=acceptance)
 
 
@@ -412,7 +423,8 @@ def simulate(trace: Trace, policy: Policy | str, cache_ratio: float, profile: Co
     else:
         work = autoregressive_workload(trace)
     clock = SimClock()
-    mover = SimMover(clock, costs.fetch_ms, dims.expert_bytes)
+    mover = SimMover(clock, costs.fetch_ms, dims.expert_bytes,
+                     synchronous=times.shared_compute)
     future = None
     if policy is Policy.ORACLE:
         future = step_counts(work.select(np.flatnonzero(work.kind != StepKind.PREFILL)))

@@ -57,7 +57,9 @@ def test_each_measured_run_carries_the_simulators_prediction(tiny_run):
     _, lines = tiny_run
     setup = next(x for x in lines if x["bench"] == "gpu_decode_setup")
     assert set(setup["step_times_ms"]) == {"draft_ms_per_token", "dense_ms_per_layer",
-                                           "lm_head_ms"}
+                                           "lm_head_ms", "dense_ms_per_token",
+                                           "lm_head_ms_per_token"}
+    assert all(v >= 0.0 for v in setup["step_times_ms"].values())
     for r in lines:
         if r["bench"] == "gpu_decode" and r["policy"] != "all-resident":
             assert r["sim_tokens_per_s"] > 0

@@ -232,6 +232,31 @@ def test_a_planned_layers_launch_is_on_the_critical_path_and_shared_cores_add_th
     assert shared.time_ms <= apart.time_ms + shared.stats.cpu_ms + 1e-6
 
 
+def test_a_synchronous_sim_mover_makes_each_copy_on_the_clock():
+    clock = sim.SimClock()
+    mover = sim.SimMover(clock, fetch_ms=2.0, expert_bytes=10, synchronous=True)
+    mover.load(0, 1, 0)
+    assert clock.t_ms == 2.0 and mover.is_ready(0, 0)  # landed when the call returned
+    mover.load(0, 2, 1)
+    assert clock.t_ms == 4.0 and mover.ready_at(0, 1) == 4.0
+
+
+def test_a_verify_window_pays_the_per_token_dense_and_head_costs_per_extra_token():
+    from dataclasses import replace
+
+    trace = _ar_trace(tokens=40, hot=2)
+    times = sim.step_times(replace(PROFILE, host_plan_ms=0.0, layer_launch_ms=0.0), DIMS)
+    base = replace(times, dense_ms_per_token=0.0, lm_head_ms_per_token=0.0)
+    wide = replace(base, dense_ms_per_token=0.2, lm_head_ms_per_token=1.0)
+    a = sim.simulate(trace, "sd-lru", 1.0, PROFILE, draft_tokens=3, acceptance=1.0, times=base)
+    b = sim.simulate(trace, "sd-lru", 1.0, PROFILE, draft_tokens=3, acceptance=1.0, times=wide)
+    extra = 3 * (DIMS.num_layers * 0.2 + 1.0)  # windows of 4 tokens: 3 more per step
+    assert b.time_ms - a.time_ms == pytest.approx(a.steps * extra)
+    # the profile's own per-token terms are FLOPs at its device rate
+    assert times.dense_ms_per_token > 0.0 and times.lm_head_ms_per_token > 0.0
+    assert replace(PROFILE, device_tflops=None).step_times(DIMS).dense_ms_per_token == 0.0
+
+
 # ---- compare / sd-static / governor in the replay ----------------------------------------------
 def test_sd_static_verifies_windows_over_a_frozen_hot_set():
     trace = _ar_trace(60, seed=4)
