@@ -215,6 +215,7 @@ class ExpertEngine:
         self._prefetched = [ExpertSet(m) for m in self._masks[2]]  # issued, not yet used
         self._c = Counters()
         self._stall_ms = 0.0
+        self._streamed = 0  # CPU-planned experts run from streamed weights (note_streamed)
         self._cpu_ms = 0.0
         self._gpu_ms = 0.0
         # the engine's own model of the copy link and of the step's timeline (clock ms), for
@@ -533,6 +534,13 @@ class ExpertEngine:
             self._open[layer] = False
         return full
 
+    def note_streamed(self, layer: int, experts: int) -> None:
+        """`experts` of layer `layer`'s CPU-planned experts ran on the device from streamed
+        weights instead (offload's PrefillStreamer): counted as streamed, not as CPU experts
+        (in the steps the books count, as the plan's CPU experts are)."""
+        if self._decoding():
+            self._streamed += int(experts)
+
     def note_resident_forward(self, layer: int, topk_ids: Any) -> None:
         """Report a forward of a layer `resident_slots` returned slots for. A whole layer has no
         decision left: nothing is admitted, evicted, pinned or prefetched, and its utility levels
@@ -758,7 +766,8 @@ class ExpertEngine:
         return EngineStats(
             steps=c["steps"], tokens=c["tokens"], hits=c["hits"], misses=c["misses"],
             fetched_experts=c["fetched_experts"], device_experts=c["device_experts"],
-            cpu_experts=c["cpu_experts"], prefetch_issued=c["prefetch_issued"],
+            cpu_experts=c["cpu_experts"] - self._streamed, streamed_experts=self._streamed,
+            prefetch_issued=c["prefetch_issued"],
             prefetch_used=c["prefetch_used"], prefetch_wasted=c["prefetch_wasted"],
             prefetch_late=c["prefetch_late"],
             h2d_bytes=int(self.mover.bytes_moved),

@@ -396,6 +396,9 @@ class LayerEngine(Protocol):
     def note_resident_forward(self, layer: int, topk_ids: Any) -> None:
         """Books of a plan-free forward (the router's ids, [T, K] integer array-like)."""
 
+    def note_streamed(self, layer: int, experts: int) -> None:
+        """Books: `experts` CPU-planned experts ran on the device from streamed weights."""
+
     def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0,
                       gpu_ms: float = 0.0) -> None: ...
 
@@ -689,6 +692,7 @@ class OffloadedExperts:
         self._gpu_ms += ms
         self.counters.launch_ms += ms
         self.counters.streamed_pairs += int(plan.cpu_mask.sum())
+        self.engine.note_streamed(self.layer, len(plan.cpu_experts))
         return out
 
     def _compute_host_fused(self, hidden: torch.Tensor, topk_weights: torch.Tensor,

@@ -42,6 +42,9 @@ class EngineStats:
     fetched_experts: int = 0
     device_experts: int = 0
     cpu_experts: int = 0
+    # planned for the CPU but run on the device from experts streamed through two buffers
+    # (prefill / large steps, offload's PrefillStreamer); not counted in cpu_experts
+    streamed_experts: int = 0
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
@@ -107,6 +110,7 @@ def format_log_line(s: EngineStats) -> str:
         times = f"host-fused experts: {s.host_fused_ms:.1f} ms"
     else:
         times = f"device experts: {s.gpu_ms:.1f} ms, CPU experts: {s.cpu_ms:.1f} ms"
+    streamed = f"streamed: {s.streamed_experts}, " if s.streamed_experts else ""
     mean_k = s.mean_draft_len
     draft = "" if mean_k is None else (
         f", draft length: mean {mean_k:.2f}, acceptance: "
@@ -115,7 +119,7 @@ def format_log_line(s: EngineStats) -> str:
         f"MoE-SpAc: steps: {s.steps}, expert hit rate: {_pct(s.hit_rate, s.hit_rate_defined)}, "
         f"prefetch precision: {_pct(s.prefetch_precision, s.prefetch_precision_defined)}, "
         f"prefetch recall: {_pct(s.prefetch_recall, s.prefetch_recall_defined)}, "
-        f"experts device-slot/CPU: {s.device_experts}/{s.cpu_experts}, "
+        f"experts device-slot/CPU: {s.device_experts}/{s.cpu_experts}, {streamed}"
         f"fetched: {s.fetched_experts}, H2D: {s.h2d_bytes / 1e9:.2f} GB, "
         f"stall: {s.stall_ms:.1f} ms, {times}{draft}"
     )

@@ -64,7 +64,8 @@ class LogEngine:
         slot_ids = np.where(topk_ids % 2 == 0, topk_ids // 2, -1).astype(np.int32)
         for e in np.unique(topk_ids[topk_ids % 2 == 0]):
             self.mover.load(layer, int(e), int(e) // 2)
-        return LayerPlan(layer, slot_ids, slot_ids < 0, (), (), ())
+        cpu = tuple(int(e) for e in np.unique(topk_ids[topk_ids % 2 == 1]))
+        return LayerPlan(layer, slot_ids, slot_ids < 0, (), cpu, ())
 
     def finish_layer(self, layer: int, topk_ids: np.ndarray) -> None:
         self.log.append("finish")
@@ -75,6 +76,9 @@ class LogEngine:
     def note_resident_forward(self, layer: int, topk_ids) -> None:
         self.log.append("note")
         self.stash.append(topk_ids)
+
+    def note_streamed(self, layer: int, experts: int) -> None:
+        self.log.append(f"streamed {layer} {experts}")
 
     def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0,
                       gpu_ms: float = 0.0) -> None:

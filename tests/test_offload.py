@@ -75,6 +75,9 @@ class FakeEngine:
     def note_resident_forward(self, layer: int, topk_ids) -> None:
         raise AssertionError("resident_slots is always None: no plan-free forward")
 
+    def note_streamed(self, layer: int, experts: int) -> None:
+        raise AssertionError("no streamer here: nothing is streamed")
+
     def record_timing(self, stall_ms: float = 0.0, cpu_ms: float = 0.0,
                       gpu_ms: float = 0.0) -> None:
         self.timings.append((stall_ms, cpu_ms, gpu_ms))

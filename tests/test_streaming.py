@@ -13,6 +13,7 @@ from moespac_vllm.cost_model import ExpertCosts
 from moespac_vllm.offload import (ExpertStore, OffloadedExperts, SlotCache, StoreCopyMover,
                                   experts_reference)
 from moespac_vllm.staging import ImmediateEvent
+from moespac_vllm.stats import format_log_line
 from moespac_vllm.streaming import CopyStreams, PrefillStreamer
 
 CPU_SLOW = ExpertCosts(gpu_fixed_ms=0.01, gpu_per_token_ms=0.001, cpu_fixed_ms=0.3,
@@ -83,6 +84,9 @@ def test_streamed_layer_matches_the_reference_and_orders_its_buffers():
     odd = int((ids % 2 == 1).sum())
     assert mod.counters.streamed_pairs == odd and mod.counters.cpu_pairs == 0
     assert streamer.counters.experts == E // 2 and streamer.counters.pairs == odd
+    # the engine's books hear that the CPU-planned experts ran streamed (not on the CPU)
+    assert [line for line in engine.log if line.startswith("streamed")] == [
+        f"streamed 0 {E // 2}"]
     # each expert: two copies (w13, w2); expert i+2 reuses expert i's buffer only after expert i's
     # compute; the compute of expert i waits for its own copy
     fills = [line for line in log if line.startswith("copy")]
@@ -113,3 +117,30 @@ def test_a_short_forward_keeps_the_plan():
     ids = torch.tensor([[1, 2], [3, 4], [5, 0]])
     mod(x, ids, torch.full((3, K), 0.5))
     assert streamer.counters.layers == 0 and mod.counters.cpu_pairs == 3
+
+
+def test_streamed_experts_leave_the_engines_cpu_count():
+    from moespac_vllm.config import MoESpacConfig
+    from moespac_vllm.engine import ExpertEngine
+    from moespac_vllm.simulate import SimClock, SimMover
+    from moespac_vllm.step_context import Phase, StepContext
+    from moespac_vllm.trace import ModelDims
+
+    dims = ModelDims(num_layers=1, num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
+    costs = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.0, cpu_fixed_ms=0.1,
+                        cpu_per_token_ms=0.0, fetch_ms=100.0)  # copies too dear: CPU experts
+    clock = SimClock()
+    engine = ExpertEngine(MoESpacConfig().replace(policy="lru", cache_ratio=0.25), dims, costs,
+                          SimMover(clock, costs.fetch_ms, 1), clock)
+    ids = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    # a wide verify step (the books count decode/verify steps; prefill is not in them)
+    engine.begin_step(StepContext(step=0, phase=Phase.VERIFY, num_tokens=4, num_draft_tokens=3))
+    plan = engine.plan_layer(0, ids)
+    engine.finish_layer(0, ids)
+    engine.end_step(0)
+    before = engine.stats()
+    assert before.cpu_experts == len(plan.cpu_experts) > 0 and before.streamed_experts == 0
+    engine.note_streamed(0, len(plan.cpu_experts))
+    after = engine.stats()
+    assert after.cpu_experts == 0 and after.streamed_experts == len(plan.cpu_experts)
+    assert "streamed: " in format_log_line(after) and "streamed" not in format_log_line(before)
