@@ -14,6 +14,8 @@ Lifecycle (shapes: T tokens, K top-k, H hidden, E experts, I expert intermediate
     w13, w2 = rt.weights_loaded(i, w13 [E,2I,H], w2 [E,H,I])   # into the store; slots allocated
     rt.begin_step(StepContext, explicit=True)               # builds the engine at the first step
     y [T,H] = rt.forward(i, x [T,H], topk_weights [T,K], topk_ids [T,K])   # every MoE layer
+    #   recording a trace (rt.records_lookahead): also lookahead_logits [T,E] = layer i+1's
+    #   router logits on this x, recorded as the trace's lookahead_ids of layer i+1
     rt.end_step(num_accepted); rt.mark_draft_phase(); rt.observe_draft(j, draft_ids [T,K])
     rt.close()                                              # final report, trace, stats file
 
@@ -539,9 +541,23 @@ class OffloadRuntime:
                 self.governor.observe_step_ms(self.engine, num_tokens, ms)
 
     # ---- forwards ------------------------------------------------------------------------------
+    @property
+    def records_lookahead(self) -> bool:
+        """Should the driver pass `forward` its `lookahead_logits`? Only while a trace is
+        recorded (`record_trace`): the extra [T,H] x [H,E] GEMV per layer is paid for nothing
+        else."""
+        return bool(self.config.stats.record_trace)
+
     def forward(self, idx: int, x: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
-        """MoE layer `idx`: x [T,H], the router's topk_weights / topk_ids [T,K] -> [T,H]."""
+                topk_ids: torch.Tensor,
+                lookahead_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """MoE layer `idx`: x [T,H], the router's topk_weights / topk_ids [T,K] -> [T,H].
+
+        `lookahead_logits` [T,E] (recording only, `records_lookahead`): layer idx+1's router
+        logits on this x; their top-k is recorded as layer idx+1's lookahead. The top-k of the
+        logits is the router's choice for routers whose scores are a monotone function of the
+        logits (softmax / sigmoid top-k: Qwen3-MoE, Mixtral); the driver passes none otherwise.
+        The routing used here (topk_ids) is never touched."""
         with self.lock:
             needs_step = not self._open or idx in self._planned
         if needs_step:
@@ -556,6 +572,9 @@ class OffloadRuntime:
         if self._recorder is not None and self._recorder.is_open:
             self._recorder.record_layer(idx, topk_ids.detach().to("cpu").numpy(),
                                         topk_weights.detach().to("cpu", torch.float32).numpy())
+            if lookahead_logits is not None and idx + 1 < self.num_layers:
+                ahead = lookahead_logits.detach().float().topk(self.top_k[idx + 1], dim=-1)
+                self._recorder.record_lookahead(idx + 1, ahead.indices.to("cpu").numpy())
         return out
 
     def observe_draft(self, draft_idx: int, topk_ids: torch.Tensor) -> None:

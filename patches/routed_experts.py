@@ -27,7 +27,9 @@ One `runtime.OffloadRuntime` per target model (several engines may share a proce
 library's framework-neutral runtime (config, store, slots, mover, engine, CPU expert pool, stats,
 trace recorder, step boundaries), the very object the GPU harness drives. This module only
 translates: vLLM layers into `add_target_layer` / `add_draft_layer` / `weights_loaded`, the MoE op
-into `forward` / `observe_draft`; `spec_hook.py` drives the step boundaries.
+into `forward` / `observe_draft`; `spec_hook.py` drives the step boundaries. While a trace is
+recorded, the op also hands `forward` layer N+1's router logits on layer N's input (the trace's
+cross-layer lookahead; `_lookahead_gates` finds the routers).
 """
 from __future__ import annotations
 
@@ -406,7 +408,13 @@ def _runtime_of_key(layer_key: str) -> tuple[OffloadRuntime, int]:
 def _op_impl(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
              layer_key: str) -> torch.Tensor:
     rt, idx = _runtime_of_key(layer_key)
-    return rt.forward(idx, x, topk_weights, topk_ids)
+    ahead = None
+    if rt.records_lookahead and idx + 1 < rt.num_layers:  # recording a trace only
+        gates = _lookahead_gates(rt)
+        if gates is not None:
+            out = gates[idx + 1](x)  # layer idx+1's router on this layer's MoE input
+            ahead = out[0] if isinstance(out, tuple) else out  # (logits, bias) from a Linear
+    return rt.forward(idx, x, topk_weights, topk_ids, ahead)
 
 
 def _op_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -424,6 +432,67 @@ def _draft_op_impl(topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
 
 def _draft_op_fake(topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
     return torch.empty_like(topk_ids)
+
+
+# ---- cross-layer router lookahead (recorded with `record_trace` only) ----------------------------
+# In vLLM 0.32/0.33 `FusedMoEFactory` builds a `MoERunner` per MoE block under the same prefix as
+# its RoutedExperts; the runner registers itself in `compilation_config.static_forward_context
+# [prefix]` and holds the block's `gate` (the router's Linear, called as `gate(x) -> (logits,
+# bias)`) and `router` (logits -> top-k). We call the gate module itself rather than read its
+# weight: on a CPU engine vLLM replaces `gate.weight` by an empty tensor after packing it
+# (layers/utils.dispatch_cpu_unquantized_gemm, remove_weight=True); and not `router.select_experts`,
+# which has side effects (EPLB load recording, the routed-experts capture callback).
+_gates: "weakref.WeakKeyDictionary[OffloadRuntime, tuple[Any, ...] | None]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _lookahead_gates(rt: OffloadRuntime) -> tuple[Any, ...] | None:
+    """Every target MoE layer's gate module, in MoE order; None (no lookahead in the trace, said
+    once in the log) where one layer has no gate in its runner or its router does not pick the
+    top-k of its logits. All layers or none: the trace's lookahead is all or nothing per step."""
+    with _lock:
+        if rt in _gates:
+            return _gates[rt]
+        gates: tuple[Any, ...] | None = None
+        if rt.owner is not None:
+            found, why = [], ""
+            context = rt.owner.compilation_config.static_forward_context
+            for name in rt.layer_names:
+                runner = context.get(name)
+                why = _no_lookahead_reason(runner)
+                if why:
+                    logger.info("moespac: no router lookahead in the trace: layer %s %s",
+                                name, why)
+                    break
+                found.append(runner.gate)
+            gates = tuple(found) if not why else None
+        _gates[rt] = gates
+        return gates
+
+
+def _no_lookahead_reason(runner: Any) -> str:
+    """'' where `runner.gate`'s logits' top-k is exactly what `runner.router` picks (vLLM 0.32/0.33:
+    CPURouter on every CPU engine, FusedTopKRouter on CUDA, softmax / sigmoid top-k without
+    grouping, correction bias, hash or custom routing), else why not."""
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    if not isinstance(runner, MoERunner):
+        return f"is run by {type(runner).__name__}, not a MoERunner"
+    if runner.gate is None or runner.routed_input_transform is not None:
+        return "computes its router logits outside its MoERunner"
+    r = runner.router
+    if isinstance(r, CPURouter):
+        plain = (not r.use_grouped_topk and r.e_score_correction_bias is None
+                 and r.custom_routing_function is None and r._hash_indices_table is None)
+    else:
+        plain = isinstance(r, FusedTopKRouter)
+    if not plain:
+        return f"routes with {type(r).__name__}, not a plain top-k of its logits"
+    if r.scoring_func not in ("softmax", "sigmoid"):
+        return f"scores its logits with {r.scoring_func}, not a monotone softmax / sigmoid"
+    return ""
 
 
 def _ensure_ops() -> None:

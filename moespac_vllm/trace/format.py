@@ -17,9 +17,15 @@ A `Trace` is a handful of flat numpy arrays, steps concatenated along the token 
     draft_offsets int64  [S+1]      optional: the draft-phase signal that preceded step s ...
     draft_topk_ids int16 [D, L, K]  ... as top-k ids of the draft's routers
     draft_logits  f16    [D, L, E]  ... or as the draft's router logits
+    lookahead_ids int16  [N, L, K]  optional: cross-layer router lookahead (below)
 
 Convention for the draft signal: step s's draft rows are the draft model's forwards that produced
 the k draft tokens verified at step s (inputs: the last accepted token and the first k-1 drafts).
+
+Convention for the lookahead: lookahead_ids[n, l] is the top-k of layer l's router applied to the
+MoE input of layer l-1 for the same token n, i.e. a prediction of topk_ids[n, l] that exists
+before layer l runs (same rank order, best first). Layer 0 has no layer before it: its row is
+NO_LOOKAHEAD (-1) in every slot, and -1 appears nowhere else.
 
 Every trace carries `TraceMeta`: its source, whether it is synthetic, and which parts are
 modelled rather than recorded. Anything built from a synthetic or partly modelled trace must
@@ -39,6 +45,8 @@ import numpy as np
 
 
 FORMAT_VERSION = 1
+# lookahead_ids at layer 0 (no earlier layer to predict it from)
+NO_LOOKAHEAD = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +138,7 @@ class TraceStep:
     token_modelled: np.ndarray  # [T]
     draft_topk_ids: np.ndarray | None  # [W, L, K]
     draft_logits: np.ndarray | None  # [W, L, E]
+    lookahead_ids: np.ndarray | None = None  # [T, L, K], NO_LOOKAHEAD at layer 0
 
     @property
     def num_tokens(self) -> int:
@@ -158,6 +167,30 @@ def _as_ids(arr: Any, dims: ModelDims, name: str) -> np.ndarray:
             raise ValueError(f"{name}: expert ids must be integers, got dtype {a.dtype}")
     if a.size and (a.min() < 0 or a.max() >= dims.num_experts):
         raise ValueError(f"{name}: expert ids must lie in [0, {dims.num_experts})")
+    return _as(a, np.int16 if dims.num_experts < 2**15 else np.int32, name)
+
+
+def _as_lookahead(arr: Any, dims: ModelDims, num_tokens: int) -> np.ndarray:
+    """lookahead_ids [N, L, K]: NO_LOOKAHEAD everywhere at layer 0, expert ids (no repeats per
+    token) at layers 1..L-1; range-checked before narrowing."""
+    name = "lookahead_ids"
+    a = np.asarray(arr)
+    if a.size and a.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expert ids must be integers, got dtype {a.dtype}")
+    shape = (num_tokens, dims.num_layers, dims.top_k)
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(a.shape)}")
+    if a.size and np.any(a[:, 0] != NO_LOOKAHEAD):
+        raise ValueError(f"{name}: layer 0 has no earlier layer and must be {NO_LOOKAHEAD} "
+                         "throughout")
+    rest = a[:, 1:]
+    if rest.size and (rest.min() < 0 or rest.max() >= dims.num_experts):
+        raise ValueError(f"{name}: expert ids at layers 1..{dims.num_layers - 1} must lie in "
+                         f"[0, {dims.num_experts})")
+    if rest.size and dims.top_k > 1:
+        srt = np.sort(rest, axis=-1)
+        if np.any(srt[..., 1:] == srt[..., :-1]):
+            raise ValueError(f"{name}: an expert appears twice in one token's top-k")
     return _as(a, np.int16 if dims.num_experts < 2**15 else np.int32, name)
 
 
@@ -198,6 +231,7 @@ class Trace:
     draft_offsets: np.ndarray | None = None
     draft_topk_ids: np.ndarray | None = None
     draft_logits: np.ndarray | None = None
+    lookahead_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dims, ModelDims):
@@ -244,6 +278,8 @@ class Trace:
         if tm.shape != (n,):
             raise ValueError(f"token_modelled: expected shape ({n},), got {tm.shape}")
         seta(self, "token_modelled", tm)
+        if self.lookahead_ids is not None:
+            seta(self, "lookahead_ids", _as_lookahead(self.lookahead_ids, d, n))
         has_draft = self.draft_topk_ids is not None or self.draft_logits is not None
         if has_draft != (self.draft_offsets is not None):
             raise ValueError("draft_offsets: give it exactly when a draft signal is given")
@@ -285,6 +321,10 @@ class Trace:
         return self.draft_offsets is not None
 
     @property
+    def has_lookahead(self) -> bool:
+        return self.lookahead_ids is not None
+
+    @property
     def tokens_per_step(self) -> np.ndarray:
         return np.diff(self.token_offsets)
 
@@ -302,7 +342,8 @@ class Trace:
             num_accepted=int(self.num_accepted[s]), topk_ids=self.topk_ids[a:b],
             topk_weights=None if self.topk_weights is None else self.topk_weights[a:b],
             router_logits=None if self.router_logits is None else self.router_logits[a:b],
-            token_modelled=self.token_modelled[a:b], draft_topk_ids=dti, draft_logits=dlg)
+            token_modelled=self.token_modelled[a:b], draft_topk_ids=dti, draft_logits=dlg,
+            lookahead_ids=None if self.lookahead_ids is None else self.lookahead_ids[a:b])
 
     def steps(self) -> Iterable[TraceStep]:
         for s in range(self.num_steps):
@@ -349,12 +390,13 @@ class Trace:
             token_offsets=_offsets(self.tokens_per_step[idx]), topk_ids=self.topk_ids[tok],
             topk_weights=None if self.topk_weights is None else self.topk_weights[tok],
             router_logits=None if self.router_logits is None else self.router_logits[tok],
-            token_modelled=self.token_modelled[tok], **kw)
+            token_modelled=self.token_modelled[tok],
+            lookahead_ids=None if self.lookahead_ids is None else self.lookahead_ids[tok], **kw)
 
     # ---- persistence ----------------------------------------------------------------------
     _ARRAYS = ("kind", "seq_id", "num_accepted", "token_offsets", "topk_ids", "topk_weights",
                "router_logits", "token_modelled", "draft_offsets", "draft_topk_ids",
-               "draft_logits")
+               "draft_logits", "lookahead_ids")
 
     def save(self, path: str | Path) -> Path:
         """Compressed npz; loads without pickle. Returns the path written."""

@@ -2,8 +2,8 @@
 readers feed it).
 
 In: per step the [T, L, K] routed ids (whole, or layer by layer as a forward runs), optional
-weights / logits and the draft-phase signal; out: one validated `Trace` (`build`) or its npz
-(`save`).
+weights / logits, the draft-phase signal and the cross-layer router lookahead; out: one validated
+`Trace` (`build`) or its npz (`save`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from moespac_vllm.trace.format import ModelDims, StepKind, Trace, TraceMeta, _offsets
+from moespac_vllm.trace.format import (
+    NO_LOOKAHEAD,
+    ModelDims,
+    StepKind,
+    Trace,
+    TraceMeta,
+    _offsets,
+)
 
 
 class TraceRecorder:
@@ -23,7 +30,9 @@ class TraceRecorder:
     Two ways in: `add_step(...)` with whole [T, L, K] arrays, or layer by layer as a forward
     runs: `begin_step(kind)`, `record_layer(layer, topk_ids[T, K], weights)` for every layer,
     `end_step(num_accepted)`. Draft-phase routing (`record_draft_layer`) recorded between two
-    steps belongs to the step that follows (the verification of those drafts)."""
+    steps belongs to the step that follows (the verification of those drafts). The lookahead
+    (`record_lookahead(layer, ids)`, layers 1..L-1, format.py's convention) is all or nothing per
+    step: a step that records it for one layer must record it for every layer but 0."""
 
     def __init__(self, dims: ModelDims, source: str, synthetic: bool = False,
                  modelled: Sequence[str] = (), notes: dict[str, Any] | None = None) -> None:
@@ -36,6 +45,7 @@ class TraceRecorder:
         self._modelled: list[np.ndarray] = []
         self._draft_ids: list[np.ndarray | None] = []
         self._draft_logits: list[np.ndarray | None] = []
+        self._lookahead: list[np.ndarray | None] = []
         self._open: dict[str, Any] | None = None
         self._pending_draft_ids: dict[int, np.ndarray] = {}
         self._pending_draft_logits: dict[int, np.ndarray] = {}
@@ -57,7 +67,8 @@ class TraceRecorder:
     def add_step(self, kind: StepKind, topk_ids: np.ndarray, topk_weights: np.ndarray | None = None,
                  router_logits: np.ndarray | None = None, num_accepted: int = 0, seq_id: int = 0,
                  token_modelled: np.ndarray | None = None, draft_topk_ids: np.ndarray | None = None,
-                 draft_logits: np.ndarray | None = None) -> None:
+                 draft_logits: np.ndarray | None = None,
+                 lookahead_ids: np.ndarray | None = None) -> None:
         d = self.dims
         ids = np.asarray(topk_ids)
         if ids.ndim != 3 or ids.shape[1:] != (d.num_layers, d.top_k):
@@ -72,11 +83,12 @@ class TraceRecorder:
                               else np.asarray(token_modelled, bool))
         self._draft_ids.append(None if draft_topk_ids is None else np.asarray(draft_topk_ids))
         self._draft_logits.append(None if draft_logits is None else np.asarray(draft_logits))
+        self._lookahead.append(None if lookahead_ids is None else np.asarray(lookahead_ids))
 
     def begin_step(self, kind: StepKind, seq_id: int = 0) -> None:
         if self._open is not None:
             raise ValueError("begin_step: the previous step was not ended")
-        self._open = {"kind": kind, "seq_id": seq_id, "ids": {}, "weights": {}}
+        self._open = {"kind": kind, "seq_id": seq_id, "ids": {}, "weights": {}, "lookahead": {}}
 
     def record_layer(self, layer: int, topk_ids: np.ndarray,
                      topk_weights: np.ndarray | None = None) -> None:
@@ -87,6 +99,16 @@ class TraceRecorder:
         self._open["ids"][layer] = np.array(topk_ids, copy=True)
         if topk_weights is not None:
             self._open["weights"][layer] = np.array(topk_weights, dtype=np.float32, copy=True)
+
+    def record_lookahead(self, layer: int, topk_ids: np.ndarray) -> None:
+        """[T, K] top-k of layer `layer`'s router applied to layer `layer`-1's MoE input, for the
+        open step's tokens (layer 0 has no lookahead; it is filled with NO_LOOKAHEAD)."""
+        if self._open is None:
+            raise ValueError("record_lookahead: no step is open (call begin_step)")
+        if not 1 <= layer < self.dims.num_layers:
+            raise ValueError(f"layer: {layer} out of range [1, {self.dims.num_layers}) for a "
+                             "lookahead")
+        self._open["lookahead"][layer] = np.array(topk_ids, copy=True)
 
     def record_draft_layer(self, layer: int, topk_ids: np.ndarray | None = None,
                            router_logits: np.ndarray | None = None) -> None:
@@ -122,7 +144,20 @@ class TraceRecorder:
         if self._pending_draft_logits:
             dlg = np.stack([self._pending_draft_logits[l] for l in range(L)], axis=1)
         self._pending_draft_ids, self._pending_draft_logits = {}, {}
-        self.add_step(st["kind"], ids, w, None, num_accepted, st["seq_id"], None, dids, dlg)
+        la = None
+        if st["lookahead"]:
+            missing = [l for l in range(1, L) if l not in st["lookahead"]]
+            if missing:
+                raise ValueError(f"lookahead_ids: layers {missing[:5]} were not recorded in this "
+                                 "step")
+            la = np.full(ids.shape, NO_LOOKAHEAD, dtype=np.int64)
+            for l in range(1, L):
+                got = st["lookahead"][l]
+                if got.shape != la[:, l].shape:
+                    raise ValueError(f"lookahead_ids: layer {l} has shape {list(got.shape)}, "
+                                     f"expected {list(la[:, l].shape)}")
+                la[:, l] = got
+        self.add_step(st["kind"], ids, w, None, num_accepted, st["seq_id"], None, dids, dlg, la)
 
     def build(self) -> Trace:
         if self._open is not None:
@@ -162,6 +197,7 @@ class TraceRecorder:
             token_offsets=_offsets(sizes), topk_ids=ids,
             topk_weights=cat_optional(self._weights, "topk_weights"),
             router_logits=cat_optional(self._logits, "router_logits"),
+            lookahead_ids=cat_optional(self._lookahead, "lookahead_ids"),
             token_modelled=(np.concatenate(self._modelled) if self._modelled
                             else np.zeros(0, bool)), **kw)
 
