@@ -153,19 +153,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def f(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
-    out = ["| case | tok/s measured | tok/s simulated | measured / sim | hit measured | hit sim |"
-           " plan us | launch us | CPU wait us |", "|" + "---|" * 9]
-    for r in rows:
-        out.append(f"| {r['case']} | {r['measured_tokens_per_s']:.1f} | "
-                   f"{f(r['sim_tokens_per_s'], '.1f')} | {f(r['measured_over_sim'], '.2f')} | "
-                   f"{r['measured_hit_rate']:.3f} | {f(r['sim_hit_rate'], '.3f')} | "
-                   f"{r['measured_plan_us_per_forward']:.0f} | "
-                   f"{r['measured_launch_us_per_forward']:.0f} | "
-                   f"{r['measured_cpu_wait_us_per_forward']:.0f} |")
-    return "\n".join(out)
+    f = gd.cell
+    return gd.markdown_table(
+        ["case", "tok/s measured", "tok/s simulated", "measured / sim", "hit measured", "hit sim",
+         "plan us", "launch us", "CPU wait us"],
+        [[r["case"], f"{r['measured_tokens_per_s']:.1f}", f(r["sim_tokens_per_s"], ".1f"),
+          f(r["measured_over_sim"], ".2f"), f"{r['measured_hit_rate']:.3f}",
+          f(r["sim_hit_rate"], ".3f"), f"{r['measured_plan_us_per_forward']:.0f}",
+          f"{r['measured_launch_us_per_forward']:.0f}",
+          f"{r['measured_cpu_wait_us_per_forward']:.0f}"] for r in rows])
 
 
 if __name__ == "__main__":

@@ -1029,17 +1029,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cell(v: Any, spec: str) -> str:
+    """One markdown table cell: '-' for a missing value, else `format(v, spec)`."""
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    """The stderr tables of this harness and the suites built on it (gpu_check, bench_fidelity)."""
+    rows = [head, ["---"] * len(head), *body]
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| trace | policy | ratio | slots | tok/s | sim tok/s | hit | GB moved | stall ms | "
-             "CPU ms | steps |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['trace'].split(':', 1)[-1][:28]} | {r['policy']} | {r['budget_ratio']:g} | "
-            f"{r['slots_per_layer']} | {r['tokens_per_s']:.1f} | "
-            f"{'-' if r.get('sim_tokens_per_s') is None else format(r['sim_tokens_per_s'], '.1f')}"
-            f" | {r['hit_rate']:.3f} | "
-            f"{r['gb_moved']:.2f} | {r['stall_ms']:.0f} | {r['cpu_ms']:.0f} | {r['steps']} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["trace", "policy", "ratio", "slots", "tok/s", "sim tok/s", "hit", "GB moved", "stall ms",
+         "CPU ms", "steps"],
+        [[r["trace"].split(":", 1)[-1][:28], r["policy"], f"{r['budget_ratio']:g}",
+          str(r["slots_per_layer"]), f"{r['tokens_per_s']:.1f}",
+          cell(r.get("sim_tokens_per_s"), ".1f"), f"{r['hit_rate']:.3f}",
+          f"{r['gb_moved']:.2f}", f"{r['stall_ms']:.0f}", f"{r['cpu_ms']:.0f}", str(r["steps"])]
+         for r in rows])
 
 
 if __name__ == "__main__":

@@ -222,18 +222,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def f(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
-    lines = ["| case | ratio | tok/s | sim | hit | GB | syncs/layer | GPU ms | plan ms | "
-             "launch ms | CPU wait ms |", "|" + "---|" * 11]
-    for r in rows:
-        lines.append(f"| {r['case']} | {r['cache_ratio']:g} | {r['tokens_per_s']:.1f} | "
-                     f"{f(r['sim_tokens_per_s'], '.1f')} | {f(r['hit_rate'], '.3f')} | "
-                     f"{r['gb_moved']:.2f} | {r['syncs_per_layer']:.2f} | "
-                     f"{f(r['gpu_ms'], '.0f')} | {r['host_plan_ms']:.1f} | "
-                     f"{f(r['launch_ms'], '.1f')} | {r['cpu_wait_ms']:.1f} |")
-    return "\n".join(lines)
+    f = gd.cell
+    return gd.markdown_table(
+        ["case", "ratio", "tok/s", "sim", "hit", "GB", "syncs/layer", "GPU ms", "plan ms",
+         "launch ms", "CPU wait ms"],
+        [[r["case"], f"{r['cache_ratio']:g}", f"{r['tokens_per_s']:.1f}",
+          f(r["sim_tokens_per_s"], ".1f"), f(r["hit_rate"], ".3f"), f"{r['gb_moved']:.2f}",
+          f"{r['syncs_per_layer']:.2f}", f(r["gpu_ms"], ".0f"), f"{r['host_plan_ms']:.1f}",
+          f(r["launch_ms"], ".1f"), f"{r['cpu_wait_ms']:.1f}"] for r in rows])
 
 
 if __name__ == "__main__":
