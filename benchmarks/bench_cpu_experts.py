@@ -64,10 +64,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def _vllm_ops():
-    try:
-        import vllm._C  # noqa: F401  (registers torch.ops._C)
+    try:  # vLLM's loader picks the build for this CPU (`vllm._C` alone is AVX-512-BF16 only)
+        from vllm.platforms.cpu import CpuPlatform
     except ImportError:
         return None
+    CpuPlatform.import_kernels()  # registers torch.ops._C
     ops = torch.ops._C
     return ops if hasattr(ops, "cpu_fused_moe") else None  # with it: prepack_moe_weight
 

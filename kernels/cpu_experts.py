@@ -37,7 +37,7 @@ Backends, i.e. how one layer's CPU pairs are computed (`CpuBackend`):
 
 The recipe for vLLM's op (vLLM CPU builds only; benchmarks/bench_cpu_experts.py times it):
 
-    ops = torch.ops._C                                   # after `import vllm._C`
+    ops = torch.ops._C             # after vllm.platforms.cpu.CpuPlatform.import_kernels()
     def prepack(w):
         p = torch.empty_like(w); ops.prepack_moe_weight(w, p, "vec"); return p
     def moe_op(out, x, w13p, w2p, tw, ti):
