@@ -314,6 +314,23 @@ def test_native_matches_the_reference_per_pair_on_every_isa(dtype, threads):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_every_token_count_per_expert_on_rows_of_whole_blocks(dtype):
+    """Rows a multiple of 16 elements take AVX2's pair tile (tiles of 1-4 tokens, 4 or 2 streams,
+    token groups of 4): expert e gets e + 1 tokens, 1..9, so every tile shape and remainder runs;
+    H = 96 is not a whole number of 64-byte lines at 16-bit weights."""
+    T, H, I, E = 45, 96, 48, 9
+    x, w13, w2, _, _ = fe.make_inputs(T, 1, H, I, E, dtype, "cpu", seed=3)
+    ids = torch.cat([torch.full((e + 1,), e, dtype=torch.int32) for e in range(E)])[:, None]
+    wts = torch.rand(T, 1, generator=torch.Generator().manual_seed(4)) + 0.5
+    for isa in _isas(dtype):
+        with ce.CpuExpertPool(2, backend="native", isa=isa) as p:
+            got = p.submit(x, w13, w2, ids, wts).result()
+        _assert_pairs_close(got, fe.fused_experts_pairs(x, w13, w2, ids, wts), ids, dtype,
+                            (x, w13, w2, ids, wts))
+
+
+@needs_native
 @settings(max_examples=40, deadline=None)
 @given(T=st.integers(1, 16), K=st.integers(1, 8), H=st.integers(1, 80), I=st.integers(1, 40),
        E=st.integers(1, 10), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
