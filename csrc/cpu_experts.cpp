@@ -45,7 +45,8 @@
 // and its misses serialize (0.66 of the read bandwidth at 2 threads) and with it they overlap
 // (~0.8). bf16 on AVX512-BF16: VDPBF16PS on the raw bf16 pairs (32 per instruction); elsewhere
 // bf16 is widened by a 16-bit shift and fp16 by VCVTPH2PS into fp32 FMAs (AVX-512 or
-// AVX2+FMA+F16C); a portable scalar loop is the last resort. AMX is not used (no AMX on the CPUs
+// AVX2+FMA+F16C; on AVX2 the pair tile below, which fits AVX2's 16 registers and widens bf16 by
+// one shift or mask per 8 elements); a portable scalar loop is the last resort. AMX is not used (no AMX on the CPUs
 // measured here; a tile kernel would pay off only above ~16 tokens per expert).
 //
 // Why C++ with pybind11: the module takes raw pointers (tensor.data_ptr()) and sizes, never a
