@@ -35,6 +35,7 @@ update the counter equals the snapshot's total (what the stats file's line of th
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +82,9 @@ COUNTERS: tuple[CounterSpec, ...] = (
 )
 
 _families_lock = threading.Lock()
-_families: dict[int, dict[str, Any]] = {}  # id(registry) -> metric families, built once
+# registry -> its metric families, built once; weak keys, since an id() outlives its object
+# (a later registry at a freed one's address would get families registered on the dead one)
+_families: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _build_families(registry: Any) -> dict[str, Any]:
@@ -118,9 +121,9 @@ def families(registry: Any = None) -> dict[str, Any]:
 
         registry = REGISTRY
     with _families_lock:
-        fam = _families.get(id(registry))
+        fam = _families.get(registry)
         if fam is None:
-            fam = _families[id(registry)] = _build_families(registry)
+            fam = _families[registry] = _build_families(registry)
         return fam
 
 

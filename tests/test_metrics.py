@@ -64,6 +64,18 @@ def test_config_gauges_and_profile_info() -> None:
         ex.set_config(slots_per_layer=4, num_experts=0, profile="x")
 
 
+def test_a_fresh_registry_gets_fresh_families_even_at_a_dead_registrys_address() -> None:
+    """Families are kept per registry object, not per id(): a registry freed by an earlier test
+    leaves its address to the next one (CPython reuses it), which must not inherit dead
+    families registered elsewhere (that read back None here, in the whole suite only)."""
+    for _ in range(20):
+        reg = CollectorRegistry()
+        MetricsExporter("m", registry=reg).set_config(slots_per_layer=4, num_experts=16,
+                                                      profile="p")
+        assert _value(reg, "moespac_slots_per_layer", model_name="m") == 4
+        del reg
+
+
 def test_every_counter_source_is_a_stats_field_or_a_known_extra() -> None:
     fields = set(EngineStats().as_dict())
     extras = {"cpu_pairs"}
