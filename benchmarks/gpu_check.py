@@ -185,9 +185,30 @@ def harness_args(a: argparse.Namespace) -> argparse.Namespace:
                          + (["--distinct-layers"] if a.distinct_layers else []))
 
 
+def workload_trace(spec: str, seed: int, data_dir: Any = "auto") -> Any:
+    """`--trace`'s trace. `synthetic[:N]` on a machine without the shared data folder (a lent
+    GPU machine gets only the working tree; carry `.device/qwen3_synthetic.npz` to avoid this):
+    the generator UNCALIBRATED (uniform popularity, no co-occurrence or extra reuse), said in the
+    trace's notes and on stderr, so that the check still runs instead of failing at start.
+    `data_dir`: the shared data folder ("auto": `config.shared_data_dir()`; None: absent)."""
+    from moespac_vllm.config import shared_data_dir
+
+    if data_dir == "auto":
+        data_dir = shared_data_dir()
+    if not spec.startswith("synthetic") or data_dir is not None:
+        return load_workload_trace(spec, seed=seed, data_dir=data_dir)
+    from moespac_vllm.trace import synthetic_trace
+
+    _, _, n = spec.partition(":")
+    print("gpu_check: no shared data folder here: the synthetic trace runs UNCALIBRATED "
+          "(carry .device/qwen3_synthetic.npz for the calibrated one)", file=sys.stderr)
+    return synthetic_trace(num_steps=int(n) if n else 400, k=0, seed=seed, stats=None,
+                           reuse=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    trace = load_workload_trace(a.trace or "synthetic:400", seed=a.seed)
+    trace = workload_trace(a.trace or "synthetic:400", seed=a.seed)
     if a.write_trace:
         trace.save(a.write_trace)
         print(json.dumps({"trace": trace.label, "saved": a.write_trace}))

@@ -12,7 +12,8 @@
 #      with that profile -> $OUT/gpu_check.json + $OUT/gpu_check.png
 # Trace: $TRACE if set, else .device/qwen3_synthetic.npz if present (carry it to a machine without
 # the shared data: `python benchmarks/gpu_check.py --out x --write-trace .device/qwen3_synthetic.npz`),
-# else synthetic:400 generated from the shared data folder.
+# else synthetic:400 generated from the shared data folder (where that folder is absent, as on a
+# lent machine without the carried npz: the generator uncalibrated, said on stderr and in the trace).
 # Extra options for gpu_check.py: GPU_CHECK_ARGS (e.g. '--distinct-layers').
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -81,3 +81,14 @@ def test_gpu_check_refuses_bad_input(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--bogus"],
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "--bogus" in p.stderr
+
+
+def test_without_the_shared_data_the_synthetic_trace_runs_uncalibrated_and_says_so(capsys,
+                                                                                   data_dir):
+    bench = load_benchmark("gpu_check")
+    trace = bench.workload_trace("synthetic:20", seed=0, data_dir=None)  # a lent GPU machine
+    assert trace.meta.synthetic and trace.num_steps > 0
+    assert "uniform" in json.dumps(trace.meta.notes)
+    assert "UNCALIBRATED" in capsys.readouterr().err
+    calibrated = bench.workload_trace("synthetic:20", seed=0, data_dir=data_dir)
+    assert "uniform" not in json.dumps(calibrated.meta.notes)
