@@ -14,11 +14,12 @@
 // Why native: at Qwen3-30B-A3B scale (E=128, top-8, 22 slots) the Python plan costs 180-530 us
 // per layer forward (issue 11; cProfile: sorted() keys, per-slot victim loops, numpy calls on
 // 128-element rows, the balancer's Python-int bitsets), 9-25 ms of host time per decode step
-// against a 5-6 ms step on the GPU. Here it is 3-9 us (benchmarks/bench_layer_host.py --dims
-// qwen3-30b-a3b, this 2-core EPYC, shared). What a forward costs now is mostly its calls into
-// Python: plan_layer / finish_layer are plain METH_FASTCALL functions (entry_points), routing is
-// read in place whatever its integer dtype, the LayerPlan is filled slot by slot, and what is
-// left is the mover: 10-35 is_ready polls and 2-16 loads per forward, ~0.1 us each with the
+// against a 5-6 ms step on the GPU. Here it is 3-12 us (benchmarks/bench_layer_host.py --dims
+// qwen3-30b-a3b, a 2-core EPYC VM, quiet; 6-25 us on a slower Zen 3 VM, where lru and lfu,
+// the policies with many on-demand copies, pass 20 us at 4-9 tokens). What a forward costs
+// now is mostly its calls into Python: plan_layer / finish_layer are plain METH_FASTCALL
+// functions (entry_points), routing is read in place whatever its integer dtype, the LayerPlan
+// is filled slot by slot, and what is left is the mover: 10-35 is_ready polls and 2-16 loads per forward, ~0.1 us each with the
 // benchmark's lean Python mover, about half the forward's time.
 // Why C++17 + pybind11: the build skeleton (setup.py) already compiles csrc/*.cpp with
 // pybind11, which needs no extra toolchain on a fresh machine (Rust/PyO3 would need cargo);
