@@ -19,8 +19,9 @@
 // the policies with many on-demand copies, pass 20 us at 4-9 tokens). What a forward costs
 // now is mostly its calls into Python: plan_layer / finish_layer are plain METH_FASTCALL
 // functions (entry_points), routing is read in place whatever its integer dtype, the LayerPlan
-// is filled slot by slot, and what is left is the mover: 10-35 is_ready polls and 2-16 loads per forward, ~0.1 us each with the
-// benchmark's lean Python mover, about half the forward's time.
+// is filled slot by slot, and what is left is the mover: 10-35 is_ready polls and 2-16 loads
+// per forward, ~0.1 us each with the benchmark's lean Python mover, about half the forward's
+// time.
 // Why C++17 + pybind11: the build skeleton (setup.py) already compiles csrc/*.cpp with
 // pybind11, which needs no extra toolchain on a fresh machine (Rust/PyO3 would need cargo);
 // pybind11's numpy buffers give zero-copy pointers into the tables, and the module uses only
