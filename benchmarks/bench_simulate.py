@@ -20,6 +20,10 @@ Targets (issue #3): rtx4090-pcie4 at 0.17 and h100-pcie5 at 0.25: spac >= 1.42x 
 Qwen3 stream) and (rtx4090-pcie4, 0.17) / (h100-pcie5, 0.25): `simulate.compare` (the product
 mode against every baseline at its best draft length, the oracle at its best k); JSON rows, one
 `target` line per case (product >= 1.2x the best baseline, >= 0.9x the oracle) and compare.md.
+`--prefetch-anytime`: the A/B of spac's prefetch window. By default (engine.PREFETCH_IDLE_ONLY)
+spac issues a prefetch only if it lands while the link is idle (during the draft phase), so at
+k = 0 it issues none; with the flag it may also use the time before the layer's turn in the next
+step, as hybrimoe and the oracle do (their copies then compete with that step's on-demand ones).
 """
 from __future__ import annotations
 
@@ -81,7 +85,15 @@ def main() -> int:
     ap.add_argument("--draft-tokens", type=int, default=sim.DEFAULT_DRAFT_TOKENS)
     ap.add_argument("--acceptance", type=float, default=sim.DEFAULT_ACCEPTANCE)
     ap.add_argument("--compare", action="store_true", help="issue #13's compare table")
+    ap.add_argument("--prefetch-anytime", action="store_true",
+                    help="--compare: spac's prefetches not limited to the idle link (A/B)")
     args = ap.parse_args()
+    if args.prefetch_anytime:
+        if not args.compare:
+            ap.error("--prefetch-anytime: only with --compare")
+        from moespac_vllm import engine
+
+        engine.PREFETCH_IDLE_ONLY = False  # read by every engine built from here on
     if args.compare:
         return _compare(args)
     traces = args.trace or [str(_data_dir() / MIXTRAL), "synthetic"]
