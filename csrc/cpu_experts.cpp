@@ -46,8 +46,9 @@
 // (~0.8). bf16 on AVX512-BF16: VDPBF16PS on the raw bf16 pairs (32 per instruction); elsewhere
 // bf16 is widened by a 16-bit shift and fp16 by VCVTPH2PS into fp32 FMAs (AVX-512 or
 // AVX2+FMA+F16C; on AVX2 the pair tile below, which fits AVX2's 16 registers and widens bf16 by
-// one shift or mask per 8 elements); a portable scalar loop is the last resort. AMX is not used (no AMX on the CPUs
-// measured here; a tile kernel would pay off only above ~16 tokens per expert).
+// one shift or mask per 8 elements); a portable scalar loop is the last resort. AMX is not used
+// (no AMX on the CPUs measured here; a tile kernel would pay off only above ~16 tokens per
+// expert).
 //
 // Why C++ with pybind11: the module takes raw pointers (tensor.data_ptr()) and sizes, never a
 // torch C++ type, so one build serves torch 2.11-2.14, CPU and CUDA builds alike, and needs only
@@ -449,14 +450,15 @@ MOESPAC_GEMV_KERNELS
 // accumulators would otherwise chain the FMA latency. At 3-4 tokens the rows go in pairs, each
 // weight block widened once for all tokens (live: 8 + 4 + 2; a multiply + FMA + add form that
 // keeps the halves off the accumulator's chain was no faster, and GCC's contraction made it
-// differ between equal tokens). More tokens: groups
-// of 4, the row re-read from L1. One block per loop iteration (two in flight would need twice
-// the registers). Rows must be a multiple of 16 elements (Qwen3, Mixtral and OLMoE hidden and
-// intermediate sizes all are); other lengths take the generic tile.
-// Measured here (Zen 3, one core, weights from L3, GB/s of bf16 weights, against the generic
-// tile): 35-41 vs 28-31 at 1 token, 26-28 vs 19-25 at 2, 15-18 vs 12.5-13.3 at 3, 13.0-13.7 vs
-// 11.4-12.8 at 4, 5.9-7.1 vs 5.7-6.4 at 8. The FMA peak measured on the same core is 45 G
-// fp32 lanes/s, i.e. 22 GB/s of bf16 weights at 4 tokens: the tile reaches ~60 % of it.
+// differ between equal tokens). More tokens: groups of 4, the row re-read from L1. One block
+// per loop iteration (two in flight would need twice the registers). Rows must be a multiple of
+// 16 elements (Qwen3, Mixtral and OLMoE hidden and intermediate sizes all are); other lengths
+// take the generic tile.
+// Measured here (Zen 3 VM, one core, this file's GEMV in a C++ loop, 4 streams of 32 rows x
+// 2048, GB/s of bf16 weights, 3 runs; the generic tile from 12): 37-42 vs 28-32 at 1 token,
+// 26-32 vs 19-25 at 2, 16-20 vs 12-13.4 at 3, 15-16 vs 11.4-12.8 at 4, 6.1-7.7 vs 5.7-6.4 at 8.
+// An FMA-only loop on the same core peaks at 45 G fp32 lanes/s, i.e. 22 GB/s of bf16 weights at
+// 4 tokens: the tile reaches ~70 % of it.
 struct PairBF16 {
     using T = uint16_t;
     static void load2(const T* p, __m256& e, __m256& o) {
