@@ -449,11 +449,10 @@ MOESPAC_GEMV_KERNELS
 // first (live: 8 + 2TT + 2), the even and odd halves in separate accumulators (E = 2) where few
 // accumulators would otherwise chain the FMA latency. At 3-4 tokens the rows go in pairs, each
 // weight block widened once for all tokens (live: 8 + 4 + 2; a multiply + FMA + add form that
-// keeps the halves off the accumulator's chain was no faster, and GCC's contraction made it
-// differ between equal tokens). More tokens: groups of 4, the row re-read from L1. One block
-// per loop iteration (two in flight would need twice the registers). Rows must be a multiple of
-// 16 elements (Qwen3, Mixtral and OLMoE hidden and intermediate sizes all are); other lengths
-// take the generic tile.
+// keeps the halves off the accumulator's chain was no faster). More tokens: groups of 4, the
+// row re-read from L1. One block per loop iteration (two in flight would need twice the
+// registers). Rows must be a multiple of 16 elements (Qwen3, Mixtral and OLMoE hidden and
+// intermediate sizes all are); other lengths take the generic tile.
 // Measured here (Zen 3 VM, one core, this file's GEMV in a C++ loop, 4 streams of 32 rows x
 // 2048, GB/s of bf16 weights, 3 runs; the generic tile from 12): 37-42 vs 28-32 at 1 token,
 // 26-32 vs 19-25 at 2, 16-20 vs 12-13.4 at 3, 15-16 vs 11.4-12.8 at 4, 6.1-7.7 vs 5.7-6.4 at 8.
