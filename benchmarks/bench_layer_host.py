@@ -186,6 +186,10 @@ class _LinkMover:
     def is_ready(self, layer: int, slot: int) -> bool:
         return self.clock.t_ms >= self.done[layer][slot]
 
+    def ready_mask(self, layer: int, slots) -> list[bool]:
+        t, done = self.clock.t_ms, self.done[layer]
+        return [t >= done[s] for s in slots]
+
     def wait(self, layer: int, slot: int) -> None:
         pass
 

@@ -19,9 +19,9 @@
 // the policies with many on-demand copies, pass 20 us at 4-9 tokens). What a forward costs
 // now is mostly its calls into Python: plan_layer / finish_layer are plain METH_FASTCALL
 // functions (entry_points), routing is read in place whatever its integer dtype, the LayerPlan
-// is filled slot by slot, and what is left is the mover: 10-35 is_ready polls and 2-16 loads
-// per forward, ~0.1 us each with the benchmark's lean Python mover, about half the forward's
-// time.
+// is filled slot by slot, and what is left is the mover: 2-16 loads per forward and one
+// ready_mask poll per refresh / finish (2 per forward at lru, 9 tokens, where 24 is_ready
+// calls were: on a CUDA mover each was an event query; ready_mask costs ~log2(n) + 1 of them).
 // Why C++17 + pybind11: the build skeleton (setup.py) already compiles csrc/*.cpp with
 // pybind11, which needs no extra toolchain on a fresh machine (Rust/PyO3 would need cargo);
 // pybind11's numpy buffers give zero-copy pointers into the tables, and the module uses only
@@ -357,12 +357,12 @@ struct Table {
 
 class Planner {
   public:
-    // hooks: load / is_ready (the mover's bound methods), now (the clock's), as_ids (converts
+    // hooks: load / ready_mask (the mover's bound methods), now (the clock's), as_ids (converts
     // routing the native code does not read in place), window_ids (the engine's list),
     // drop_draft (the estimator's, or None), plan_type (LayerPlan) and plan_fields (its six
     // member descriptors in field order, or None: then LayerPlan(...) is called)
     Planner(py::dict cfg, py::list tables, py::dict arrays, py::dict hooks)
-        : load_(hooks["load"]), is_ready_(hooks["is_ready"]), now_(hooks["now"]),
+        : load_(hooks["load"]), ready_mask_(hooks["ready_mask"]), now_(hooks["now"]),
           plan_cls_(hooks["plan_type"]), as_ids_(hooks["as_ids"]),
           window_ids_(hooks["window_ids"]), drop_draft_(hooks["drop_draft"]) {
         if (!PyList_Check(window_ids_.ptr()))
@@ -624,10 +624,12 @@ class Planner {
         Table& t = tables_[size_t(layer)];
         bool* pinned = masks_ + size_t(layer) * E_;
         bool* pending = pinned + size_t(L_) * E_;
+        polled_.clear();
         for_each(pending, [&](int e) {
             const int64_t s = t.slot_of[e];
-            if (s >= 0 && t.state[s] == LOADING && ready_cb(layer, s)) mark_ready(t, e);
+            if (s >= 0 && t.state[s] == LOADING) polled_.push_back(e);
         });
+        mark_ready_polled(layer, t);
         for_each(pinned, [&](int e) {
             const int64_t s = t.slot_of[e];
             if (--t.pins[s] == 0) t.state[s] = READY;
@@ -697,7 +699,7 @@ class Planner {
     Costs costs_;
     double recency_a_, recency_b_, decay_, prefetch_floor_, faithful_threshold_;
     int64_t theta_up_ = 0, theta_down_ = 0, cap_ = 0, ref_ = 1;
-    py::object load_, is_ready_, now_, plan_cls_, as_ids_, window_ids_, drop_draft_, empty_,
+    py::object load_, ready_mask_, now_, plan_cls_, as_ids_, window_ids_, drop_draft_, empty_,
         future_keep_, future_counts_keep_;
     py::object plan_fields_[6];
     std::vector<py::object> keep_;
@@ -712,6 +714,7 @@ class Planner {
     std::vector<double> sc_;
     std::vector<int32_t> slot_map_;
     std::vector<int> routed_, ready_, loading_, absent_, wait_, fetch_, order_buf_;
+    std::vector<int> polled_;  // experts whose LOADING slots one ready_mask call asks about
     Exact exact_;
     std::vector<int64_t> tok_;
     std::vector<char> res_, fetch_flags_;
@@ -863,11 +866,30 @@ class Planner {
         return now_ms_;
     }
 
-    bool ready_cb(int layer, int64_t slot) {
-        py::object r = call(is_ready_, {layer, slot});
-        const int v = PyObject_IsTrue(r.ptr());
-        if (v < 0) throw py::error_already_set();
-        return v != 0;
+    // The experts in polled_ (each in a LOADING slot) whose copies the mover reports landed
+    // become READY: one ready_mask(layer, slots) call for all of them (the Python engine's).
+    void mark_ready_polled(int layer, Table& t) {
+        const py::ssize_t n = py::ssize_t(polled_.size());
+        if (n == 0) return;
+        py::object slots = steal(PyList_New(n));
+        for (py::ssize_t i = 0; i < n; ++i)
+            PyList_SET_ITEM(slots.ptr(), i,
+                            new_int(t.slot_of[polled_[size_t(i)]]).release().ptr());
+        py::object lay = new_int(layer);
+        PyObject* args[3] = {nullptr, lay.ptr(), slots.ptr()};
+        py::object r = steal(PyObject_Vectorcall(ready_mask_.ptr(), args + 1,
+                                                 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+        py::object seq = steal(PySequence_Fast(r.ptr(), "ready_mask: expected a sequence"));
+        if (PySequence_Fast_GET_SIZE(seq.ptr()) != n)
+            value_error("ready_mask: returned " +
+                        std::to_string(PySequence_Fast_GET_SIZE(seq.ptr())) + " answers for " +
+                        std::to_string(n) + " slots");
+        PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+        for (py::ssize_t i = 0; i < n; ++i) {
+            const int v = PyObject_IsTrue(items[i]);
+            if (v < 0) throw py::error_already_set();
+            if (v) mark_ready(t, polled_[size_t(i)]);
+        }
     }
 
     void load(int layer, int e, int64_t slot) {
@@ -888,10 +910,12 @@ class Planner {
     // ---- slot table verbs --------------------------------------------------------------
     void refresh(int layer) {
         Table& t = tables_[size_t(layer)];
+        polled_.clear();
         for (int s = 0; s < S_; ++s) {
             const int64_t e = t.expert_in[s];
-            if (e >= 0 && t.state[s] == LOADING && ready_cb(layer, s)) mark_ready(t, int(e));
+            if (e >= 0 && t.state[s] == LOADING) polled_.push_back(int(e));
         }
+        mark_ready_polled(layer, t);
     }
 
     static void mark_ready(Table& t, int e) {

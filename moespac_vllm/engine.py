@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -96,6 +96,20 @@ logger = logging.getLogger(__name__)
 
 class Clock(Protocol):
     def now_ms(self) -> float: ...
+
+
+@runtime_checkable
+class EngineMover(Protocol):
+    """The verbs the engine calls on its copy engine (mover.Mover is the whole contract)."""
+
+    def load(self, layer: int, expert: int, slot: int) -> None: ...
+
+    def ready_mask(self, layer: int, slots: list[int]) -> list[bool]: ...
+
+    def cancel(self, layer: int, slot: int) -> bool: ...
+
+    @property
+    def bytes_moved(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +177,9 @@ class ExpertEngine:
                  future_counts: np.ndarray | None = None, native: bool | None = None) -> None:
         if not isinstance(config, MoESpacConfig):
             raise ValueError(f"config: expected MoESpacConfig, got {type(config).__name__}")
+        if not isinstance(mover, EngineMover):
+            raise ValueError(f"mover: {type(mover).__name__} does not implement the engine's "
+                             "mover verbs (load, ready_mask, cancel, bytes_moved; mover.Mover)")
         self.config = config
         self.policy = config.policy
         self.dims = dims
@@ -287,9 +304,15 @@ class ExpertEngine:
 
     def _refresh(self, layer: int) -> None:
         """Mark finished copies READY; a copy that finished counts as a prefetch only once used."""
+        self._mark_landed(layer, self.tables[layer].residents())
+
+    def _mark_landed(self, layer: int, experts: list[int]) -> None:
+        """The LOADING ones among `experts` whose copies landed become READY: one mover call."""
         t = self.tables[layer]
-        for e in t.residents():
-            if t.is_loading(e) and self.mover.is_ready(layer, t.slot_of(e)):
+        loading = [e for e in experts if t.is_loading(e)]
+        if loading:
+            ready = self.mover.ready_mask(layer, [t.slot_of(e) for e in loading])
+            for e in (e for e, r in zip(loading, ready) if r):
                 t.mark_ready(e)
 
     def plan_layer(self, layer: int, topk_ids: np.ndarray) -> LayerPlan:
@@ -469,9 +492,7 @@ class ExpertEngine:
         E = self.dims.num_experts
         counts = np.bincount(ids.ravel(), minlength=E) if ids.size else np.zeros(E, np.int64)
         table = self.tables[layer]
-        for e in self._pending[layer]:
-            if table.is_loading(e) and self.mover.is_ready(layer, table.slot_of(e)):
-                table.mark_ready(e)
+        self._mark_landed(layer, list(self._pending[layer]))
         table.unpin_many(np.asarray(self._pinned[layer], dtype=np.int64))
         self._masks[:2, layer] = False
         self._tick += 1

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from moespac_vllm.engine import LayerPlan
-from moespac_vllm.mover import Mover
+from moespac_vllm.mover import Mover, MoverFault
 from moespac_vllm.staging import Event, ImmediateEvent, Staging
 from moespac_vllm.streaming import PrefillStreamer
 from moespac_vllm.kernels.fused_experts import fused_experts_pairs, sum_over_topk
@@ -301,6 +301,9 @@ class StoreCopyMover:
     def is_ready(self, layer: int, slot: int) -> bool:
         return True
 
+    def ready_mask(self, layer: int, slots: Sequence[int]) -> list[bool]:
+        return [True] * len(slots)
+
     def wait(self, layer: int, slot: int) -> None:
         return None
 
@@ -317,67 +320,6 @@ class StoreCopyMover:
 
 # Starts every CPU-expert step failure; patches/engine_errors.py fails that step's requests on it.
 FAILED_LAYER_MARKER = "moespac: the CPU experts of MoE layer"
-
-
-class MoverFault(RuntimeError):
-    """A copy into (layer, slot) failed or was abandoned: the slot's data is not the expert's."""
-
-
-class FaultTolerantMover:
-    """A `Mover` around another one that turns its faults into a slot that is not ready: a `load`
-    that raises is remembered (`is_ready` is then False and `wait` raises `MoverFault` until a
-    later load into that slot succeeds), and so is a `wait` that raises. The engine never raises
-    out of a step for a failed copy (a failed prefetch is a slot still loading), and
-    `OffloadedExperts` fetches a slot it waits for afresh once, then computes its pairs on the
-    CPU (same arithmetic, same output). One warning, then a count (`faults`)."""
-
-    def __init__(self, inner: Mover) -> None:
-        if not isinstance(inner, Mover):
-            raise ValueError(f"inner: {type(inner).__name__} does not implement mover.Mover")
-        self.inner = inner
-        self._failed: set[tuple[int, int]] = set()
-        self.faults = 0
-
-    def _fault(self, what: str, layer: int, slot: int, err: BaseException) -> None:
-        self._failed.add((layer, slot))
-        self.faults += 1
-        if self.faults == 1:
-            logger.warning("moespac: %s into layer %d slot %d failed (%s: %s); its pairs run on "
-                           "the CPU until a copy succeeds (further faults are only counted)",
-                           what, layer, slot, type(err).__name__, err)
-
-    def load(self, layer: int, expert: int, slot: int) -> None:
-        try:
-            self.inner.load(layer, expert, slot)
-        except Exception as e:  # noqa: BLE001 - any copy failure: the slot is just not ready
-            self._fault(f"copy of expert {expert}", layer, slot, e)
-            return
-        self._failed.discard((layer, slot))
-
-    def is_ready(self, layer: int, slot: int) -> bool:
-        if (layer, slot) in self._failed:
-            return False
-        try:
-            return bool(self.inner.is_ready(layer, slot))
-        except Exception as e:  # noqa: BLE001
-            self._fault("a copy", layer, slot, e)
-            return False
-
-    def wait(self, layer: int, slot: int) -> None:
-        if (layer, slot) in self._failed:
-            raise MoverFault(f"layer {layer} slot {slot}: the last copy failed")
-        try:
-            self.inner.wait(layer, slot)
-        except Exception as e:  # noqa: BLE001
-            self._fault("a copy", layer, slot, e)
-            raise MoverFault(f"layer {layer} slot {slot}: {e}") from e
-
-    def cancel(self, layer: int, slot: int) -> bool:
-        return bool(self.inner.cancel(layer, slot))
-
-    @property
-    def bytes_moved(self) -> int:
-        return int(self.inner.bytes_moved)
 
 
 # ---- the layer ----------------------------------------------------------------------------------
@@ -499,7 +441,7 @@ class OffloadedExperts:
                              "record_timing)")
         if not isinstance(mover, Mover):
             raise ValueError(f"mover: {type(mover).__name__} does not implement mover.Mover "
-                             "(load, is_ready, wait, cancel, bytes_moved)")
+                             "(load, is_ready, ready_mask, wait, cancel, bytes_moved)")
         self.store = store
         self.engine = engine
         self.layer = layer
@@ -785,8 +727,8 @@ def slots_for(num_experts: int, ratio: float) -> int:
 
 
 __all__ = [
-    "CpuExperts", "FAILED_LAYER_MARKER", "Event", "ExpertStore", "FaultTolerantMover",
+    "CpuExperts", "FAILED_LAYER_MARKER", "Event", "ExpertStore",
     "ImmediateEvent", "HostFusedKernel", "InlineCpuExperts", "LayerCounters", "LayerEngine",
-    "MoverFault", "OffloadedExperts", "SlotCache", "Staging", "StoreCopyMover",
+    "OffloadedExperts", "SlotCache", "Staging", "StoreCopyMover",
     "ThreadCpuExperts", "experts_reference", "pair_outputs", "sum_pairs", "slots_for",
 ]

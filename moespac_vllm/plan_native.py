@@ -16,7 +16,8 @@ the Python path and says so in one log line.
 
 Measured (benchmarks/README.md, bench_layer_host.py --dims qwen3-30b-a3b): the Python plan costs
 180-530 us per planned layer forward at Qwen3-30B-A3B scale; this path 3-9 us (2-core EPYC,
-shared), about half of it the mover's own Python (is_ready / load callbacks).
+shared), much of it the mover's own Python: its loads, and one batched readiness poll
+(`ready_mask`) per refresh / finish.
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ class NativePlanner:
         tables = [(t._slot_of, t._expert_in, t._state, t._pins, t._last_use, t._uses, t._ready,
                    t._meta) for t in engine.tables]
         hooks: dict[str, Any] = dict(
-            load=engine.mover.load, is_ready=engine.mover.is_ready, now=engine.clock.now_ms,
+            load=engine.mover.load, ready_mask=engine.mover.ready_mask, now=engine.clock.now_ms,
             as_ids=self._ids, window_ids=engine._window_ids, plan_type=LayerPlan,
             plan_fields=_slot_descriptors(LayerPlan, _PLAN_FIELDS),
             drop_draft=est.drop_draft if est is not None else None)

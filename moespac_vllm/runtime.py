@@ -41,11 +41,10 @@ from moespac_vllm.engine import ExpertEngine
 from moespac_vllm.governor import DraftGovernor
 from moespac_vllm.kernels.cpu_experts import CpuExpertPool
 from moespac_vllm.metrics import MetricsExporter
-from moespac_vllm.mover import CudaStreamMover, Mover, SyncMover
+from moespac_vllm.mover import CudaStreamMover, FaultTolerantMover, Mover, SyncMover
 from moespac_vllm.offload import (
     CpuExperts,
     ExpertStore,
-    FaultTolerantMover,
     HostFusedKernel,
     OffloadedExperts,
     SlotCache,
@@ -125,7 +124,7 @@ class OffloadRuntime:
     neither `cache_ratio` nor `gpu_expert_budget_gb` is set (KV_RESERVE_FRACTION of what is left
     after the weights stays for the KV cache), and check any budget leaves KV cache at all.
     `mover(store, slots) -> Mover` replaces the default copy engine (tests inject faults so);
-    whichever runs is wrapped in `offload.FaultTolerantMover`."""
+    whichever runs is wrapped in `mover.FaultTolerantMover`."""
 
     _serials = iter(range(1 << 62))
 

@@ -127,6 +127,10 @@ class SimMover:
     def is_ready(self, layer: int, slot: int) -> bool:
         return self.clock.now_ms() >= self.ready_at(layer, slot)
 
+    def ready_mask(self, layer: int, slots: Sequence[int]) -> list[bool]:
+        now, done = self.clock.now_ms(), self._done
+        return [now >= done.get((layer, s), math.inf) for s in slots]
+
     def wait(self, layer: int, slot: int) -> None:
         """The simulator accounts the wait in the layer's device branch (ready_at)."""
 

@@ -37,6 +37,9 @@ class FakeMover:
     def is_ready(self, layer: int, slot: int) -> bool:
         return self.clock.t_ms >= self.done.get((layer, slot), float("inf"))
 
+    def ready_mask(self, layer: int, slots) -> list[bool]:
+        return [self.is_ready(layer, s) for s in slots]
+
     def wait(self, layer: int, slot: int) -> None:
         self.clock.t_ms = max(self.clock.t_ms, self.done[(layer, slot)])
 
@@ -129,6 +132,22 @@ def test_full_cache_hits_everything_after_warm_up(policy):
     assert after.misses == warm.misses and after.hits > warm.hits
     assert mover.bytes_moved == bytes_after_warmup
     assert after.cpu_experts == warm.cpu_experts
+
+
+def test_a_mover_without_the_batched_readiness_query_is_refused_at_start():
+    class OldMover:  # the per-slot protocol only
+        bytes_moved = 0
+
+        def load(self, layer: int, expert: int, slot: int) -> None: ...
+
+        def is_ready(self, layer: int, slot: int) -> bool:
+            return True
+
+        def cancel(self, layer: int, slot: int) -> bool:
+            return False
+
+    with pytest.raises(ValueError, match="^mover: OldMover .*ready_mask"):
+        ExpertEngine(MoESpacConfig(), DIMS, COSTS, OldMover(), FakeClock())
 
 
 def test_on_demand_policies_never_use_the_cpu_while_slots_suffice():

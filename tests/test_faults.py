@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from moespac_vllm.config import MoESpacConfig
 from moespac_vllm.cost_model import ExpertCosts
-from moespac_vllm.mover import SyncMover
-from moespac_vllm.offload import FaultTolerantMover, MoverFault, experts_reference, pair_outputs
+from moespac_vllm.mover import FaultTolerantMover, MoverFault, SyncMover
+from moespac_vllm.offload import experts_reference, pair_outputs
 from moespac_vllm.runtime import OffloadRuntime
 from moespac_vllm.stats import EngineStats, StatsWriter
 from moespac_vllm.step_context import Phase, StepContext
@@ -64,6 +64,9 @@ class FaultyMover:
         if self._mode.get((layer, slot)) == LOST:
             raise OSError(errno.EIO, "injected: DMA error")
         return self.inner.is_ready(layer, slot)
+
+    def ready_mask(self, layer: int, slots) -> list[bool]:
+        return [self.is_ready(layer, s) for s in slots]  # a LOST slot raises, as is_ready does
 
     def wait(self, layer: int, slot: int) -> None:
         if self._mode.get((layer, slot)) == LOST:
@@ -269,6 +272,26 @@ def test_fault_tolerant_mover_keeps_a_failed_slot_unready_until_a_good_copy():
     assert m.is_ready(0, 1)
     m.wait(0, 1)
     assert torch.equal(slots.w13[0][1], store_w13[3])
+
+
+def test_fault_tolerant_ready_mask_puts_a_lost_copy_on_its_own_slot_as_is_ready_does():
+    """One slot's copy lost in flight makes the inner mover's batched answer raise; the wrapper
+    still answers every slot, records the fault on that slot only, and agrees with is_ready."""
+    from moespac_vllm.mover import ExpertWeights
+
+    host = ExpertWeights([torch.randn(4, 2 * INTER, H)], [torch.randn(4, H, INTER)])
+    answers = []
+    for batched in (True, False):
+        slots = ExpertWeights.allocate(1, 3, H, INTER, torch.float32, "cpu")
+        m = FaultTolerantMover(FaultyMover(SyncMover(host, slots, deferred=True),
+                                           [OK, LOST, OK]))
+        for s in range(3):
+            m.load(0, s, s)
+        m.inner.inner.wait(0, 0)  # copy 0 landed; 1 is lost; 2 is still in flight
+        answers.append((m.ready_mask(0, [0, 1, 2]) if batched
+                        else [m.is_ready(0, s) for s in (0, 1, 2)], m.faults))
+        assert m.ready_mask(0, [1, 0]) == [False, True] and m.faults == 1  # remembered
+    assert answers[0] == answers[1] == ([True, False, False], 1)
 
 
 def test_a_cpu_worker_error_fails_that_step_naming_layer_and_experts_and_the_next_step_runs():

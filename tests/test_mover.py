@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moespac_vllm.mover import CudaStreamMover, ExpertWeights, Mover, SyncMover
+from moespac_vllm.mover import CudaStreamMover, ExpertWeights, InOrderCompletion, Mover, SyncMover
 
 L, E, S, H, I = 2, 6, 3, 8, 4
 
@@ -184,12 +184,63 @@ def test_deferred_mover_matches_a_model_of_visible_loads(ops):
             mover.flush()
             landed.update(pending)
             pending.clear()
+        for ly in range(L):
+            order = [2, 0, 1, 0]  # any order, repeats included
+            assert mover.ready_mask(ly, order) == [mover.is_ready(ly, s) for s in order]
         for (ly, sl), ex in landed.items():
             assert _holds(slots, host, ly, sl, ex)
         for ly in range(L):
             for sl in range(S):
                 if (ly, sl) not in landed:
                     assert torch.isnan(slots.w13[ly][sl]).all()
+
+
+class _FakeEvent:
+    """A copy's completion event on one in-order stream: complete once the stream has run
+    `stream[0]` copies and this is one of them."""
+
+    def __init__(self, stream: list[int], n: int) -> None:
+        self.stream, self.n = stream, n
+
+    def query(self) -> bool:
+        return self.stream[0] >= self.n
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["issue", "run", "ask"]), st.integers(0, 40),
+                          st.lists(st.integers(1, 40), max_size=12)), max_size=40))
+def test_in_order_completion_answers_as_every_event_would(ops):
+    """Whatever the order of issues, progress and questions, done_many / done answer what each
+    event's own query says, and a question over n copies in flight costs at most
+    ceil(log2(n)) + 1 queries."""
+    stream = [0]  # copies the stream has completed
+    c = InOrderCompletion()
+    events: list[_FakeEvent] = []
+    for op, k, ask in ops:
+        if op == "issue":
+            events.append(_FakeEvent(stream, len(events) + 1))
+            assert c.issue(events[-1]) == len(events)
+        elif op == "run":
+            stream[0] = min(len(events), max(stream[0], k))  # in order, never backwards
+        else:
+            ns = [n for n in ask if n <= len(events)]
+            before = c.queries
+            in_flight = len({n for n in ns if n > c.upto})
+            assert c.done_many(ns) == [events[n - 1].query() for n in ns]
+            assert c.queries - before <= (in_flight and in_flight.bit_length() + 1)
+            if ns:
+                assert c.done(ns[0]) == events[ns[0] - 1].query()
+
+
+def test_in_order_completion_asks_once_when_every_copy_landed():
+    stream = [0]
+    c = InOrderCompletion()
+    ns = [c.issue(_FakeEvent(stream, i + 1)) for i in range(16)]
+    stream[0] = 16
+    assert c.done_many(ns[::-1]) == [True] * 16
+    assert c.queries == 1
+    assert c.done_many(ns) == [True] * 16 and c.done(3)
+    assert c.queries == 1  # known complete: no query at all
 
 
 def test_cuda_stream_mover_refuses_without_cuda():
@@ -262,6 +313,30 @@ def test_cuda_cancel_makes_pending_load_invisible_and_reload_wins():
     torch.cuda.synchronize()
     assert _holds(slots, host, 0, 0, 2)
     assert mover.is_ready(0, 0)
+
+
+@pytest.mark.gpu
+def test_cuda_ready_mask_answers_as_is_ready_with_few_event_queries():
+    hidden, inter = 1024, 512
+    host = _host(layers=1, experts=6, hidden=hidden, inter=inter, pin=True, seed=2)
+    slots = _slots(layers=1, slots=6, hidden=hidden, inter=inter, device="cuda")
+    mover = CudaStreamMover(host, slots)
+    for s in range(3):
+        mover.load(0, s, s)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(mover.stream):
+        torch.cuda._sleep(100_000_000)  # the next copies stay in flight
+    for s in range(3, 6):
+        mover.load(0, s, s)
+    mover.cancel(0, 4)
+    before = mover.event_queries
+    assert mover.ready_mask(0, list(range(6))) == [True, True, True, False, False, False]
+    assert mover.event_queries - before <= 3
+    assert [mover.is_ready(0, s) for s in range(6)] == [True, True, True, False, False, False]
+    mover.synchronize()
+    before = mover.event_queries
+    assert mover.ready_mask(0, [5, 3, 0]) == [True, True, True]
+    assert mover.event_queries - before == 1
 
 
 @pytest.mark.gpu

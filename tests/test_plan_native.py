@@ -42,6 +42,11 @@ class RecordingMover(SimMover):
         self.calls.append(("cancel", layer, slot))
         return super().cancel(layer, slot)
 
+    def ready_mask(self, layer: int, slots) -> list[bool]:
+        got = super().ready_mask(layer, slots)
+        self.calls.append(("ready_mask", layer, tuple(slots), tuple(got)))
+        return got
+
 
 class Pair:
     """A Python-path and a native-path engine driven in lockstep, compared after every call."""
