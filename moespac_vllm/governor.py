@@ -12,7 +12,12 @@ fixed overhead (dense layers, LM head, plan host time). Output: k (0 = no specul
 The roofline's model, per layer, for a window of n = k + 1 tokens:
 - D(n): distinct experts among the first n tokens of the last window (beyond its length:
   extrapolated as a union of independent draws fitted to the last window);
-- H(n): those of them resident now (scaled the same way, at most S);
+- H(n): those of them that will hit: the layer's measured hit fraction (an EMA, per layer, of
+  the share of each window's distinct experts that held a slot when the window began: the
+  residency seen at the choose before it) times D(n), at most S. Until a window has been
+  measured, the last window's experts resident now (scaled the same way). That fallback
+  overstates hits: the last window's own misses were just fetched, so at k = 0 it priced the
+  next token as if it would hit wherever the last one had been served (issue 13);
 - layer ms = min over m on-demand fetches of max((H+m) g + m f, (D-H-m) c), g / c / f the
   device / CPU / copy time of an expert with n K / D tokens (the balancer's makespan model);
 - step ms = k x draft ms + overhead ms + sum of layer ms;
@@ -65,6 +70,10 @@ ACCEPTANCE_PRIOR = 0.7  # the estimate before any draft was verified
 COST_EMA = 0.8  # weight of the past in the measured draft / overhead ms
 PROBE_AFTER_ZEROS = 32  # k = 0 steps in a row before one probing draft of 1 token
 SWITCH_MARGIN = 0.1  # leave the k in force only for a modelled rate this much higher
+HIT_EMA = 0.8  # weight of the past in the per-layer measured hit fraction
+# H(n) from measured hit fractions; False: from residency now (the old model; benchmarks' A/B,
+# read when a governor is built)
+MEASURED_HITS = True
 
 
 def _check_k_max(k_max: int) -> None:
@@ -72,9 +81,28 @@ def _check_k_max(k_max: int) -> None:
         raise ValueError(f"k_max: must be an integer >= 0, got {k_max!r}")
 
 
-def window_layer_ms(engine: ExpertEngine, num_tokens: np.ndarray) -> np.ndarray:
+def resident_masks(engine: ExpertEngine) -> np.ndarray:
+    """[L, E] bool: which experts hold a slot now (ready or loading), per layer."""
+    E = engine.dims.num_experts
+    return np.stack([t.slots_of(np.arange(E)) >= 0 for t in engine.tables])
+
+
+def window_hit_fractions(engine: ExpertEngine, resident_before: np.ndarray) -> np.ndarray:
+    """[L]: the fraction of each layer's last window's distinct experts that held a slot in
+    `resident_before` (the residency that window met); nan for a layer with no window."""
+    out = np.full(engine.dims.num_layers, np.nan)
+    for layer, ids in enumerate(engine.window_ids()):
+        if ids is not None and ids.size:
+            out[layer] = float(resident_before[layer, np.unique(ids)].mean())
+    return out
+
+
+def window_layer_ms(engine: ExpertEngine, num_tokens: np.ndarray,
+                    hit_fraction: np.ndarray | None = None) -> np.ndarray:
     """Modelled ms of every MoE layer together for windows of `num_tokens` [N] tokens at
-    `engine`'s current residency and last routing window (module docstring) -> [N]."""
+    `engine`'s current residency and last routing window (module docstring) -> [N].
+    `hit_fraction` [L] (nan: unknown): H(n) = that fraction of D(n) instead of the last window's
+    experts resident now, which the last window itself just fetched."""
     E, K, S = engine.dims.num_experts, engine.dims.top_k, engine.num_slots
     c = engine.costs
     ns = np.asarray(num_tokens, dtype=np.float64)
@@ -94,7 +122,10 @@ def window_layer_ms(engine: ExpertEngine, num_tokens: np.ndarray) -> np.ndarray:
         q = (1.0 - min(dT, E - 0.5) / E) ** (1.0 / T)  # per-token "not drawn" probability
         idx = np.clip(ns.astype(np.int64), 1, T) - 1
         D = np.where(ns <= T, d_obs[idx], E * (1.0 - q ** ns))
-        H = np.where(ns <= T, h_obs[idx], np.minimum(S, hT * D / max(dT, 1.0)))
+        if hit_fraction is not None and not np.isnan(hit_fraction[layer]):
+            H = np.minimum(float(S), hit_fraction[layer] * D)
+        else:
+            H = np.where(ns <= T, h_obs[idx], np.minimum(S, hT * D / max(dT, 1.0)))
         per = ns * K / np.maximum(D, 1.0)
         g = c.gpu_fixed_ms + c.gpu_per_token_ms * per
         cp = c.cpu_fixed_ms + c.cpu_per_token_ms * per
@@ -106,7 +137,8 @@ def window_layer_ms(engine: ExpertEngine, num_tokens: np.ndarray) -> np.ndarray:
 
 def roofline(engine: ExpertEngine, acceptance: float, draft_ms_per_token: float,
              step_overhead_ms: float, k_max: int, *, num_requests: int = 1,
-             min_draft_passes: int = 0) -> list[tuple[int, float, float]]:
+             min_draft_passes: int = 0, hit_fraction: np.ndarray | None = None
+             ) -> list[tuple[int, float, float]]:
     """For k = 0..k_max: (k, expected tokens per step, modelled step ms) at `engine`'s current
     residency and last routing window, for `num_requests` requests drafting k tokens each
     (module docstring)."""
@@ -120,7 +152,7 @@ def roofline(engine: ExpertEngine, acceptance: float, draft_ms_per_token: float,
     if min_draft_passes not in (0, 1):
         raise ValueError(f"min_draft_passes: must be 0 or 1, got {min_draft_passes!r}")
     ns = np.arange(1, k_max + 2, dtype=np.float64)  # tokens per request
-    total = window_layer_ms(engine, ns * num_requests)
+    total = window_layer_ms(engine, ns * num_requests, hit_fraction)
     out = []
     for i, n in enumerate(ns):
         k = int(n) - 1
@@ -176,6 +208,9 @@ class DraftGovernor:
     _zeros: int = 0
     _current: int | None = None  # the k in force (the last one chosen)
     choose_ms: float = 0.0  # the governor's own host time per choose (online costs)
+    measured_hits: bool = field(default_factory=lambda: MEASURED_HITS)  # H(n): module docstring
+    hit_fraction: np.ndarray | None = None  # [L] EMA of each layer's window hit fraction
+    _resident_before: np.ndarray | None = None  # [L, E] residency at the last choose
 
     def __post_init__(self) -> None:
         _check_k_max(self.k_max)
@@ -199,7 +234,22 @@ class DraftGovernor:
         return roofline(engine, self.acceptance, self.draft_ms_per_token,
                         self.step_overhead_ms + self.choose_ms, self.k_max,
                         num_requests=num_requests,
-                        min_draft_passes=self.min_draft_passes)
+                        min_draft_passes=self.min_draft_passes,
+                        hit_fraction=self.hit_fraction if self.measured_hits else None)
+
+    def _observe_hits(self, engine: ExpertEngine) -> None:
+        """Fold the last window's hit fraction against the residency it met (the one seen at
+        the previous choose) into `hit_fraction`, and keep today's residency for the next."""
+        now = resident_masks(engine)
+        if self._resident_before is not None and self._resident_before.shape == now.shape:
+            f = window_hit_fractions(engine, self._resident_before)
+            if self.hit_fraction is None:
+                self.hit_fraction = f
+            else:
+                old = self.hit_fraction
+                self.hit_fraction = np.where(np.isnan(old), f, np.where(
+                    np.isnan(f), old, HIT_EMA * old + (1 - HIT_EMA) * f))
+        self._resident_before = now
 
     def choose(self, engine: ExpertEngine | None, num_requests: int = 1,
                k_limit: int | None = None) -> int:
@@ -211,6 +261,8 @@ class DraftGovernor:
         if not self.adaptive or engine is None or (self.online_costs and not self._draft_timed):
             k = top
         else:
+            if self.measured_hits:
+                self._observe_hits(engine)
             roof = [r for r in self.roofline(engine, num_requests) if r[0] <= top]
             k = best_draft_tokens(roof, min(self.k_min, top), self._current, self.switch_margin)
             if k == 0 and top >= 1:
@@ -256,7 +308,10 @@ class DraftGovernor:
         without its draft: the overhead is what the modelled MoE layers leave (at least 0)."""
         if num_tokens <= 0 or not ms >= 0.0:
             return
-        rest = max(0.0, ms - float(window_layer_ms(engine, np.array([num_tokens]))[0]))
+        hits = None
+        if self.measured_hits and self._resident_before is not None:
+            hits = window_hit_fractions(engine, self._resident_before)  # what this window met
+        rest = max(0.0, ms - float(window_layer_ms(engine, np.array([num_tokens]), hits)[0]))
         self.step_overhead_ms = rest if not self._overhead_timed else (
             COST_EMA * self.step_overhead_ms + (1 - COST_EMA) * rest)
         self._overhead_timed = True
@@ -273,6 +328,6 @@ class DraftGovernor:
         return self.acceptance if self.verified_hist else None
 
 
-__all__ = ["ACCEPTANCE_PRIOR", "DraftGovernor", "PROBE_AFTER_ZEROS", "SWITCH_MARGIN",
-           "best_draft_tokens",
-           "roofline", "window_layer_ms"]
+__all__ = ["ACCEPTANCE_PRIOR", "DraftGovernor", "HIT_EMA", "PROBE_AFTER_ZEROS", "SWITCH_MARGIN",
+           "best_draft_tokens", "resident_masks", "roofline", "window_hit_fractions",
+           "window_layer_ms"]

@@ -198,3 +198,51 @@ def test_the_governor_holds_its_k_through_a_near_tie_and_leaves_on_a_clear_loss(
     assert g.choose_ms > 0.0  # its own host time is measured and in the overhead
     with pytest.raises(ValueError, match="switch_margin"):
         gv.DraftGovernor(k_max=2, draft_ms_per_token=1.0, step_overhead_ms=1.0, switch_margin=-1)
+
+
+def _step(engine: ExpertEngine, step: int, ids: np.ndarray) -> None:
+    engine.begin_step(StepContext(step=step, phase=Phase.DECODE, num_tokens=ids.shape[0],
+                                  num_draft_tokens=0))
+    for layer in range(DIMS.num_layers):
+        engine.plan_layer(layer, ids)
+        engine.finish_layer(layer, ids)
+    engine.end_step(0)
+
+
+def test_the_hit_model_prices_the_misses_the_last_window_just_fetched():
+    """Every token routes to new experts: each window misses all of them and fetches them, so
+    afterwards they are resident. Priced from residency now, the next token would hit all;
+    from the measured hit fraction (0 here) it misses all and its layers cost more."""
+    costs = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.0, cpu_fixed_ms=5.0,
+                        cpu_per_token_ms=1.0, fetch_ms=0.001)
+    clock = SimClock()
+    cfg = MoESpacConfig().replace(policy="lru", cache_ratio=0.25)
+    engine = ExpertEngine(cfg, DIMS, costs, SimMover(clock, costs.fetch_ms, 1), clock)
+    g = gv.DraftGovernor(k_max=2, draft_ms_per_token=1.0, step_overhead_ms=1.0,
+                         fixed_acceptance=0.5)
+    for step in range(4):
+        g.choose(engine)
+        _step(engine, step, np.array([[2 * (step % 4), 2 * (step % 4) + 1]]))
+        clock.t_ms += 1.0  # the copies land
+    g.choose(engine)
+    assert g.hit_fraction is not None and np.allclose(g.hit_fraction, 0.0)
+    one = np.array([1.0])
+    now = float(gv.window_layer_ms(engine, one)[0])
+    measured = float(gv.window_layer_ms(engine, one, g.hit_fraction)[0])
+    assert now == pytest.approx(DIMS.num_layers * 2 * 0.1)  # both experts "resident"
+    assert measured > now
+    roof_new = {k: m for k, _, m in g.roofline(engine)}
+    g.measured_hits = False
+    roof_old = {k: m for k, _, m in g.roofline(engine)}
+    assert roof_new[0] > roof_old[0]
+
+
+def test_the_hit_fraction_is_each_layers_share_of_its_window_resident_when_it_began():
+    engine = _engine(0.25, CHEAP_GPU)
+    before = np.zeros((DIMS.num_layers, DIMS.num_experts), dtype=bool)
+    ids = engine.window_ids()[0]
+    first = int(np.unique(ids)[0])
+    before[0, first] = True
+    f = gv.window_hit_fractions(engine, before)
+    assert f[0] == pytest.approx(1.0 / len(np.unique(ids)))
+    assert f[1] == 0.0
