@@ -246,3 +246,75 @@ def test_the_hit_fraction_is_each_layers_share_of_its_window_resident_when_it_be
     f = gv.window_hit_fractions(engine, before)
     assert f[0] == pytest.approx(1.0 / len(np.unique(ids)))
     assert f[1] == 0.0
+
+
+# The per-layer loop window_layer_ms was before it priced all layers in one numpy pass: its
+# reference.
+def _window_layer_ms_loop(engine: ExpertEngine, num_tokens: np.ndarray,
+                    hit_fraction: np.ndarray | None = None) -> np.ndarray:
+    """Modelled ms of every MoE layer together for windows of `num_tokens` [N] tokens at
+    `engine`'s current residency and last routing window (module docstring) -> [N].
+    `hit_fraction` [L] (nan: unknown): H(n) = that fraction of D(n) instead of the last window's
+    experts resident now, which the last window itself just fetched."""
+    E, K, S = engine.dims.num_experts, engine.dims.top_k, engine.num_slots
+    c = engine.costs
+    ns = np.asarray(num_tokens, dtype=np.float64)
+    total = np.zeros_like(ns)
+    ms = np.arange(S + 1, dtype=np.float64)[:, None]  # on-demand fetch counts considered
+    for layer, ids in enumerate(engine.window_ids()):
+        if ids is None or ids.size == 0:
+            continue
+        T = ids.shape[0]
+        resident = engine.tables[layer].slots_of(np.arange(E)) >= 0
+        # first[e]: the first token of the window routed to e (T if none)
+        first = np.full(E, T, dtype=np.int64)
+        np.minimum.at(first, ids.ravel(), np.repeat(np.arange(T), ids.shape[1]))
+        d_obs = np.bincount(first[first < T], minlength=T).cumsum()
+        h_obs = np.bincount(first[(first < T) & resident], minlength=T).cumsum()
+        dT, hT = float(d_obs[-1]), float(h_obs[-1])
+        q = (1.0 - min(dT, E - 0.5) / E) ** (1.0 / T)  # per-token "not drawn" probability
+        idx = np.clip(ns.astype(np.int64), 1, T) - 1
+        D = np.where(ns <= T, d_obs[idx], E * (1.0 - q ** ns))
+        if hit_fraction is not None and not np.isnan(hit_fraction[layer]):
+            H = np.minimum(float(S), hit_fraction[layer] * D)
+        else:
+            H = np.where(ns <= T, h_obs[idx], np.minimum(S, hT * D / max(dT, 1.0)))
+        per = ns * K / np.maximum(D, 1.0)
+        g = c.gpu_fixed_ms + c.gpu_per_token_ms * per
+        cp = c.cpu_fixed_ms + c.cpu_per_token_ms * per
+        mm = np.minimum(ms, np.maximum(0.0, np.minimum(D - H, S - H)))  # [S+1, n]
+        t = np.maximum((H + mm) * g + mm * c.fetch_ms, (D - H - mm) * cp)
+        total += t.min(axis=0)
+    return total
+
+
+@pytest.mark.parametrize("ratio", [0.125, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_window_layer_ms_prices_every_layer_as_the_per_layer_loop(ratio, T):
+    rng = np.random.default_rng(T)
+    dims = ModelDims(num_layers=5, num_experts=16, top_k=3, hidden_size=16, intermediate_size=8)
+    costs = ExpertCosts(gpu_fixed_ms=0.1, gpu_per_token_ms=0.02, cpu_fixed_ms=2.0,
+                        cpu_per_token_ms=0.5, fetch_ms=1.5)
+    clock = SimClock()
+    engine = ExpertEngine(MoESpacConfig().replace(policy="lru", cache_ratio=ratio), dims, costs,
+                          SimMover(clock, costs.fetch_ms, 1), clock)
+    ns = np.arange(1.0, 12.0)
+    hits = np.array([np.nan, 0.0, 0.3, 1.0, 0.55])
+    for step in range(6):
+        w = T if step % 2 else 1 + step % 3  # the last window's length varies with the step
+        engine.begin_step(StepContext(step=step, phase=Phase.VERIFY, num_tokens=w,
+                                      num_draft_tokens=w - 1))
+        for layer in range(dims.num_layers):
+            ids = np.stack([rng.choice(16, 3, replace=False) for _ in range(w)])
+            engine.plan_layer(layer, ids)
+            engine.finish_layer(layer, ids)
+        engine.end_step(0)
+        clock.t_ms += 1.0
+        for h in (None, hits):
+            got = gv.window_layer_ms(engine, ns, h)
+            want = _window_layer_ms_loop(engine, ns, h)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0.0)
+        before = rng.random((dims.num_layers, dims.num_experts)) < 0.4
+        want_f = [before[layer, np.unique(ids)].mean() for layer, ids in
+                  enumerate(engine.window_ids())]
+        np.testing.assert_allclose(gv.window_hit_fractions(engine, before), want_f, rtol=1e-12)
