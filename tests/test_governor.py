@@ -318,3 +318,18 @@ def test_window_layer_ms_prices_every_layer_as_the_per_layer_loop(ratio, T):
         want_f = [before[layer, np.unique(ids)].mean() for layer, ids in
                   enumerate(engine.window_ids())]
         np.testing.assert_allclose(gv.window_hit_fractions(engine, before), want_f, rtol=1e-12)
+
+
+def test_the_governor_benchmark_times_both_hit_models(capsys):
+    import json
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_governor")
+    assert bench.main(["--json", "--windows", "1,2", "--calls", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["window_tokens"], r["measured_hits"]) for r in rows] == [
+        (1, True), (1, False), (2, True), (2, False)]
+    assert all(r["choose_ms_median"] > 0 and r["window_layer_ms_ms_median"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        bench.main(["--windows", "0"])
