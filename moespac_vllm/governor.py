@@ -82,21 +82,29 @@ def _check_k_max(k_max: int) -> None:
         raise ValueError(f"k_max: must be an integer >= 0, got {k_max!r}")
 
 
-def resident_masks(engine: ExpertEngine) -> np.ndarray:
-    """[L, E] bool: which experts hold a slot now (ready or loading), per layer."""
-    E = engine.dims.num_experts
-    return np.stack([t.slots_of(np.arange(E)) >= 0 for t in engine.tables])
+def resident_masks(engine: ExpertEngine, layers: list[int] | None = None) -> np.ndarray:
+    """[L, E] bool (or [len(layers), E]): which experts hold a slot now (ready or loading)."""
+    every = np.arange(engine.dims.num_experts)
+    tables = engine.tables if layers is None else [engine.tables[layer] for layer in layers]
+    return np.stack([t.slots_of(every) >= 0 for t in tables])
+
+
+def _layers_by_window_length(windows: list[np.ndarray | None]) -> dict[int, list[int]]:
+    """Window length T -> the layers whose last window has T tokens (layers without one left
+    out): the layers one numpy pass can price together."""
+    by_len: dict[int, list[int]] = {}
+    for layer, ids in enumerate(windows):
+        if ids is not None and ids.size:
+            by_len.setdefault(ids.shape[0], []).append(layer)
+    return by_len
 
 
 def window_hit_fractions(engine: ExpertEngine, resident_before: np.ndarray) -> np.ndarray:
     """[L]: the fraction of each layer's last window's distinct experts that held a slot in
     `resident_before` (the residency that window met); nan for a layer with no window."""
     out = np.full(engine.dims.num_layers, np.nan)
-    by_len: dict[int, list[int]] = {}
     windows = engine.window_ids()
-    for layer, ids in enumerate(windows):
-        if ids is not None and ids.size:
-            by_len.setdefault(ids.shape[0], []).append(layer)
+    by_len = _layers_by_window_length(windows)
     for T, layers in by_len.items():
         ids = np.stack([np.asarray(windows[layer]).reshape(T, -1) for layer in layers])
         routed = np.zeros((len(layers), engine.dims.num_experts), dtype=bool)
@@ -120,11 +128,8 @@ def window_layer_ms(engine: ExpertEngine, num_tokens: np.ndarray,
     c = engine.costs
     ns = np.asarray(num_tokens, dtype=np.float64)
     total = np.zeros_like(ns)
-    by_len: dict[int, list[int]] = {}
     windows = engine.window_ids()
-    for layer, ids in enumerate(windows):
-        if ids is not None and ids.size:
-            by_len.setdefault(ids.shape[0], []).append(layer)
+    by_len = _layers_by_window_length(windows)
     ms = np.arange(S + 1, dtype=np.float64)[:, None, None]  # on-demand fetch counts considered
     for T, layers in by_len.items():
         G = len(layers)
@@ -133,8 +138,7 @@ def window_layer_ms(engine: ExpertEngine, num_tokens: np.ndarray,
         seen[np.arange(G)[:, None, None], np.arange(T)[None, :, None], ids] = True
         hit = seen.any(axis=1)
         first = np.where(hit, seen.argmax(axis=1), T)  # [G, E]: first token routed to e
-        resident = np.stack([engine.tables[layer].slots_of(np.arange(E)) >= 0
-                             for layer in layers])
+        resident = resident_masks(engine, layers)
         upto = first[:, None, :] <= np.arange(T)[None, :, None]  # [G, T, E]
         d_obs = upto.sum(axis=2)
         h_obs = (upto & resident[:, None, :]).sum(axis=2)
