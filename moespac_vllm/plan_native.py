@@ -16,7 +16,7 @@ the Python path and says so in one log line.
 
 Measured (benchmarks/README.md, bench_layer_host.py --dims qwen3-30b-a3b): the Python plan costs
 180-530 us per planned layer forward at Qwen3-30B-A3B scale; this path 3-9 us (2-core EPYC,
-shared), much of it the mover's own Python: its loads, and one batched readiness poll
+shared), a part of it the mover's own Python: its loads, and one batched readiness poll
 (`ready_mask`) per refresh / finish.
 """
 from __future__ import annotations
