@@ -150,6 +150,10 @@ def _compare(args: argparse.Namespace) -> int:
     traces = args.trace or [str(_data_dir() / MIXTRAL), str(_data_dir() / MIXTRAL_RAW),
                             "synthetic"]
     profiles = args.profile or list(TARGET_RATIO)
+    untargeted = [p for p in profiles if p not in TARGET_RATIO]
+    if untargeted and not args.ratios:
+        raise SystemExit(f"--profile: {untargeted} have no target cache ratio (targets: "
+                         f"{TARGET_RATIO}); give the ratios with --ratios")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     host = {"device": "simulated (cost model)", "host": platform.node() or "unknown",
@@ -159,7 +163,7 @@ def _compare(args: argparse.Namespace) -> int:
     for spec in traces:
         trace = sim.load_workload_trace(spec)
         for profile in profiles:
-            for ratio in args.ratios or [TARGET_RATIO.get(profile, 0.17)]:
+            for ratio in args.ratios or [TARGET_RATIO[profile]]:
                 t0 = time.perf_counter()
                 c = sim.compare(trace, profile, ratio, k_max=args.draft_tokens,
                                 acceptance=args.acceptance, max_tokens=args.max_tokens)
